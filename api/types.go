@@ -1,0 +1,120 @@
+// Package api holds the agent's HTTP/JSON API: request and response types and
+// a client that speaks it over the agent's unix socket.
+//
+// Routes (all JSON; errors are {"error": "...", "code": "..."} with a 4xx or
+// 5xx status):
+//
+//	GET    /v1/version
+//	GET    /v1/status
+//	GET    /v1/networks
+//	POST   /v1/networks                           CreateNetworkRequest -> Network
+//	GET    /v1/networks/{name}                    -> NetworkDetail
+//	DELETE /v1/networks/{name}
+//	POST   /v1/networks/{name}/endpoints          AttachRequest -> Endpoint
+//	DELETE /v1/networks/{name}/endpoints/{endpoint}
+//	GET    /v1/endpoints[?network=NAME]           -> []Endpoint
+//	GET    /v1/nodes                              -> []Node
+package api
+
+import "time"
+
+// Version is the agent and CLI version.
+var Version = "0.1.0"
+
+// Network is an overlay network as users see it.
+type Network struct {
+	Name     string    `json:"name"`
+	ID       string    `json:"id"`
+	VNI      uint32    `json:"vni"`
+	Subnet   string    `json:"subnet"`
+	Gateway  string    `json:"gateway"`
+	MTU      int       `json:"mtu"`
+	Internal bool      `json:"internal"`
+	Created  time.Time `json:"created"`
+}
+
+// NetworkDetail is what inspect returns: the network and its endpoints on
+// every host.
+type NetworkDetail struct {
+	Network
+	// Namespace is the network's namespace on this host, empty when this
+	// host has no endpoint of the network.
+	Namespace string     `json:"namespace,omitempty"`
+	Endpoints []Endpoint `json:"endpoints"`
+}
+
+// Endpoint is one container's attachment to a network.
+type Endpoint struct {
+	Name      string    `json:"name"`
+	ID        string    `json:"id"`
+	Network   string    `json:"network"`
+	Node      string    `json:"node"`
+	IP        string    `json:"ip"`
+	MAC       string    `json:"mac"`
+	Interface string    `json:"interface"`
+	VTEP      string    `json:"vtep"`
+	Netns     string    `json:"netns,omitempty"`
+	Created   time.Time `json:"created"`
+}
+
+// Node is one host running an agent.
+type Node struct {
+	Name     string    `json:"name"`
+	Address  string    `json:"address"`
+	Version  string    `json:"version"`
+	Started  time.Time `json:"started"`
+	LastSeen time.Time `json:"last_seen"`
+	State    string    `json:"state"`
+}
+
+// Status describes the local agent.
+type Status struct {
+	Node           string    `json:"node"`
+	Address        string    `json:"address"`
+	Version        string    `json:"version"`
+	Store          string    `json:"store"`
+	StoreReachable bool      `json:"store_reachable"`
+	StoreError     string    `json:"store_error,omitempty"`
+	StoreDownSince time.Time `json:"store_down_since,omitzero"`
+	Networks       int       `json:"networks"`
+	LocalEndpoints int       `json:"local_endpoints"`
+	LastReconcile  time.Time `json:"last_reconcile,omitzero"`
+	Started        time.Time `json:"started"`
+}
+
+// CreateNetworkRequest creates a network; empty fields are chosen by the agent.
+type CreateNetworkRequest struct {
+	Name     string `json:"name"`
+	Subnet   string `json:"subnet,omitempty"`
+	Gateway  string `json:"gateway,omitempty"`
+	VNI      uint32 `json:"vni,omitempty"`
+	MTU      int    `json:"mtu,omitempty"`
+	Internal bool   `json:"internal,omitempty"`
+}
+
+// AttachRequest attaches a network namespace to a network.
+type AttachRequest struct {
+	// Netns is a path to a network namespace or a name under /var/run/netns.
+	Netns string `json:"netns"`
+	// Name of the endpoint; default: derived from the namespace.
+	Name string `json:"name,omitempty"`
+	// IP requested inside the network's subnet; default: the next free one.
+	IP string `json:"ip,omitempty"`
+}
+
+// Error is the body of every non-2xx response.
+type Error struct {
+	Message string `json:"error"`
+	Code    string `json:"code"`
+}
+
+// Error codes.
+const (
+	CodeInvalid     = "invalid"
+	CodeNotFound    = "not_found"
+	CodeConflict    = "conflict"
+	CodeUnavailable = "store_unavailable"
+	CodeInternal    = "internal"
+)
+
+func (e *Error) Error() string { return e.Message }

@@ -1,0 +1,387 @@
+// Command vxnet is the command line client of the vxnet agent.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/vxnet/vxnet/api"
+)
+
+type cli struct {
+	host   string
+	output string
+	out    io.Writer
+}
+
+func main() {
+	if err := newRoot(os.Stdout).Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "Error:", err)
+		os.Exit(1)
+	}
+}
+
+func newRoot(out io.Writer) *cobra.Command {
+	c := &cli{out: out}
+	root := &cobra.Command{
+		Use:           "vxnet",
+		Short:         "Manage vxnet overlay networks through the local agent",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			if c.output != "table" && c.output != "json" {
+				return fmt.Errorf("--output %q: use table or json", c.output)
+			}
+			return nil
+		},
+	}
+	defHost := os.Getenv("VXNET_HOST")
+	if defHost == "" {
+		defHost = "unix://" + api.DefaultSocket
+	}
+	root.PersistentFlags().StringVarP(&c.host, "host", "H", defHost, "agent socket (env VXNET_HOST)")
+	root.PersistentFlags().StringVarP(&c.output, "output", "o", "table", "output format: table or json")
+
+	network := &cobra.Command{Use: "network", Aliases: []string{"net"}, Short: "Manage networks"}
+	network.AddCommand(c.networkCreate(), c.networkList(), c.networkInspect(), c.networkRemove())
+	endpoint := &cobra.Command{Use: "endpoint", Aliases: []string{"ep"}, Short: "Show endpoints"}
+	endpoint.AddCommand(c.endpointList())
+	node := &cobra.Command{Use: "node", Short: "Show nodes"}
+	node.AddCommand(c.nodeList())
+	root.AddCommand(network, endpoint, node, c.attach(), c.detach(), c.status(), c.version())
+	return root
+}
+
+func (c *cli) client() (*api.Client, error) { return api.NewClient(c.host) }
+
+// ctx bounds every call: the agent answers quickly or says why not.
+func (c *cli) ctx(cmd *cobra.Command) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(cmd.Context(), 60*time.Second)
+}
+
+func (c *cli) json(v any) error {
+	enc := json.NewEncoder(c.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (c *cli) table(header string, rows [][]string) {
+	w := tabwriter.NewWriter(c.out, 0, 0, 3, ' ', 0)
+	fmt.Fprintln(w, header)
+	for _, r := range rows {
+		fmt.Fprintln(w, strings.Join(r, "\t"))
+	}
+	w.Flush()
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+func (c *cli) networkCreate() *cobra.Command {
+	var req api.CreateNetworkRequest
+	cmd := &cobra.Command{
+		Use:   "create NAME",
+		Short: "Create an overlay network (visible on every host)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			req.Name = args[0]
+			n, err := cl.CreateNetwork(ctx, req)
+			if err != nil {
+				return err
+			}
+			if c.output == "json" {
+				return c.json(n)
+			}
+			fmt.Fprintln(c.out, n.ID)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&req.Subnet, "subnet", "", "subnet in CIDR form (default: the next free /24 of the pool)")
+	f.StringVar(&req.Gateway, "gateway", "", "gateway address, held by br0 (default: the first address of the subnet)")
+	f.Uint32Var(&req.VNI, "vni", 0, "VXLAN network identifier (default: the lowest free from 256)")
+	f.IntVar(&req.MTU, "mtu", 0, "MTU of the containers' interfaces (default: underlay MTU - 50)")
+	f.BoolVar(&req.Internal, "internal", false, "no egress to outside the overlay")
+	return cmd
+}
+
+func (c *cli) printNetworks(ns []api.Network) error {
+	if c.output == "json" {
+		return c.json(ns)
+	}
+	rows := make([][]string, 0, len(ns))
+	for _, n := range ns {
+		rows = append(rows, []string{short(n.ID), n.Name, n.Subnet, n.Gateway, fmt.Sprint(n.VNI), fmt.Sprint(n.MTU), fmt.Sprint(n.Internal)})
+	}
+	c.table("NETWORK ID\tNAME\tSUBNET\tGATEWAY\tVNI\tMTU\tINTERNAL", rows)
+	return nil
+}
+
+func (c *cli) networkList() *cobra.Command {
+	return &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List networks",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			ns, err := cl.Networks(ctx)
+			if err != nil {
+				return err
+			}
+			return c.printNetworks(ns)
+		},
+	}
+}
+
+func (c *cli) networkInspect() *cobra.Command {
+	return &cobra.Command{
+		Use:   "inspect NAME...",
+		Short: "Show networks in detail, with their endpoints (JSON)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			out := []*api.NetworkDetail{}
+			for _, name := range args {
+				d, err := cl.InspectNetwork(ctx, name)
+				if err != nil {
+					return err
+				}
+				out = append(out, d)
+			}
+			// Inspect is for detail: always JSON, as users of docker expect.
+			return c.json(out)
+		},
+	}
+}
+
+func (c *cli) networkRemove() *cobra.Command {
+	return &cobra.Command{
+		Use:     "rm NAME...",
+		Aliases: []string{"remove"},
+		Short:   "Remove networks that have no endpoints",
+		Args:    cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			failed := 0
+			for _, name := range args {
+				if err := cl.RemoveNetwork(ctx, name); err != nil {
+					fmt.Fprintln(os.Stderr, "Error:", err)
+					failed++
+					continue
+				}
+				fmt.Fprintln(c.out, name)
+			}
+			if failed > 0 {
+				return fmt.Errorf("%d of %d networks not removed", failed, len(args))
+			}
+			return nil
+		},
+	}
+}
+
+func (c *cli) printEndpoints(eps []api.Endpoint) error {
+	if c.output == "json" {
+		return c.json(eps)
+	}
+	rows := make([][]string, 0, len(eps))
+	for _, e := range eps {
+		rows = append(rows, []string{e.Name, e.Network, e.Node, e.IP, e.MAC, e.Interface, e.VTEP})
+	}
+	c.table("NAME\tNETWORK\tNODE\tIP\tMAC\tINTERFACE\tVTEP", rows)
+	return nil
+}
+
+func (c *cli) attach() *cobra.Command {
+	var req api.AttachRequest
+	cmd := &cobra.Command{
+		Use:   "attach NETWORK NETNS",
+		Short: "Attach a network namespace (a path, or a name under /var/run/netns) to a network",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			req.Netns = args[1]
+			e, err := cl.Attach(ctx, args[0], req)
+			if err != nil {
+				return err
+			}
+			if c.output == "json" {
+				return c.json(e)
+			}
+			return c.printEndpoints([]api.Endpoint{*e})
+		},
+	}
+	cmd.Flags().StringVar(&req.Name, "name", "", "endpoint name (default: the namespace's name)")
+	cmd.Flags().StringVar(&req.IP, "ip", "", "address inside the network's subnet (default: the next free one)")
+	return cmd
+}
+
+func (c *cli) detach() *cobra.Command {
+	return &cobra.Command{
+		Use:   "detach NETWORK ENDPOINT",
+		Short: "Detach an endpoint of this host from a network",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			return cl.Detach(ctx, args[0], args[1])
+		},
+	}
+}
+
+func (c *cli) endpointList() *cobra.Command {
+	var network string
+	cmd := &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List endpoints on every host",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			eps, err := cl.Endpoints(ctx, network)
+			if err != nil {
+				return err
+			}
+			return c.printEndpoints(eps)
+		},
+	}
+	cmd.Flags().StringVar(&network, "network", "", "only this network's endpoints")
+	return cmd
+}
+
+func (c *cli) nodeList() *cobra.Command {
+	return &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List hosts running an agent",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			ns, err := cl.Nodes(ctx)
+			if err != nil {
+				return err
+			}
+			if c.output == "json" {
+				return c.json(ns)
+			}
+			rows := make([][]string, 0, len(ns))
+			for _, n := range ns {
+				rows = append(rows, []string{n.Name, n.Address, n.State, n.LastSeen.Local().Format(time.DateTime), n.Version})
+			}
+			c.table("NAME\tADDRESS\tSTATE\tLAST SEEN\tVERSION", rows)
+			return nil
+		},
+	}
+}
+
+func (c *cli) status() *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Show the local agent's state",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			s, err := cl.Status(ctx)
+			if err != nil {
+				return err
+			}
+			if c.output == "json" {
+				return c.json(s)
+			}
+			store := "reachable"
+			if !s.StoreReachable {
+				store = "UNREACHABLE: " + s.StoreError
+				if !s.StoreDownSince.IsZero() {
+					store += fmt.Sprintf(" (since %s)", s.StoreDownSince.Local().Format(time.DateTime))
+				}
+			}
+			w := tabwriter.NewWriter(c.out, 0, 0, 2, ' ', 0)
+			fmt.Fprintf(w, "Node:\t%s\nAddress:\t%s\nVersion:\t%s\nStore:\t%s\nStore state:\t%s\nNetworks:\t%d\nLocal endpoints:\t%d\nStarted:\t%s\n",
+				s.Node, s.Address, s.Version, s.Store, store, s.Networks, s.LocalEndpoints, s.Started.Local().Format(time.DateTime))
+			if !s.LastReconcile.IsZero() {
+				fmt.Fprintf(w, "Last reconcile:\t%s\n", s.LastReconcile.Local().Format(time.DateTime))
+			}
+			return w.Flush()
+		},
+	}
+}
+
+func (c *cli) version() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the client and agent versions",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			fmt.Fprintln(c.out, "Client:", api.Version)
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 3*time.Second)
+			defer cancel()
+			v, err := cl.Version(ctx)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.out, "Agent: ", v)
+			return nil
+		},
+	}
+}

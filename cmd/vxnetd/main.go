@@ -1,0 +1,320 @@
+// Command vxnetd is the vxnet agent: one per host. It keeps the host's
+// overlay networks, containers' interfaces and VXLAN peer tables in line
+// with the shared store, and serves the vxnet CLI on a unix socket.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/ipam"
+	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/overlay"
+	"github.com/vxnet/vxnet/vtep"
+)
+
+type options struct {
+	store, advertise, node, stateDir, runDir, socket, socketGroup string
+	logLevel, pool                                                string
+	vxlanPort                                                     int
+	resync, nodeTTL                                               time.Duration
+	caFile, certFile, keyFile                                     string
+	version                                                       bool
+}
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "vxnetd:", err)
+		os.Exit(1)
+	}
+}
+
+func parseFlags() (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("vxnetd", flag.ContinueOnError)
+	fs.StringVar(&o.store, "store", "", "shared store: consul://HOST:PORT[/PREFIX] or file:///PATH (default: file://<state-dir>/store.db, single host only)")
+	fs.StringVar(&o.advertise, "advertise", "", "underlay IPv4 address or interface name used as this host's VTEP address (default: the address of the interface holding the default route)")
+	fs.StringVar(&o.node, "node", "", "node name (default: hostname)")
+	fs.StringVar(&o.stateDir, "state-dir", "/var/lib/vxnet", "directory for this host's endpoint records")
+	fs.StringVar(&o.runDir, "run-dir", "/run/vxnet", "runtime directory; network namespaces are mounted under DIR/netns")
+	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "API unix socket path")
+	fs.StringVar(&o.socketGroup, "socket-group", "", "group that may use the API socket (mode 0660)")
+	fs.IntVar(&o.vxlanPort, "vxlan-port", 4789, "VXLAN UDP port")
+	fs.DurationVar(&o.resync, "resync-interval", 30*time.Second, "period of the full reconcile that repairs drift")
+	fs.DurationVar(&o.nodeTTL, "node-ttl", 15*time.Second, "store session TTL: a host silent for longer is considered gone (min 10s; Consul may take up to twice this to notice)")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.pool, "pool", "10.0.0.0/8", "pool that networks without --subnet get a /24 from")
+	fs.StringVar(&o.caFile, "store-ca-file", "", "CA certificate for the store's TLS (env CONSUL_CACERT)")
+	fs.StringVar(&o.certFile, "store-cert-file", "", "client certificate for the store (env CONSUL_CLIENT_CERT)")
+	fs.StringVar(&o.keyFile, "store-key-file", "", "client key for the store (env CONSUL_CLIENT_KEY)")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), `Usage: vxnetd [flags]
+
+vxnetd is the vxnet agent. Every flag can also be set in the environment as
+VXNETD_<FLAG> (upper case, '-' as '_'), e.g. VXNETD_STORE=consul://10.0.0.1:8500.
+The Consul ACL token is read from CONSUL_HTTP_TOKEN (never from a flag, so it
+does not show in the process list).
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	set := map[string]bool{}
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
+	}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "VXNETD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok && !set[f.Name] && err == nil {
+			if serr := f.Value.Set(v); serr != nil {
+				err = fmt.Errorf("%s=%q: %w", env, v, serr)
+			}
+		}
+	})
+	return o, err
+}
+
+func run() error {
+	o, err := parseFlags()
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if o.version {
+		fmt.Println("vxnetd", api.Version)
+		return nil
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: use debug, info, warn or error", o.logLevel)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	slog.SetDefault(log)
+
+	if o.node == "" {
+		if o.node, err = os.Hostname(); err != nil {
+			return fmt.Errorf("node name: %w", err)
+		}
+	}
+	if err := overlay.ValidateName("node", o.node); err != nil {
+		return fmt.Errorf("--node: %w", err)
+	}
+	addr, err := advertiseAddr(o.advertise)
+	if err != nil {
+		return fmt.Errorf("--advertise: %w", err)
+	}
+	pool, err := netip.ParsePrefix(o.pool)
+	if err != nil {
+		return fmt.Errorf("--pool %q: %w", o.pool, err)
+	}
+	if o.nodeTTL < 10*time.Second {
+		return fmt.Errorf("--node-ttl %s is below Consul's minimum of 10s", o.nodeTTL)
+	}
+	if o.vxlanPort < 1 || o.vxlanPort > 65535 {
+		return fmt.Errorf("--vxlan-port %d is out of range", o.vxlanPort)
+	}
+	mtu, err := vtep.UnderlayMTU(addr)
+	if err != nil {
+		return fmt.Errorf("underlay MTU: %w", err)
+	}
+	for _, d := range []string{o.stateDir, o.runDir, filepath.Dir(o.socket)} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	store, err := kvstore.Open(o.store, kvstore.Options{
+		CAFile: o.caFile, CertFile: o.certFile, KeyFile: o.keyFile,
+		DefaultFile: filepath.Join(o.stateDir, "store.db"),
+	})
+	if err != nil {
+		return fmt.Errorf("--store: %w", err)
+	}
+	defer store.Close()
+
+	agent, err := overlay.New(overlay.Config{
+		Node: o.node, Advertise: addr, StateDir: o.stateDir, NetNSDir: filepath.Join(o.runDir, "netns"),
+		VXLANPort: o.vxlanPort, UnderlayMTU: mtu, ResyncInterval: o.resync, NodeTTL: o.nodeTTL,
+		StoreName: redact(o.store), IPAM: ipam.Options{Pool: pool}, Logger: log,
+	}, store)
+	if err != nil {
+		return err
+	}
+
+	ln, err := listen(o.socket, o.socketGroup)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	srv := &http.Server{
+		Handler:           agent.Handler(),
+		ReadHeaderTimeout: overlay.ServerTimeouts.ReadHeader,
+		IdleTimeout:       overlay.ServerTimeouts.Idle,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+	}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("api server", "err", err)
+			stop()
+		}
+	}()
+	log.Info("vxnetd starting", "version", api.Version, "node", o.node, "advertise", addr, "store", redact(o.store),
+		"socket", o.socket, "underlay_mtu", mtu)
+
+	err = agent.Run(ctx, func() {
+		log.Info("vxnetd ready")
+		sdNotify("READY=1")
+	})
+	// Stopping is not cleanup: the datapath stays as it is, so containers
+	// keep talking while the agent is down or restarting.
+	sdNotify("STOPPING=1")
+	shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	srv.Shutdown(shutdown)
+	os.Remove(o.socket)
+	log.Info("vxnetd stopped")
+	return err
+}
+
+// advertiseAddr resolves --advertise: an IPv4 address, an interface name,
+// or (empty) the interface holding the default route.
+func advertiseAddr(v string) (netip.Addr, error) {
+	if v != "" {
+		if a, err := netip.ParseAddr(v); err == nil {
+			if !a.Is4() {
+				return netip.Addr{}, fmt.Errorf("%s: only IPv4 underlays are supported", v)
+			}
+			return a, nil
+		}
+		link, err := netlink.LinkByName(v)
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("%q is neither an IPv4 address nor an interface: %w", v, err)
+		}
+		return firstIPv4(link)
+	}
+	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, r := range routes {
+		if isDefault(r) {
+			link, err := netlink.LinkByIndex(r.LinkIndex)
+			if err != nil {
+				return netip.Addr{}, err
+			}
+			return firstIPv4(link)
+		}
+	}
+	return netip.Addr{}, errors.New("no default route to take the address from; give --advertise")
+}
+
+// isDefault covers both ways netlink reports a default route: no
+// destination, or 0.0.0.0/0.
+func isDefault(r netlink.Route) bool {
+	if r.Dst == nil {
+		return true
+	}
+	ones, _ := r.Dst.Mask.Size()
+	return ones == 0
+}
+
+func firstIPv4(link netlink.Link) (netip.Addr, error) {
+	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok {
+			return ip, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("interface %s has no IPv4 address", link.Attrs().Name)
+}
+
+// listen opens the API socket. A leftover socket of a dead agent is
+// replaced; one that answers belongs to a running agent and is an error.
+func listen(path, group string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another agent is serving %s", path)
+	}
+	os.Remove(path)
+	old := syscall.Umask(0o117)
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if group != "" {
+		g, err := user.LookupGroup(group)
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("--socket-group: %w", err)
+		}
+		gid, _ := strconv.Atoi(g.Gid)
+		if err := os.Chown(path, 0, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("--socket-group: %w", err)
+		}
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// sdNotify tells systemd about readiness (Type=notify); without
+// NOTIFY_SOCKET it does nothing.
+func sdNotify(state string) {
+	sock := os.Getenv("NOTIFY_SOCKET")
+	if sock == "" {
+		return
+	}
+	if strings.HasPrefix(sock, "@") {
+		sock = "\x00" + sock[1:]
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		slog.Warn("sd_notify", "err", err)
+		return
+	}
+	defer c.Close()
+	c.Write([]byte(state))
+}
+
+// redact hides credentials that a store URL might carry.
+func redact(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil || u.User == nil {
+		return raw
+	}
+	u.User = url.User("REDACTED")
+	return u.String()
+}

@@ -1,0 +1,507 @@
+// Package overlay holds the model (networks, endpoints, nodes), this host's
+// desired state, and the reconciler that drives the kernel through vtep.
+//
+// The flow is one way: store events and local records -> desired state ->
+// diff -> kernel. Attach and detach change the store and the local records
+// and then run the same reconciler as the watch events and the periodic
+// resync, so there is one path that repairs and converges.
+package overlay
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/ipam"
+	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/vtep"
+)
+
+// Config is what an agent needs to know about its host.
+type Config struct {
+	Node      string
+	Advertise netip.Addr
+	StateDir  string
+	// NetNSDir is where network namespaces are bind-mounted (run dir/netns).
+	NetNSDir  string
+	VXLANPort int
+	// UnderlayMTU is the MTU of the underlay interface; overlay interfaces
+	// get 50 bytes less (the VXLAN/UDP/IPv4 header).
+	UnderlayMTU    int
+	ResyncInterval time.Duration
+	// NodeTTL is the store session's TTL: a host silent for longer is
+	// considered gone and its endpoints are removed everywhere.
+	NodeTTL time.Duration
+	// StoreName is shown in status (the store URL without secrets).
+	StoreName string
+	IPAM      ipam.Options
+	Logger    *slog.Logger
+}
+
+// Agent is one host's vxnet agent.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	store kvstore.Store
+	ipam  *ipam.Allocator
+	dp    *vtep.Manager
+	state stateDir
+
+	// mu serialises every change of the kernel and of the local records:
+	// attach, detach and reconcile never interleave.
+	mu      sync.Mutex
+	locals  map[string]*localEndpoint
+	applied map[string]string // namespace -> hash of the peers programmed
+
+	cmu           sync.RWMutex
+	networks      map[string]*Network  // store view, by name
+	endpoints     map[string]*Endpoint // store view, by network/name
+	epSession     map[string]string    // session holding each endpoint key
+	netSynced     bool
+	epSynced      bool
+	storeErr      error
+	downSince     time.Time
+	lastReconcile time.Time
+	session       string // the node's store session, "" while it has none
+
+	kick    chan struct{}
+	started time.Time
+}
+
+// New prepares an agent; Run starts it.
+func New(cfg Config, store kvstore.Store) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.ResyncInterval <= 0 {
+		cfg.ResyncInterval = 30 * time.Second
+	}
+	if cfg.NodeTTL < 10*time.Second {
+		cfg.NodeTTL = 15 * time.Second // Consul's minimum is 10s
+	}
+	if cfg.UnderlayMTU == 0 {
+		cfg.UnderlayMTU = 1500
+	}
+	dp, err := vtep.New(vtep.Config{NetNSDir: cfg.NetNSDir, Local: cfg.Advertise, VXLANPort: cfg.VXLANPort})
+	if err != nil {
+		return nil, fmt.Errorf("datapath: %w", err)
+	}
+	a := &Agent{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		store:     store,
+		ipam:      ipam.New(store, cfg.IPAM),
+		dp:        dp,
+		state:     stateDir{cfg.StateDir},
+		applied:   map[string]string{},
+		networks:  map[string]*Network{},
+		endpoints: map[string]*Endpoint{},
+		kick:      make(chan struct{}, 1),
+		started:   time.Now(),
+	}
+	locals, errs := a.state.load()
+	for _, err := range errs {
+		a.log.Warn("skipping unreadable endpoint state", "err", err)
+	}
+	a.locals = locals
+	return a, nil
+}
+
+func (a *Agent) localMTU() int { return a.cfg.UnderlayMTU - 50 }
+
+// Run watches the store and reconciles until ctx is done. ready is called
+// once, after the first reconcile with a complete view of the store (or,
+// if the store cannot be reached, after the local state has been ensured),
+// so that a service manager knows when the host's datapath is in place.
+func (a *Agent) Run(ctx context.Context, ready func()) error {
+	go a.watch(ctx, networksPrefix, a.applyNetworks)
+	go a.watch(ctx, endpointsPrefix, a.applyEndpoints)
+	go a.registerNode(ctx)
+	go a.keepAlive(ctx)
+
+	ticker := time.NewTicker(a.cfg.ResyncInterval)
+	defer ticker.Stop()
+	// Do not wait forever for the store to announce readiness: the datapath
+	// is built from local records meanwhile, and status says what is wrong.
+	readyTimer := time.NewTimer(10 * time.Second)
+	defer readyTimer.Stop()
+	notified := false
+	notify := func() {
+		if !notified && ready != nil {
+			notified = true
+			ready()
+		}
+	}
+	for {
+		full := false
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.kick:
+		case <-ticker.C:
+			full = true
+		case <-readyTimer.C:
+			a.reconcile(ctx, true)
+			notify()
+			continue
+		}
+		synced := a.synced()
+		// The first pass with a complete store view is a full one: it is
+		// where leaks from a previous life are removed.
+		if synced && !notified {
+			full = true
+		}
+		a.reconcile(ctx, full)
+		if synced {
+			notify()
+		}
+	}
+}
+
+func (a *Agent) trigger() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (a *Agent) synced() bool {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	return a.netSynced && a.epSynced
+}
+
+// watch feeds one prefix of the store into the cache.
+func (a *Agent) watch(ctx context.Context, prefix string, apply func([]*kvstore.KV)) {
+	for ev := range a.store.Watch(ctx, prefix) {
+		if ev.Err != nil {
+			a.setStoreErr(ev.Err)
+			continue
+		}
+		a.setStoreErr(nil)
+		apply(ev.Pairs)
+		a.trigger()
+	}
+}
+
+func (a *Agent) setStoreErr(err error) {
+	a.cmu.Lock()
+	defer a.cmu.Unlock()
+	switch {
+	case err != nil && a.storeErr == nil:
+		a.downSince = time.Now()
+		a.log.Error("store unreachable; datapath keeps its current state", "err", err)
+	case err == nil && a.storeErr != nil:
+		a.log.Info("store reachable again", "down_for", time.Since(a.downSince).Round(time.Millisecond))
+		a.downSince = time.Time{}
+	}
+	a.storeErr = err
+}
+
+func (a *Agent) applyNetworks(pairs []*kvstore.KV) {
+	m := make(map[string]*Network, len(pairs))
+	for _, kv := range pairs {
+		var n Network
+		if err := decodeRecord(kv.Key, kv.Value, &n); err != nil {
+			a.log.Warn("skipping bad network record", "err", err)
+			continue
+		}
+		m[n.Name] = &n
+	}
+	a.cmu.Lock()
+	a.networks, a.netSynced = m, true
+	a.cmu.Unlock()
+}
+
+func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
+	m := make(map[string]*Endpoint, len(pairs))
+	sessions := make(map[string]string, len(pairs))
+	for _, kv := range pairs {
+		var e Endpoint
+		if err := decodeRecord(kv.Key, kv.Value, &e); err != nil {
+			a.log.Warn("skipping bad endpoint record", "err", err)
+			continue
+		}
+		m[e.Network+"/"+e.Name] = &e
+		sessions[e.Network+"/"+e.Name] = kv.Session
+	}
+	a.cmu.Lock()
+	a.endpoints, a.epSession, a.epSynced = m, sessions, true
+	a.cmu.Unlock()
+}
+
+// registerNode publishes this host, retrying until the store answers, and
+// refreshes its last-seen time at every resync interval.
+func (a *Agent) registerNode(ctx context.Context) {
+	rec := Node{Version: recordVersion, Name: a.cfg.Node, Address: a.cfg.Advertise, Agent: api.Version, Started: a.started}
+	backoff := time.Second
+	for {
+		rec.Seen = time.Now().UTC()
+		data, _ := json.Marshal(rec)
+		wait := a.cfg.ResyncInterval
+		if err := a.store.Put(ctx, nodeKey(a.cfg.Node), data); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			a.log.Debug("register node", "err", err)
+			wait, backoff = backoff, min(backoff*2, a.cfg.ResyncInterval)
+		} else {
+			backoff = time.Second
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+func newID() string {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// CreateNetwork validates the request and stores the network with its
+// subnet and VNI in one transaction.
+func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest) (*api.Network, error) {
+	if err := ValidateName("network", req.Name); err != nil {
+		return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
+	}
+	var ireq ipam.NetworkRequest
+	if req.Subnet != "" {
+		p, err := netip.ParsePrefix(req.Subnet)
+		if err != nil {
+			return nil, invalidf("subnet %q is not a CIDR such as 10.1.0.0/24", req.Subnet)
+		}
+		ireq.Subnet = p
+	}
+	if req.Gateway != "" {
+		if req.Subnet == "" {
+			return nil, invalidf("--gateway needs --subnet")
+		}
+		g, err := netip.ParseAddr(req.Gateway)
+		if err != nil {
+			return nil, invalidf("gateway %q is not an IP address", req.Gateway)
+		}
+		ireq.Gateway = g
+	}
+	if req.VNI != 0 && req.VNI > 1<<24-1 {
+		return nil, invalidf("vni %d is out of range 1..16777215", req.VNI)
+	}
+	ireq.VNI = req.VNI
+	if req.MTU != 0 && (req.MTU < 576 || req.MTU > 9000) {
+		return nil, invalidf("mtu %d is out of range 576..9000", req.MTU)
+	}
+	if _, err := a.store.Get(ctx, networkKey(req.Name)); err == nil {
+		return nil, conflictf("network %q already exists", req.Name)
+	} else if !errors.Is(err, kvstore.ErrNotFound) {
+		return nil, fmt.Errorf("create network %s: %w", req.Name, err)
+	}
+	n := Network{
+		Version: recordVersion, ID: newID(), Name: req.Name, MTU: req.MTU,
+		Internal: req.Internal, Created: time.Now().UTC().Truncate(time.Second),
+	}
+	_, err := a.ipam.AllocateNetwork(ctx, n.ID, ireq, func(l ipam.NetworkLease) ([]kvstore.Op, error) {
+		n.Subnet, n.Gateway, n.VNI = l.Subnet, l.Gateway, l.VNI
+		data, err := json.Marshal(&n)
+		return []kvstore.Op{{Kind: kvstore.OpCAS, Key: networkKey(n.Name), Value: data}}, err
+	})
+	if err != nil {
+		if errors.Is(err, kvstore.ErrConflict) {
+			if _, gerr := a.store.Get(ctx, networkKey(req.Name)); gerr == nil {
+				return nil, conflictf("network %q already exists", req.Name)
+			}
+		}
+		return nil, fmt.Errorf("create network %s: %w", req.Name, err)
+	}
+	a.log.Info("network created", "network", n.Name, "id", n.ID[:12], "subnet", n.Subnet, "vni", n.VNI)
+	v := n.apiView(a.localMTU())
+	return &v, nil
+}
+
+// getNetwork reads a network from the store (not the cache: a user who just
+// created it on another host expects to see it).
+func (a *Agent) getNetwork(ctx context.Context, name string) (*Network, uint64, error) {
+	if err := ValidateName("network", name); err != nil {
+		return nil, 0, &codedError{code: api.CodeInvalid, msg: err.Error()}
+	}
+	kv, err := a.store.Get(ctx, networkKey(name))
+	if errors.Is(err, kvstore.ErrNotFound) {
+		return nil, 0, notFoundf("network %q not found", name)
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("get network %s: %w", name, err)
+	}
+	var n Network
+	if err := decodeRecord(kv.Key, kv.Value, &n); err != nil {
+		return nil, 0, err
+	}
+	return &n, kv.ModifyIndex, nil
+}
+
+// Networks lists every network in the store.
+func (a *Agent) Networks(ctx context.Context) ([]api.Network, error) {
+	pairs, _, err := a.store.List(ctx, networksPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("list networks: %w", err)
+	}
+	out := []api.Network{}
+	for _, kv := range pairs {
+		var n Network
+		if err := decodeRecord(kv.Key, kv.Value, &n); err != nil {
+			a.log.Warn("skipping bad network record", "err", err)
+			continue
+		}
+		out = append(out, n.apiView(a.localMTU()))
+	}
+	return out, nil
+}
+
+// InspectNetwork returns a network and its endpoints on every host.
+func (a *Agent) InspectNetwork(ctx context.Context, name string) (*api.NetworkDetail, error) {
+	n, _, err := a.getNetwork(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	eps, err := a.Endpoints(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	d := &api.NetworkDetail{Network: n.apiView(a.localMTU()), Endpoints: eps}
+	a.mu.Lock()
+	for _, l := range a.locals {
+		if l.Net.ID == n.ID {
+			d.Namespace = a.dp.NetNSPath(n.NamespaceName())
+		}
+	}
+	a.mu.Unlock()
+	return d, nil
+}
+
+// RemoveNetwork removes a network that has no endpoints anywhere. Every
+// host then tears its namespace down when the watch tells it.
+func (a *Agent) RemoveNetwork(ctx context.Context, name string) error {
+	n, idx, err := a.getNetwork(ctx, name)
+	if err != nil {
+		return err
+	}
+	eps, err := a.Endpoints(ctx, name)
+	if err != nil {
+		return err
+	}
+	if len(eps) > 0 {
+		names := make([]string, 0, len(eps))
+		for _, e := range eps {
+			names = append(names, e.Name+" on "+e.Node)
+		}
+		return conflictf("network %q has %d endpoint(s): %v; detach them first", name, len(eps), names)
+	}
+	// The CAS on the network key makes a concurrent attach (which checks
+	// the same index when it publishes) fail instead of leaving an orphan.
+	err = a.ipam.ReleaseNetwork(ctx, n.ID, []kvstore.Op{{Kind: kvstore.OpDeleteCAS, Key: networkKey(name), Index: idx}})
+	if errors.Is(err, kvstore.ErrConflict) {
+		return conflictf("network %q changed while being removed; try again", name)
+	}
+	if err != nil {
+		return fmt.Errorf("remove network %s: %w", name, err)
+	}
+	a.log.Info("network removed", "network", name, "id", n.ID[:12])
+	return nil
+}
+
+// Endpoints lists the endpoints of every host, of one network if given.
+func (a *Agent) Endpoints(ctx context.Context, network string) ([]api.Endpoint, error) {
+	prefix := endpointsPrefix
+	if network != "" {
+		if err := ValidateName("network", network); err != nil {
+			return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
+		}
+		prefix += network + "/"
+	}
+	pairs, _, err := a.store.List(ctx, prefix)
+	if err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	out := []api.Endpoint{}
+	a.mu.Lock()
+	locals := maps.Clone(a.locals)
+	a.mu.Unlock()
+	for _, kv := range pairs {
+		var e Endpoint
+		if err := decodeRecord(kv.Key, kv.Value, &e); err != nil {
+			a.log.Warn("skipping bad endpoint record", "err", err)
+			continue
+		}
+		v := e.apiView()
+		if l := locals[e.Network+"/"+e.Name]; l != nil && e.Node == a.cfg.Node {
+			v.Netns = l.Netns
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+// Nodes lists the hosts that registered in the store.
+func (a *Agent) Nodes(ctx context.Context) ([]api.Node, error) {
+	pairs, _, err := a.store.List(ctx, nodesPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	alivePairs, _, err := a.store.List(ctx, alivePrefix)
+	if err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	alive := map[string]bool{}
+	for _, kv := range alivePairs {
+		alive[kv.Key[len(alivePrefix):]] = kv.Session != ""
+	}
+	out := []api.Node{}
+	for _, kv := range pairs {
+		var n Node
+		if err := decodeRecord(kv.Key, kv.Value, &n); err != nil {
+			a.log.Warn("skipping bad node record", "err", err)
+			continue
+		}
+		state := "down"
+		if alive[n.Name] {
+			state = "up"
+		}
+		out = append(out, api.Node{Name: n.Name, Address: n.Address.String(), Version: n.Agent, Started: n.Started, LastSeen: n.Seen, State: state})
+	}
+	return out, nil
+}
+
+// Status describes this agent.
+func (a *Agent) Status() api.Status {
+	a.mu.Lock()
+	nlocal := 0
+	for _, l := range a.locals {
+		if l.Phase == phaseAttached {
+			nlocal++
+		}
+	}
+	a.mu.Unlock()
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	s := api.Status{
+		Node: a.cfg.Node, Address: a.cfg.Advertise.String(), Version: api.Version, Store: a.cfg.StoreName,
+		StoreReachable: a.storeErr == nil && a.netSynced, Networks: len(a.networks), LocalEndpoints: nlocal,
+		LastReconcile: a.lastReconcile, Started: a.started, StoreDownSince: a.downSince,
+	}
+	if a.storeErr != nil {
+		s.StoreError = a.storeErr.Error()
+	} else if !a.netSynced {
+		s.StoreError = "not synced yet"
+	}
+	return s
+}

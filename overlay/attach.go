@@ -1,0 +1,318 @@
+package overlay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/ipam"
+	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/vtep"
+)
+
+// NetnsDir is where named namespaces live; a bare NETNS argument is a name
+// there.
+const NetnsDir = "/var/run/netns"
+
+// resolveNetns turns the user's NETNS argument into a path and the
+// namespace's identity, refusing anything that is not a network namespace
+// or is one that must never get a container interface.
+func (a *Agent) resolveNetns(arg string) (string, nsID, error) {
+	if arg == "" {
+		return "", nsID{}, invalidf("netns is empty: give a path such as /var/run/netns/c1 or /proc/PID/ns/net, or a name under %s", NetnsDir)
+	}
+	path := arg
+	if !strings.Contains(arg, "/") {
+		path = filepath.Join(NetnsDir, arg)
+	}
+	id, err := statNS(path)
+	if err != nil {
+		return "", nsID{}, invalidf("netns %q: %v", arg, err)
+	}
+	if !vtep.IsNetNS(path) {
+		return "", nsID{}, invalidf("netns %q is not a network namespace", arg)
+	}
+	if self, err := statNS("/proc/self/ns/net"); err == nil && self == id {
+		return "", nsID{}, invalidf("netns %q is the agent's own (host) namespace", arg)
+	}
+	if strings.HasPrefix(filepath.Clean(path), filepath.Clean(a.cfg.NetNSDir)+"/") {
+		return "", nsID{}, invalidf("netns %q is an overlay network's namespace", arg)
+	}
+	return path, id, nil
+}
+
+func statNS(path string) (nsID, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return nsID{}, err
+	}
+	return nsID{Dev: uint64(st.Dev), Ino: st.Ino}, nil
+}
+
+// Attach gives the namespace an interface on the network. It is all or
+// nothing: every step pushes its undo, and a failure runs them in reverse.
+// The endpoint is published in the store last, so peers never program an
+// endpoint that does not exist yet.
+func (a *Agent) Attach(ctx context.Context, network string, req api.AttachRequest) (*api.Endpoint, error) {
+	n, netIdx, err := a.getNetwork(ctx, network)
+	if err != nil {
+		return nil, err
+	}
+	path, nsid, err := a.resolveNetns(req.Netns)
+	if err != nil {
+		return nil, err
+	}
+	var want netip.Addr
+	if req.IP != "" {
+		if want, err = netip.ParseAddr(req.IP); err != nil || !want.Is4() {
+			return nil, invalidf("ip %q is not an IPv4 address", req.IP)
+		}
+	}
+	id := newID()
+	name := req.Name
+	if name == "" {
+		if name = sanitizeNetnsName(path); name == "" || name == "net" {
+			name = "ep-" + id[:8]
+		}
+	}
+	if err := ValidateName("endpoint", name); err != nil {
+		return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
+	}
+
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, l := range a.locals {
+		if l.Endpoint.Network == network && l.NetnsID == nsid {
+			return nil, conflictf("netns %q is already attached to network %q as endpoint %q", req.Netns, network, l.Endpoint.Name)
+		}
+	}
+	if l := a.locals[network+"/"+name]; l != nil {
+		return nil, conflictf("endpoint %q already exists on network %q", name, network)
+	}
+	if kv, err := a.store.Get(ctx, endpointKey(network, name)); err == nil {
+		var e Endpoint
+		_ = json.Unmarshal(kv.Value, &e)
+		return nil, conflictf("endpoint %q already exists on network %q (node %s)", name, network, e.Node)
+	} else if !errors.Is(err, kvstore.ErrNotFound) {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+
+	l := &localEndpoint{
+		Phase: phaseAttaching,
+		Endpoint: Endpoint{
+			Version: recordVersion, ID: id, Name: name, Network: network, NetworkID: n.ID,
+			Node: a.cfg.Node, VTEP: a.cfg.Advertise, Created: time.Now().UTC().Truncate(time.Second),
+		},
+		Net: *n, Netns: path, NetnsID: nsid, MTU: networkMTU(n, a.localMTU()),
+	}
+	// The journal entry comes first: whatever happens next, a restarted
+	// agent finds it and either finishes or undoes the attach.
+	if err := a.state.save(l); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	a.locals[l.key()] = l
+	ok := false
+	defer func() {
+		if !ok {
+			if err := a.purge(context.WithoutCancel(ctx), l); err != nil {
+				a.log.Error("attach rollback incomplete; will retry at next reconcile", "endpoint", name, "err", err)
+			}
+		}
+	}()
+
+	lease := ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway, VNI: n.VNI}
+	ip, err := a.ipam.AllocateAddr(ctx, n.ID, lease, want, ipam.AddrOwner{Node: a.cfg.Node, Endpoint: name})
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
+	if err := a.state.save(l); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+
+	spec := vtep.NetworkSpec{Name: n.NamespaceName(), VNI: n.VNI, Gateway: netip.PrefixFrom(n.Gateway, n.Subnet.Bits()), MTU: l.MTU}
+	if _, err := a.dp.EnsureNetwork(ctx, spec); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	l.Endpoint.Interface = ifName
+	if err := a.state.save(l); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+
+	data, _ := json.Marshal(&l.Endpoint)
+	err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: networkKey(network), Index: netIdx}},
+		a.publishOps(endpointKey(network, name), data)...))
+	if errors.Is(err, kvstore.ErrConflict) {
+		if _, _, gerr := a.getNetwork(ctx, network); gerr != nil {
+			return nil, conflictf("network %q was removed during attach", network)
+		}
+		return nil, conflictf("endpoint %q already exists on network %q", name, network)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: publish: %w", name, err)
+	}
+	l.Phase = phaseAttached
+	if err := a.state.save(l); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	ok = true
+	a.cacheEndpoint(&l.Endpoint)
+	// Program the peers known now, so the container can talk as soon as
+	// attach returns rather than at the next watch event.
+	a.syncNetwork(ctx, spec.Name, true)
+	a.log.Info("endpoint attached", "network", network, "endpoint", name, "ip", ip, "interface", ifName, "netns", path)
+	v := l.Endpoint.apiView()
+	v.Netns = path
+	return &v, nil
+}
+
+func (a *Agent) endpointSpec(l *localEndpoint) vtep.EndpointSpec {
+	return vtep.EndpointSpec{
+		Network:     l.Net.NamespaceName(),
+		ContainerNS: l.Netns,
+		HostVeth:    l.Endpoint.HostVeth(),
+		IfName:      l.Endpoint.Interface,
+		Addr:        l.addrPrefix(),
+		MAC:         net.HardwareAddr(l.Endpoint.MAC),
+		MTU:         l.MTU,
+	}
+}
+
+// cacheEndpoint puts our own endpoint into the store view at once; the
+// watch confirms it moments later.
+func (a *Agent) cacheEndpoint(e *Endpoint) {
+	a.cmu.Lock()
+	defer a.cmu.Unlock()
+	a.endpoints[e.Network+"/"+e.Name] = e
+}
+
+// Detach removes a local endpoint.
+func (a *Agent) Detach(ctx context.Context, network, name string) error {
+	if err := ValidateName("network", network); err != nil {
+		return &codedError{code: api.CodeInvalid, msg: err.Error()}
+	}
+	if err := ValidateName("endpoint", name); err != nil {
+		return &codedError{code: api.CodeInvalid, msg: err.Error()}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	l := a.locals[network+"/"+name]
+	if l == nil {
+		kv, err := a.store.Get(ctx, endpointKey(network, name))
+		if err == nil {
+			var e Endpoint
+			if json.Unmarshal(kv.Value, &e) == nil && e.Node != a.cfg.Node {
+				return conflictf("endpoint %q of network %q is on node %s: detach it there", name, network, e.Node)
+			}
+		}
+		return notFoundf("endpoint %q not found on network %q on this node", name, network)
+	}
+	// Fail early and change nothing when the store cannot be written.
+	if _, err := a.store.Get(ctx, networkKey(network)); err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+		return fmt.Errorf("detach %s: %w", name, err)
+	}
+	prev := l.Phase
+	l.Phase = phaseDetaching
+	if err := a.state.save(l); err != nil {
+		l.Phase = prev
+		return fmt.Errorf("detach %s: %w", name, err)
+	}
+	if err := a.purge(ctx, l); err != nil {
+		return fmt.Errorf("detach %s: %w (the agent finishes it when it can)", name, err)
+	}
+	a.log.Info("endpoint detached", "network", network, "endpoint", name)
+	a.dropIdleNetwork(ctx, l.Net.NamespaceName())
+	return nil
+}
+
+// purge undoes everything an endpoint may have: the store record, the
+// kernel interfaces, the address and finally the local record. Each step is
+// a no-op when its part is already gone, so a purge interrupted by a crash
+// or a store outage is simply run again.
+func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
+	e := &l.Endpoint
+	kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
+	switch {
+	case err == nil:
+		var cur Endpoint
+		if json.Unmarshal(kv.Value, &cur) == nil && cur.ID == e.ID {
+			if err := a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex); err != nil {
+				return fmt.Errorf("unpublish endpoint: %w", err)
+			}
+		}
+	case !errors.Is(err, kvstore.ErrNotFound):
+		return fmt.Errorf("unpublish endpoint: %w", err)
+	}
+	a.cmu.Lock()
+	if cur := a.endpoints[l.key()]; cur != nil && cur.ID == e.ID {
+		delete(a.endpoints, l.key())
+	}
+	a.cmu.Unlock()
+
+	if err := a.dp.RemoveEndpoint(ctx, l.Net.NamespaceName(), e.HostVeth()); err != nil {
+		return fmt.Errorf("remove interfaces: %w", err)
+	}
+	owner := ipam.AddrOwner{Node: a.cfg.Node, Endpoint: e.Name}
+	if e.IP.IsValid() {
+		if err := a.ipam.ReleaseAddr(ctx, l.Net.ID, e.IP, owner); err != nil && !errors.Is(err, ipam.ErrInUse) {
+			return fmt.Errorf("release %s: %w", e.IP, err)
+		}
+	} else {
+		// A crash between allocating and recording the address: find it
+		// by owner.
+		addrs, err := a.ipam.Addrs(ctx, l.Net.ID)
+		if err != nil {
+			return fmt.Errorf("release address: %w", err)
+		}
+		for ip, o := range addrs {
+			if o == owner {
+				if err := a.ipam.ReleaseAddr(ctx, l.Net.ID, ip, owner); err != nil && !errors.Is(err, ipam.ErrInUse) {
+					return fmt.Errorf("release %s: %w", ip, err)
+				}
+			}
+		}
+	}
+	if err := a.state.remove(e.Network, e.Name); err != nil {
+		return err
+	}
+	delete(a.locals, l.key())
+	return nil
+}
+
+// dropIdleNetwork removes a network's namespace once its last local
+// endpoint is gone.
+func (a *Agent) dropIdleNetwork(ctx context.Context, ns string) {
+	for _, l := range a.locals {
+		if l.Net.NamespaceName() == ns {
+			return
+		}
+	}
+	if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
+		a.log.Warn("remove idle network namespace", "namespace", ns, "err", err)
+		return
+	}
+	delete(a.applied, ns)
+}
+
+// localExists reports whether the namespace an endpoint was attached to is
+// still the same namespace (a deleted and re-created name is not).
+func localExists(l *localEndpoint) bool {
+	id, err := statNS(l.Netns)
+	if err != nil {
+		return !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOENT)
+	}
+	return id == l.NetnsID
+}

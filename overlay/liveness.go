@@ -1,0 +1,119 @@
+package overlay
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vxnet/vxnet/kvstore"
+)
+
+// aliveKey is bound to this node's store session: it exists exactly while
+// the node is alive in the store's eyes.
+func aliveKey(node string) string { return alivePrefix + node }
+
+const alivePrefix = "alive/"
+
+func (a *Agent) sessionFile() string { return filepath.Join(a.cfg.StateDir, "session") }
+
+func (a *Agent) currentSession() string {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	return a.session
+}
+
+func (a *Agent) setSession(id string) {
+	a.cmu.Lock()
+	a.session = id
+	a.cmu.Unlock()
+	if id == "" {
+		os.Remove(a.sessionFile())
+		return
+	}
+	if err := os.WriteFile(a.sessionFile(), []byte(id), 0o600); err != nil {
+		a.log.Warn("remember store session", "err", err)
+	}
+}
+
+// keepAlive holds this node's store session. The node's alive key and every
+// local endpoint record are bound to it, so when the host dies or loses the
+// store for longer than the TTL, the store deletes them and every other host
+// removes this host's neighbor and FDB entries. The session id is kept in
+// the state dir and reused after a restart, so restarting the agent within
+// the TTL does not make peers drop this host's containers.
+func (a *Agent) keepAlive(ctx context.Context) {
+	if data, err := os.ReadFile(a.sessionFile()); err == nil {
+		a.cmu.Lock()
+		a.session = strings.TrimSpace(string(data))
+		a.cmu.Unlock()
+	}
+	ttl := a.cfg.NodeTTL
+	backoff := time.Second
+	for {
+		wait := ttl / 3
+		if err := a.renewOrCreate(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			a.log.Debug("store session", "err", err)
+			wait, backoff = min(backoff, wait), min(backoff*2, wait)
+		} else {
+			backoff = time.Second
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (a *Agent) renewOrCreate(ctx context.Context) error {
+	if id := a.currentSession(); id != "" {
+		err := a.store.RenewSession(ctx, id)
+		if err == nil {
+			return a.lockAlive(ctx, id)
+		}
+		if !errors.Is(err, kvstore.ErrNotFound) {
+			return err
+		}
+		a.log.Warn("store session expired: this node was considered gone; registering again and republishing its endpoints")
+		a.setSession("")
+	}
+	id, err := a.store.CreateSession(ctx, "vxnet node "+a.cfg.Node, a.cfg.NodeTTL)
+	if err != nil {
+		return err
+	}
+	a.setSession(id)
+	if err := a.lockAlive(ctx, id); err != nil {
+		return err
+	}
+	// Endpoints bound to a previous session are gone from the store; the
+	// reconciler publishes them again under the new one.
+	a.trigger()
+	return nil
+}
+
+// lockAlive makes sure the alive key is held by the session (it is lost if
+// someone deletes it, or after the store lost its data).
+func (a *Agent) lockAlive(ctx context.Context, id string) error {
+	if kv, err := a.store.Get(ctx, aliveKey(a.cfg.Node)); err == nil && kv.Session == id {
+		return nil
+	}
+	return a.store.Txn(ctx, []kvstore.Op{{Kind: kvstore.OpLock, Key: aliveKey(a.cfg.Node), Value: []byte(a.cfg.Node), Session: id}})
+}
+
+// publishOps are the operations that create an endpoint record: create-only,
+// and bound to the node's session when it has one.
+func (a *Agent) publishOps(key string, data []byte) []kvstore.Op {
+	if id := a.currentSession(); id != "" {
+		return []kvstore.Op{
+			{Kind: kvstore.OpCheckIndex, Key: key, Index: 0},
+			{Kind: kvstore.OpLock, Key: key, Value: data, Session: id},
+		}
+	}
+	return []kvstore.Op{{Kind: kvstore.OpCAS, Key: key, Value: data}}
+}

@@ -1,0 +1,247 @@
+package overlay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"maps"
+	"time"
+
+	"github.com/vxnet/vxnet/ipam"
+	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/vtep"
+)
+
+// reconcile makes the kernel match the desired state. Without a complete
+// view of the store it only ensures what the local records describe and
+// removes nothing that the store might still want: an outage must never
+// cost a running container its connectivity. full passes also re-program
+// peers whose set did not change (to repair drift) and look for leaked
+// addresses.
+func (a *Agent) reconcile(ctx context.Context, full bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	synced := a.synced()
+	if synced {
+		a.finishInterrupted(ctx)
+	}
+	a.cmu.RLock()
+	endpoints := maps.Clone(a.endpoints)
+	a.cmu.RUnlock()
+
+	plans := desiredState(a.cfg.Node, endpoints, a.locals, a.localMTU())
+	for ns, p := range plans {
+		if ctx.Err() != nil {
+			return
+		}
+		a.ensurePlan(ctx, p, synced)
+		if synced && (full || a.applied[ns] != peersHash(p.Peers)) {
+			a.syncPeers(ctx, p)
+		}
+	}
+	if have, err := a.dp.Networks(); err != nil {
+		a.log.Warn("list network namespaces", "err", err)
+	} else {
+		for _, ns := range have {
+			if plans[ns] == nil {
+				a.log.Info("removing network namespace with no local endpoints", "namespace", ns)
+				if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
+					a.log.Warn("remove network namespace", "namespace", ns, "err", err)
+				}
+				delete(a.applied, ns)
+			}
+		}
+	}
+	if synced {
+		a.reconcileStore(ctx, endpoints, full)
+	}
+	a.cmu.Lock()
+	a.lastReconcile = time.Now()
+	a.cmu.Unlock()
+}
+
+// syncNetwork programs one network's peers from the current store view.
+func (a *Agent) syncNetwork(ctx context.Context, ns string, force bool) {
+	a.cmu.RLock()
+	endpoints := maps.Clone(a.endpoints)
+	a.cmu.RUnlock()
+	p := desiredState(a.cfg.Node, endpoints, a.locals, a.localMTU())[ns]
+	if p != nil && (force || a.applied[ns] != peersHash(p.Peers)) {
+		a.syncPeers(ctx, p)
+	}
+}
+
+func (a *Agent) syncPeers(ctx context.Context, p *netPlan) {
+	added, removed, err := a.dp.SyncPeers(ctx, p.Spec.Name, p.Peers)
+	if err != nil {
+		a.log.Warn("program peers", "network", p.Net.Name, "err", err)
+		delete(a.applied, p.Spec.Name)
+		return
+	}
+	a.applied[p.Spec.Name] = peersHash(p.Peers)
+	if added+removed > 0 {
+		a.log.Info("peers programmed", "network", p.Net.Name, "added", added, "removed", removed, "peers", len(p.Peers))
+	}
+}
+
+// ensurePlan creates or repairs the network's namespace and its local
+// endpoints, and removes interfaces that belong to no local endpoint.
+func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
+	changes, err := a.dp.EnsureNetwork(ctx, p.Spec)
+	if err != nil {
+		a.log.Error("ensure network", "network", p.Net.Name, "err", err)
+		return
+	}
+	if len(changes) > 0 {
+		a.log.Warn("network datapath repaired", "network", p.Net.Name, "changes", changes)
+		delete(a.applied, p.Spec.Name) // a rebuilt VTEP has no entries
+	}
+	want := map[string]bool{}
+	for _, l := range p.Locals {
+		want[l.Endpoint.HostVeth()] = true
+		spec := a.endpointSpec(l)
+		changes, err := a.dp.CheckEndpoint(ctx, spec)
+		switch {
+		case errors.Is(err, vtep.ErrEndpointGone) && !localExists(l):
+			if !synced {
+				continue // removing it needs the store; later
+			}
+			a.log.Info("container namespace is gone; removing its endpoint", "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name, "netns", l.Netns)
+			if err := a.purge(ctx, l); err != nil {
+				a.log.Warn("remove endpoint of a gone container", "endpoint", l.Endpoint.Name, "err", err)
+			}
+		case errors.Is(err, vtep.ErrEndpointGone):
+			if _, err := a.dp.AddEndpoint(ctx, spec); err != nil {
+				a.log.Error("recreate endpoint interface", "endpoint", l.Endpoint.Name, "err", err)
+			} else {
+				a.log.Warn("endpoint interface was missing; recreated", "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name)
+			}
+		case err != nil:
+			a.log.Error("check endpoint", "endpoint", l.Endpoint.Name, "err", err)
+		case len(changes) > 0:
+			a.log.Warn("endpoint interface repaired", "endpoint", l.Endpoint.Name, "changes", changes)
+		}
+	}
+	have, err := a.dp.Endpoints(ctx, p.Spec.Name)
+	if err != nil {
+		a.log.Warn("list endpoint interfaces", "network", p.Net.Name, "err", err)
+		return
+	}
+	for _, veth := range have {
+		if !want[veth] {
+			a.log.Warn("removing interface of no endpoint", "network", p.Net.Name, "interface", veth)
+			if err := a.dp.RemoveEndpoint(ctx, p.Spec.Name, veth); err != nil {
+				a.log.Warn("remove leaked interface", "interface", veth, "err", err)
+			}
+		}
+	}
+}
+
+// finishInterrupted completes or undoes attaches and detaches that a crash
+// or a store outage cut short.
+func (a *Agent) finishInterrupted(ctx context.Context) {
+	for _, l := range a.locals {
+		if l.Phase == phaseAttached {
+			continue
+		}
+		a.log.Warn("cleaning up an interrupted operation", "phase", l.Phase, "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name)
+		if err := a.purge(ctx, l); err != nil {
+			a.log.Warn("clean up interrupted operation", "endpoint", l.Endpoint.Name, "err", err)
+			continue
+		}
+		a.dropIdleNetwork(ctx, l.Net.NamespaceName())
+	}
+}
+
+// reconcileStore makes the store agree with this host: our running
+// endpoints are published (a lost record is restored), records that claim
+// to be ours but are not are removed, and on full passes addresses held in
+// our name by no endpoint are released.
+func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoint, full bool) {
+	a.cmu.RLock()
+	sessions := maps.Clone(a.epSession)
+	a.cmu.RUnlock()
+	session := a.currentSession()
+	for key, l := range a.locals {
+		if l.Phase != phaseAttached {
+			continue
+		}
+		if e := endpoints[key]; e != nil && e.ID == l.Endpoint.ID {
+			if session != "" && sessions[key] != session {
+				a.rebind(ctx, l, session)
+			}
+			continue
+		}
+		if e := endpoints[key]; e != nil {
+			a.log.Error("endpoint name taken by another endpoint in the store", "endpoint", key, "node", e.Node)
+			continue
+		}
+		data, _ := json.Marshal(&l.Endpoint)
+		switch err := a.store.Txn(ctx, a.publishOps(endpointKey(l.Endpoint.Network, l.Endpoint.Name), data)); {
+		case err == nil:
+			a.log.Warn("endpoint was missing from the store; republished", "endpoint", key)
+		case !errors.Is(err, kvstore.ErrConflict):
+			a.log.Warn("republish endpoint", "endpoint", key, "err", err)
+		}
+	}
+	for key, e := range endpoints {
+		if e.Node != a.cfg.Node {
+			continue
+		}
+		if l := a.locals[key]; l != nil && l.Endpoint.ID == e.ID {
+			continue
+		}
+		kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
+		if err != nil {
+			continue
+		}
+		var cur Endpoint
+		if json.Unmarshal(kv.Value, &cur) != nil || cur.ID != e.ID {
+			continue
+		}
+		if err := a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex); err == nil {
+			a.log.Warn("removed a stale endpoint of this node from the store", "endpoint", key)
+		}
+	}
+	if !full {
+		return
+	}
+	a.cmu.RLock()
+	networks := maps.Clone(a.networks)
+	a.cmu.RUnlock()
+	for _, n := range networks {
+		addrs, err := a.ipam.Addrs(ctx, n.ID)
+		if err != nil {
+			a.log.Warn("list addresses", "network", n.Name, "err", err)
+			continue
+		}
+		for ip, o := range addrs {
+			if o.Node != a.cfg.Node {
+				continue
+			}
+			if l := a.locals[n.Name+"/"+o.Endpoint]; l != nil && l.Net.ID == n.ID {
+				continue
+			}
+			if err := a.ipam.ReleaseAddr(ctx, n.ID, ip, o); err == nil {
+				a.log.Warn("released an address held by no endpoint", "network", n.Name, "ip", ip, "endpoint", o.Endpoint)
+			}
+		}
+	}
+}
+
+// rebind moves our endpoint record to the node's current session (after
+// the agent started without one, or got a new one).
+func (a *Agent) rebind(ctx context.Context, l *localEndpoint, session string) {
+	key := endpointKey(l.Endpoint.Network, l.Endpoint.Name)
+	kv, err := a.store.Get(ctx, key)
+	if err != nil {
+		return
+	}
+	err = a.store.Txn(ctx, []kvstore.Op{
+		{Kind: kvstore.OpCheckIndex, Key: key, Index: kv.ModifyIndex},
+		{Kind: kvstore.OpLock, Key: key, Value: kv.Value, Session: session},
+	})
+	if err != nil {
+		a.log.Debug("bind endpoint to session", "endpoint", key, "err", err)
+	}
+}

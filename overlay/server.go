@@ -1,0 +1,128 @@
+package overlay
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/vxnet/vxnet/api"
+)
+
+// maxBody bounds request bodies: every request is a small JSON object.
+const maxBody = 64 << 10
+
+// Handler serves the agent's API (see package api for the routes).
+func (a *Agent) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/version", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"version": api.Version})
+	})
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Status())
+	})
+	mux.HandleFunc("GET /v1/networks", func(w http.ResponseWriter, r *http.Request) {
+		out, err := a.Networks(r.Context())
+		a.reply(w, r, http.StatusOK, out, err)
+	})
+	mux.HandleFunc("POST /v1/networks", func(w http.ResponseWriter, r *http.Request) {
+		var req api.CreateNetworkRequest
+		if err := decodeBody(r, &req); err != nil {
+			a.reply(w, r, 0, nil, err)
+			return
+		}
+		out, err := a.CreateNetwork(r.Context(), req)
+		a.reply(w, r, http.StatusCreated, out, err)
+	})
+	mux.HandleFunc("GET /v1/networks/{name}", func(w http.ResponseWriter, r *http.Request) {
+		out, err := a.InspectNetwork(r.Context(), r.PathValue("name"))
+		a.reply(w, r, http.StatusOK, out, err)
+	})
+	mux.HandleFunc("DELETE /v1/networks/{name}", func(w http.ResponseWriter, r *http.Request) {
+		err := a.RemoveNetwork(r.Context(), r.PathValue("name"))
+		a.reply(w, r, http.StatusNoContent, nil, err)
+	})
+	mux.HandleFunc("POST /v1/networks/{name}/endpoints", func(w http.ResponseWriter, r *http.Request) {
+		var req api.AttachRequest
+		if err := decodeBody(r, &req); err != nil {
+			a.reply(w, r, 0, nil, err)
+			return
+		}
+		out, err := a.Attach(r.Context(), r.PathValue("name"), req)
+		a.reply(w, r, http.StatusCreated, out, err)
+	})
+	mux.HandleFunc("DELETE /v1/networks/{name}/endpoints/{endpoint}", func(w http.ResponseWriter, r *http.Request) {
+		err := a.Detach(r.Context(), r.PathValue("name"), r.PathValue("endpoint"))
+		a.reply(w, r, http.StatusNoContent, nil, err)
+	})
+	mux.HandleFunc("GET /v1/endpoints", func(w http.ResponseWriter, r *http.Request) {
+		out, err := a.Endpoints(r.Context(), r.URL.Query().Get("network"))
+		a.reply(w, r, http.StatusOK, out, err)
+	})
+	mux.HandleFunc("GET /v1/nodes", func(w http.ResponseWriter, r *http.Request) {
+		out, err := a.Nodes(r.Context())
+		a.reply(w, r, http.StatusOK, out, err)
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, api.Error{Message: fmt.Sprintf("no route %s %s", r.Method, r.URL.Path), Code: api.CodeNotFound})
+	})
+	return mux
+}
+
+// decodeBody reads one JSON object and refuses unknown fields, so that a
+// misspelt option is an error rather than silently ignored.
+func decodeBody(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return invalidf("malformed request body: %v", err)
+	}
+	if dec.More() {
+		return invalidf("malformed request body: more than one JSON value")
+	}
+	return nil
+}
+
+func (a *Agent) reply(w http.ResponseWriter, r *http.Request, status int, out any, err error) {
+	if err == nil {
+		if status == http.StatusNoContent {
+			w.WriteHeader(status)
+			return
+		}
+		writeJSON(w, status, out)
+		return
+	}
+	code := ErrorCode(err)
+	httpStatus := map[string]int{
+		api.CodeInvalid:     http.StatusBadRequest,
+		api.CodeNotFound:    http.StatusNotFound,
+		api.CodeConflict:    http.StatusConflict,
+		api.CodeUnavailable: http.StatusServiceUnavailable,
+	}[code]
+	if httpStatus == 0 {
+		httpStatus = http.StatusInternalServerError
+	}
+	level := slog.LevelInfo
+	if httpStatus >= 500 {
+		level = slog.LevelError
+	}
+	a.log.Log(r.Context(), level, "request failed", "method", r.Method, "path", r.URL.Path, "status", httpStatus, "err", err)
+	writeJSON(w, httpStatus, api.Error{Message: err.Error(), Code: code})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(v); err != nil && !errors.Is(err, http.ErrHandlerTimeout) {
+		slog.Debug("write response", "err", err)
+	}
+}
+
+// ServerTimeouts are the unix socket server's limits: slow clients cannot
+// pin the agent.
+var ServerTimeouts = struct{ ReadHeader, Idle time.Duration }{5 * time.Second, 60 * time.Second}

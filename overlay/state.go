@@ -1,0 +1,142 @@
+package overlay
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// Phases of a local endpoint. The record is written before every step that
+// changes the kernel or the store, so that after a crash the agent knows
+// whether to finish or to undo what it was doing.
+const (
+	phaseAttaching = "attaching"
+	phaseAttached  = "attached"
+	phaseDetaching = "detaching"
+)
+
+// localEndpoint is this host's own record of an endpoint, kept in the state
+// dir. Together with the store it is the desired state; it alone is enough to
+// rebuild the endpoint's datapath when the store is unreachable.
+type localEndpoint struct {
+	Phase    string   `json:"phase"`
+	Endpoint Endpoint `json:"endpoint"`
+	// Network as it was when attached: enough to rebuild the namespace
+	// without the store.
+	Net     Network `json:"net"`
+	Netns   string  `json:"netns"`
+	NetnsID nsID    `json:"netns_id"`
+	MTU     int     `json:"mtu"`
+}
+
+type nsID struct {
+	Dev uint64 `json:"dev"`
+	Ino uint64 `json:"ino"`
+}
+
+func (l *localEndpoint) key() string { return l.Endpoint.Network + "/" + l.Endpoint.Name }
+
+func (l *localEndpoint) addrPrefix() netip.Prefix {
+	return netip.PrefixFrom(l.Endpoint.IP, l.Net.Subnet.Bits())
+}
+
+// stateDir stores one JSON file per local endpoint.
+type stateDir struct{ dir string }
+
+func (s stateDir) path(network, name string) string {
+	return filepath.Join(s.dir, "endpoints", network, name+".json")
+}
+
+// save writes atomically: a crash leaves the old or the new record, never a
+// torn one.
+func (s stateDir) save(l *localEndpoint) error {
+	p := s.path(l.Endpoint.Network, l.Endpoint.Name)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return fmt.Errorf("save endpoint state: %w", err)
+	}
+	data, err := json.MarshalIndent(l, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := p + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("save endpoint state: %w", err)
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("save endpoint state %s: %w", p, err)
+	}
+	return nil
+}
+
+func (s stateDir) remove(network, name string) error {
+	p := s.path(network, name)
+	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove endpoint state: %w", err)
+	}
+	// Drop the network's directory once empty; failure just means not empty.
+	os.Remove(filepath.Dir(p))
+	return nil
+}
+
+// load reads every record; unreadable ones are reported and skipped so that
+// one bad file cannot stop the agent.
+func (s stateDir) load() (map[string]*localEndpoint, []error) {
+	out := map[string]*localEndpoint{}
+	var errs []error
+	root := filepath.Join(s.dir, "endpoints")
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if d.IsDir() {
+			return nil
+		}
+		if strings.HasSuffix(p, ".tmp") {
+			os.Remove(p)
+			return nil
+		}
+		if !strings.HasSuffix(p, ".json") {
+			return nil
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			errs = append(errs, err)
+			return nil
+		}
+		var l localEndpoint
+		if err := json.Unmarshal(data, &l); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", p, err))
+			return nil
+		}
+		if err := l.Endpoint.check(); err != nil && l.Phase == phaseAttached {
+			errs = append(errs, fmt.Errorf("%s: %w", p, err))
+			return nil
+		}
+		out[l.key()] = &l
+		return nil
+	})
+	if err != nil {
+		errs = append(errs, err)
+	}
+	return out, errs
+}

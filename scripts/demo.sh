@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The multi-host demo: the experiment of Docker 1.9's overlay article, on
+# three simulated hosts (network namespaces on one underlay switch), with a
+# real Consul and one vxnetd per host. Everything it makes is removed at
+# the end, also on failure or Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONSUL_BIN=$(scripts/deps.sh | tail -n 1)
+
+p="vxdemo$$"              # prefix of everything the demo creates
+work=$(mktemp -d /tmp/vxnet-demo.XXXXXX)
+sw="$p-sw"
+hosts=(h1 h2 h3)
+pids=()
+
+bold() { printf '\n\033[1m%s\033[0m\n' "$*"; }
+run() { printf '\033[36m$ %s\033[0m\n' "$*"; "$@"; }
+
+cleanup() {
+  set +e
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
+  wait 2>/dev/null
+  for h in "${hosts[@]}"; do
+    for m in "$work/$h/run/netns/"*; do [ -e "$m" ] && umount -l "$m" 2>/dev/null; done
+  done
+  for ns in $(ip netns list | awk '{print $1}' | grep "^$p-"); do ip netns del "$ns"; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+bold "Building vxnetd and vxnet"
+go build -o "$work/bin/" ./cmd/vxnetd ./cmd/vxnet
+export PATH="$work/bin:$PATH"
+
+bold "Underlay: a switch and three hosts, 192.168.77.0/24"
+ip netns add "$sw"
+ip -n "$sw" link set lo up
+ip -n "$sw" link add br0 type bridge
+ip -n "$sw" addr add 192.168.77.254/24 dev br0
+ip -n "$sw" link set br0 up
+i=1
+for h in "${hosts[@]}"; do
+  ip netns add "$p-$h"
+  ip -n "$p-$h" link set lo up
+  ip -n "$sw" link add "p$i" type veth peer name eth0 netns "$p-$h"
+  ip -n "$sw" link set "p$i" master br0 up
+  ip -n "$p-$h" addr add "192.168.77.$i/24" dev eth0
+  ip -n "$p-$h" link set eth0 up
+  echo "  $h: 192.168.77.$i"
+  i=$((i + 1))
+done
+
+bold "Consul on the switch, 192.168.77.254:8500"
+ip netns exec "$sw" "$CONSUL_BIN" agent -dev -bind 192.168.77.254 -client 192.168.77.254 \
+  -dns-port -1 -grpc-port -1 >"$work/consul.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  ip netns exec "$sw" curl -sf http://192.168.77.254:8500/v1/status/leader 2>/dev/null | grep -q : && break
+  sleep 0.2
+done
+
+bold "One vxnetd per host"
+i=1
+for h in "${hosts[@]}"; do
+  mkdir -p "$work/$h"
+  nsenter --net="/var/run/netns/$p-$h" vxnetd --store consul://192.168.77.254:8500 \
+    --node "$h" --advertise "192.168.77.$i" --state-dir "$work/$h/state" --run-dir "$work/$h/run" \
+    --socket "$work/$h/vxnet.sock" >"$work/$h/vxnetd.log" 2>&1 &
+  pids+=($!)
+  i=$((i + 1))
+done
+for h in "${hosts[@]}"; do
+  for _ in $(seq 100); do vxnet -H "unix://$work/$h/vxnet.sock" status >/dev/null 2>&1 && break; sleep 0.1; done
+done
+on() { local h=$1; shift; printf '\033[36m[%s]$ vxnet %s\033[0m\n' "$h" "$*"; vxnet -H "unix://$work/$h/vxnet.sock" "$@"; }
+
+on h1 node ls
+bold "Create two overlay networks on h1; every host sees them"
+on h1 network create net1 --subnet 10.0.0.0/24
+on h1 network create net2 --subnet 10.0.1.0/24
+on h2 network ls
+
+bold "Containers: net1c1 on h1, net1c2 on h2 (net1), net2c1 on h2 (net2)"
+for c in net1c1 net1c2 net2c1; do ip netns add "$p-$c"; done
+on h1 attach net1 "$p-net1c1" --name net1c1
+on h2 attach net1 "$p-net1c2" --name net1c2
+on h2 attach net2 "$p-net2c1" --name net2c1
+on h3 endpoint ls
+
+bold "Inside net1c1 (as 'docker exec net1c1 ip addr' in the article)"
+run ip netns exec "$p-net1c1" ip addr show eth0
+run ip netns exec "$p-net1c1" ip route
+
+id=$(vxnet -H "unix://$work/h1/vxnet.sock" network inspect net1 | sed -n 's/.*"id": "\([0-9a-f]\{10\}\).*/\1/p' | head -1)
+ns="1-$id"
+bold "h1's overlay namespace $ns: br0 with the gateway, vxlan1 and a veth"
+run nsenter --net="$work/h1/run/netns/$ns" ip -d link show vxlan1
+run nsenter --net="$work/h1/run/netns/$ns" ip addr show br0
+run nsenter --net="$work/h1/run/netns/$ns" bridge link
+bold "Static ARP and FDB entries for net1c2 on h1 (the article's 'arp -a')"
+run nsenter --net="$work/h1/run/netns/$ns" ip neigh show dev vxlan1
+run nsenter --net="$work/h1/run/netns/$ns" bridge fdb show dev vxlan1
+bold "h3 has no endpoint, so no overlay namespace"
+run ls "$work/h3/run/netns/"
+
+bold "net1c1 (h1) pings net1c2 (h2) across the VXLAN tunnel"
+run ip netns exec "$p-net1c1" ping -c 3 -i 0.2 10.0.0.3
+bold "net1c1 cannot reach net2c1: networks are isolated"
+if ip netns exec "$p-net1c1" ping -c 1 -W 1 10.0.1.2 >/dev/null 2>&1; then
+  echo "UNEXPECTED: net1c1 reached net2c1" >&2; exit 1
+else
+  echo "  no route / no reply, as expected"
+fi
+
+bold "Detach net1c2; h1 drops its entries"
+on h2 detach net1 net1c2
+sleep 0.5
+run nsenter --net="$work/h1/run/netns/$ns" ip neigh show dev vxlan1
+bold "Demo done; cleaning up"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what vxnet's demo and tests need on a Debian machine, skipping
+# what is already there. Prints the Consul binary's path on the last line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "vxnet: the demo and the tests need root (network namespaces, vxlan, iptables)" >&2
+  exit 1
+fi
+command -v go >/dev/null || { echo "vxnet: Go 1.26 is required (https://go.dev/dl)" >&2; exit 1; }
+
+# command -> Debian package
+declare -A pkgs=([ip]=iproute2 [bridge]=iproute2 [nsenter]=util-linux [ping]=iputils-ping
+  [iptables]=iptables [iperf3]=iperf3 [curl]=curl)
+missing=()
+for c in "${!pkgs[@]}"; do
+  command -v "$c" >/dev/null || missing+=("${pkgs[$c]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "vxnet: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq "${missing[@]}" >&2
+fi
+modprobe vxlan 2>/dev/null || true
+"$here/install-consul.sh"

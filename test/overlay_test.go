@@ -1,0 +1,303 @@
+package test
+
+import (
+	"fmt"
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/testconsul"
+	"github.com/vxnet/vxnet/internal/testnet"
+)
+
+// cluster is three simulated hosts with an agent each and Consul on the
+// underlay switch.
+type cluster struct {
+	net    *testnet.Net
+	hosts  []*testnet.Host
+	agents []*agent
+}
+
+func newCluster(t *testing.T, n int) *cluster {
+	t.Helper()
+	tn := testnet.New(t)
+	consul := testconsul.Start(t, testconsul.WithNetNS("/var/run/netns/"+tn.Switch), testconsul.WithAddr(tn.SwitchAddr().String()))
+	c := &cluster{net: tn}
+	for i := range n {
+		h := tn.AddHost(fmt.Sprintf("h%d", i+1))
+		c.hosts = append(c.hosts, h)
+		c.agents = append(c.agents, startAgent(t, h, fmt.Sprintf("host%d", i+1), consul.URL("vxnet/")))
+	}
+	return c
+}
+
+func TestOverlayAcrossHosts(t *testing.T) {
+	c := newCluster(t, 3)
+	a1, a2, a3 := c.agents[0], c.agents[1], c.agents[2]
+
+	// A network created on one host is seen on every host.
+	var n1 api.Network
+	a1.jsonOut(&n1, "network", "create", "net1", "--subnet", "10.0.0.0/24")
+	if n1.VNI != 256 || n1.Gateway != "10.0.0.1" || n1.MTU != 1450 || n1.Subnet != "10.0.0.0/24" {
+		t.Fatalf("network create: got %+v", n1)
+	}
+	var nets []api.Network
+	a3.jsonOut(&nets, "network", "ls")
+	if len(nets) != 1 || nets[0].ID != n1.ID {
+		t.Fatalf("network ls on host3: %+v", nets)
+	}
+	if out := a3.mustVxnet("network", "ls"); !strings.Contains(out, "net1") || !strings.Contains(out, "10.0.0.0/24") {
+		t.Fatalf("network ls table:\n%s", out)
+	}
+
+	c1, c2 := c.net.AddNS("c1"), c.net.AddNS("c2")
+	var e1, e2 api.Endpoint
+	a1.jsonOut(&e1, "attach", "net1", c1)
+	a2.jsonOut(&e2, "attach", "net1", "/var/run/netns/"+c2, "--name", "web")
+	if e1.IP != "10.0.0.2" || e1.MAC != "02:42:0a:00:00:02" || e1.Interface != "eth0" || e1.Node != "host1" || e1.Name != c1 {
+		t.Fatalf("attach c1: %+v", e1)
+	}
+	if e2.IP != "10.0.0.3" || e2.Name != "web" {
+		t.Fatalf("attach c2: %+v", e2)
+	}
+
+	// The container side looks like the article's: eth0, MTU 1450, the
+	// IP-derived MAC, a route for the subnet.
+	out, _ := testnet.Exec(c1, "ip", "-d", "addr", "show", "eth0")
+	for _, want := range []string{"mtu 1450", "02:42:0a:00:00:02", "10.0.0.2/24"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("c1 eth0 lacks %q:\n%s", want, out)
+		}
+	}
+
+	// Packets cross the VTEPs both ways.
+	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, "10.0.0.3") })
+	eventually(t, 5*time.Second, "c2 reaches c1", func() error { return testnet.Ping(c2, "10.0.0.2") })
+
+	// Host2's VTEP: the Docker overlay's shape, static entries for host1.
+	ns := nsName(n1.ID)
+	out, _ = a2.inNS(ns, "ip", "-d", "link", "show", "vxlan1")
+	for _, want := range []string{"vxlan id 256", "dstport 4789", "nolearning", "proxy", "master br0", "mtu 1450"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("vxlan1 on host2 lacks %q:\n%s", want, out)
+		}
+	}
+	out, _ = a2.inNS(ns, "ip", "neigh", "show", "dev", "vxlan1")
+	if !strings.Contains(out, "10.0.0.2 lladdr 02:42:0a:00:00:02 PERMANENT") {
+		t.Errorf("host2 neighbor table:\n%s", out)
+	}
+	out, _ = a2.inNS(ns, "bridge", "fdb", "show", "dev", "vxlan1")
+	if !strings.Contains(out, "02:42:0a:00:00:02 dst 192.168.77.1 self permanent") {
+		t.Errorf("host2 fdb:\n%s", out)
+	}
+	out, _ = a2.inNS(ns, "ip", "addr", "show", "br0")
+	if !strings.Contains(out, "10.0.0.1/24") {
+		t.Errorf("br0 on host2 lacks the gateway:\n%s", out)
+	}
+	// A host with no endpoint of the network programs nothing for it.
+	if got := a3.overlayNamespaces(); len(got) != 0 {
+		t.Errorf("host3 has namespaces %v, want none", got)
+	}
+
+	// Every host sees both endpoints.
+	var eps []api.Endpoint
+	a3.jsonOut(&eps, "endpoint", "ls", "--network", "net1")
+	if len(eps) != 2 {
+		t.Fatalf("endpoint ls on host3: %+v", eps)
+	}
+	var nodes []api.Node
+	a3.jsonOut(&nodes, "node", "ls")
+	if len(nodes) != 3 {
+		t.Fatalf("node ls: %+v", nodes)
+	}
+
+	// Networks are isolated: a second network's container is unreachable.
+	a1.mustVxnet("network", "create", "net2")
+	c3 := c.net.AddNS("c3")
+	var e3 api.Endpoint
+	a2.jsonOut(&e3, "attach", "net2", c3)
+	if !strings.HasPrefix(e3.IP, "10.0.1.") {
+		t.Fatalf("net2 endpoint got %s, want 10.0.1.x", e3.IP)
+	}
+	if err := testnet.Ping(c1, e3.IP); err == nil {
+		t.Errorf("c1 on net1 reached c3 on net2")
+	}
+	// The same namespace on two networks gets eth1 for the second.
+	var e1b api.Endpoint
+	a1.jsonOut(&e1b, "attach", "net2", c1)
+	if e1b.Interface != "eth1" {
+		t.Errorf("second attach of c1: interface %s, want eth1", e1b.Interface)
+	}
+	eventually(t, 5*time.Second, "c1 reaches c3 over net2", func() error { return testnet.Ping(c1, e3.IP) })
+
+	// Removing a network with endpoints is refused and names them.
+	if out, err := a3.vxnet("network", "rm", "net1"); err == nil || !strings.Contains(out, "web") {
+		t.Errorf("network rm with endpoints: err %v, out %s", err, out)
+	}
+	// Detach on the wrong host says where the endpoint lives.
+	if out, err := a1.vxnet("detach", "net1", "web"); err == nil || !strings.Contains(out, "host2") {
+		t.Errorf("detach on wrong host: err %v, out %s", err, out)
+	}
+
+	// The agent restarting (even killed) leaves the datapath alone.
+	a1.stop(syscall.SIGKILL)
+	if err := testnet.Ping(c1, "10.0.0.3"); err != nil {
+		t.Errorf("datapath broke while agent was down: %v", err)
+	}
+	a1.start()
+	if err := testnet.Ping(c1, "10.0.0.3"); err != nil {
+		t.Errorf("datapath broke after agent restart: %v", err)
+	}
+	a1.jsonOut(&eps, "endpoint", "ls")
+	if len(eps) != 4 {
+		t.Errorf("after restart: %d endpoints, want 4: %+v", len(eps), eps)
+	}
+
+	// Detach: peers drop the entries, the host drops the idle namespace.
+	a2.mustVxnet("detach", "net1", "web")
+	eventually(t, 5*time.Second, "host1 forgets web", func() error {
+		out, _ := a1.inNS(ns, "ip", "neigh", "show", "dev", "vxlan1")
+		if strings.Contains(out, "10.0.0.3") {
+			return fmt.Errorf("neighbor still there: %s", out)
+		}
+		out, _ = a1.inNS(ns, "bridge", "fdb", "show", "dev", "vxlan1")
+		if strings.Contains(out, "02:42:0a:00:00:03") {
+			return fmt.Errorf("fdb entry still there: %s", out)
+		}
+		return nil
+	})
+	if slices.Contains(a2.overlayNamespaces(), ns) {
+		t.Errorf("host2 kept net1's namespace after its last endpoint left")
+	}
+	if out, _ := testnet.Exec(c2, "ip", "link"); strings.Contains(out, "eth0") {
+		t.Errorf("c2 still has eth0 after detach:\n%s", out)
+	}
+
+	// Tear everything down; every host removes its namespaces.
+	a1.mustVxnet("detach", "net1", c1)
+	a1.mustVxnet("detach", "net2", c1)
+	a2.mustVxnet("detach", "net2", c3)
+	a3.mustVxnet("network", "rm", "net1", "net2")
+	for _, a := range c.agents {
+		eventually(t, 5*time.Second, a.node+" has no namespaces", func() error {
+			if got := a.overlayNamespaces(); len(got) > 0 {
+				return fmt.Errorf("%v", got)
+			}
+			return nil
+		})
+	}
+	a1.jsonOut(&nets, "network", "ls")
+	if len(nets) != 0 {
+		t.Errorf("networks left: %+v", nets)
+	}
+}
+
+// Bad input is refused with a message naming the problem, and leaves no
+// trace: no interface, no address, no record.
+func TestAttachRefusals(t *testing.T) {
+	c := newCluster(t, 1)
+	a := c.agents[0]
+	a.mustVxnet("network", "create", "n", "--subnet", "10.9.0.0/29")
+	ctr := c.net.AddNS("ctr")
+	a.mustVxnet("attach", "n", ctr, "--name", "first")
+
+	other := c.net.AddNS("other")
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"attach", "nope", other}, `network "nope" not found`},
+		{[]string{"attach", "n", "/nonexistent/ns"}, "/nonexistent/ns"},
+		{[]string{"attach", "n", "/etc/hostname"}, "not a network namespace"},
+		{[]string{"attach", "n", "/proc/self/ns/net"}, "agent's own"},
+		{[]string{"attach", "n", other, "--ip", "10.9.1.5"}, "10.9.1.5"},
+		{[]string{"attach", "n", other, "--ip", "10.9.0.1"}, "gateway"},
+		{[]string{"attach", "n", other, "--ip", "10.9.0.2"}, "10.9.0.2"},
+		{[]string{"attach", "n", other, "--ip", "banana"}, "banana"},
+		{[]string{"attach", "n", other, "--name", "first"}, "already exists"},
+		{[]string{"attach", "n", other, "--name", "bad/name"}, "bad/name"},
+		{[]string{"attach", "n", ctr, "--name", "again"}, "already attached"},
+		{[]string{"network", "create", "n"}, "already exists"},
+		{[]string{"network", "create", "m", "--subnet", "10.9.0.0/24"}, "10.9.0.0"},
+		{[]string{"network", "create", "m", "--subnet", "10.8.0.0/31"}, "/31"},
+		{[]string{"network", "create", "m", "--subnet", "nonsense"}, "nonsense"},
+		{[]string{"network", "create", "m", "--vni", "99999999"}, "99999999"},
+		{[]string{"network", "create", "m", "--mtu", "100"}, "mtu"},
+		{[]string{"detach", "n", "ghost"}, "not found"},
+		{[]string{"network", "inspect", "ghost"}, "not found"},
+		{[]string{"-o", "yaml", "network", "ls"}, "yaml"},
+	}
+	for _, tc := range cases {
+		out, err := a.vxnet(tc.args...)
+		if err == nil {
+			t.Errorf("vxnet %s: succeeded, want error containing %q", strings.Join(tc.args, " "), tc.want)
+			continue
+		}
+		if !strings.Contains(out, tc.want) {
+			t.Errorf("vxnet %s: error %q does not mention %q", strings.Join(tc.args, " "), strings.TrimSpace(out), tc.want)
+		}
+	}
+	// Nothing leaked: "other" has no interface, the pool still has room
+	// for exactly the addresses that were free before (.3 .. .6).
+	if out, _ := testnet.Exec(other, "ip", "-o", "link"); strings.Contains(out, "eth") {
+		t.Errorf("failed attaches left an interface in %s:\n%s", other, out)
+	}
+	var eps []api.Endpoint
+	a.jsonOut(&eps, "endpoint", "ls")
+	if len(eps) != 1 {
+		t.Errorf("endpoints after refusals: %+v", eps)
+	}
+	var got []string
+	for i := range 5 {
+		ns := c.net.AddNS(fmt.Sprintf("fill%d", i))
+		var e api.Endpoint
+		out, err := a.vxnet("-o", "json", "attach", "n", ns)
+		if err != nil {
+			if i == 4 && strings.Contains(out, "no free") {
+				break
+			}
+			t.Fatalf("attach fill%d: %v %s", i, err, out)
+		}
+		_ = jsonDecode(out, &e)
+		got = append(got, e.IP)
+	}
+	if want := []string{"10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"}; !slices.Equal(got, want) {
+		t.Errorf("addresses after refusals: %v, want %v", got, want)
+	}
+}
+
+// With no Consul the agent uses its embedded store: a single host works on
+// its own.
+func TestEmbeddedStoreSingleHost(t *testing.T) {
+	tn := testnet.New(t)
+	h := tn.AddHost("solo")
+	a := startAgent(t, h, "solo", "")
+	a.mustVxnet("network", "create", "local")
+	c1, c2 := tn.AddNS("l1"), tn.AddNS("l2")
+	a.mustVxnet("attach", "local", c1)
+	var e2 api.Endpoint
+	a.jsonOut(&e2, "attach", "local", c2)
+	if err := testnet.Ping(c1, e2.IP); err != nil {
+		t.Fatal(err)
+	}
+	out := a.mustVxnet("status")
+	if !strings.Contains(out, "reachable") || !strings.Contains(out, "file://") && !strings.Contains(out, "Store:") {
+		t.Errorf("status:\n%s", out)
+	}
+}
+
+// An agent that is not running gives a clear error quickly.
+func TestCLIUnreachableAgent(t *testing.T) {
+	start := time.Now()
+	out, err := exec.Command(binDir+"/vxnet", "-H", "unix:///nonexistent/vxnet.sock", "network", "ls").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "cannot reach vxnetd") {
+		t.Fatalf("err %v, out %s", err, out)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("took %s", d)
+	}
+}

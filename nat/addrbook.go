@@ -1,0 +1,178 @@
+package nat
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+)
+
+// ErrAddrExhausted says every usable address of the subnet is taken.
+var ErrAddrExhausted = errors.New("gateway subnet exhausted")
+
+// AddrBook hands out gateway addresses on one host. Gateway addresses only
+// need to be unique per host (each host has its own bridge and NATs them
+// away), so they are allocated locally instead of through the cluster store,
+// and persisted so that a restarted agent neither reuses an address still
+// held by a running container nor forgets one it handed out.
+//
+// One process owns a book file; concurrent use within the process is safe.
+type AddrBook struct {
+	path     string
+	subnet   netip.Prefix
+	reserved netip.Addr
+
+	mu     sync.Mutex
+	owners map[string]netip.Addr
+}
+
+type addrBookFile struct {
+	Subnet string            `json:"subnet"`
+	Owners map[string]string `json:"owners"`
+}
+
+// OpenAddrBook loads the book at path, or starts an empty one if the file
+// does not exist yet. reserved (normally the gateway address) is never
+// handed out, nor are the subnet's network and broadcast addresses.
+func OpenAddrBook(path string, subnet netip.Prefix, reserved netip.Addr) (*AddrBook, error) {
+	if !subnet.IsValid() || !subnet.Addr().Is4() {
+		return nil, fmt.Errorf("nat: open address book %s: subnet %s is not a valid IPv4 prefix", path, subnet)
+	}
+	subnet = subnet.Masked()
+	b := &AddrBook{path: path, subnet: subnet, reserved: reserved, owners: map[string]netip.Addr{}}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return b, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("nat: open address book: %w", err)
+	}
+	var f addrBookFile
+	if err := json.Unmarshal(data, &f); err != nil {
+		return nil, fmt.Errorf("nat: parse address book %s: %w", path, err)
+	}
+	// A book written for another subnet holds addresses containers of the
+	// new subnet could not use; refuse rather than silently forget them.
+	if f.Subnet != "" && f.Subnet != subnet.String() {
+		return nil, fmt.Errorf("nat: address book %s is for subnet %s, not %s", path, f.Subnet, subnet)
+	}
+	seen := map[netip.Addr]string{}
+	for owner, s := range f.Owners {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("nat: address book %s: owner %q: %w", path, owner, err)
+		}
+		if !b.usable(a) {
+			return nil, fmt.Errorf("nat: address book %s: owner %q holds unusable address %s", path, owner, a)
+		}
+		if prev, dup := seen[a]; dup {
+			return nil, fmt.Errorf("nat: address book %s: %s held by both %q and %q", path, a, prev, owner)
+		}
+		seen[a] = owner
+		b.owners[owner] = a
+	}
+	return b, nil
+}
+
+func (b *AddrBook) usable(a netip.Addr) bool {
+	return b.subnet.Contains(a) && a != b.subnet.Addr() && a != lastAddr(b.subnet) && a != b.reserved
+}
+
+// Allocate returns owner's address, allocating the lowest free one if it has
+// none. The allocation is on disk before it is returned.
+func (b *AddrBook) Allocate(owner string) (netip.Addr, error) {
+	if owner == "" {
+		return netip.Addr{}, errors.New("nat: allocate gateway address: empty owner")
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if a, ok := b.owners[owner]; ok {
+		return a, nil
+	}
+	used := make(map[netip.Addr]bool, len(b.owners))
+	for _, a := range b.owners {
+		used[a] = true
+	}
+	for a := b.subnet.Addr().Next(); b.subnet.Contains(a); a = a.Next() {
+		if !b.usable(a) || used[a] {
+			continue
+		}
+		b.owners[owner] = a
+		if err := b.save(); err != nil {
+			delete(b.owners, owner)
+			return netip.Addr{}, fmt.Errorf("nat: allocate gateway address for %q: %w", owner, err)
+		}
+		return a, nil
+	}
+	return netip.Addr{}, fmt.Errorf("nat: allocate gateway address for %q in %s: %w", owner, b.subnet, ErrAddrExhausted)
+}
+
+// Release frees owner's address; an unknown owner is fine.
+func (b *AddrBook) Release(owner string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	a, ok := b.owners[owner]
+	if !ok {
+		return nil
+	}
+	delete(b.owners, owner)
+	if err := b.save(); err != nil {
+		b.owners[owner] = a
+		return fmt.Errorf("nat: release gateway address of %q: %w", owner, err)
+	}
+	return nil
+}
+
+// Owners returns a copy of the allocations.
+func (b *AddrBook) Owners() map[string]netip.Addr {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return maps.Clone(b.owners)
+}
+
+// save writes the book atomically: a crash leaves either the old or the new
+// file, never a truncated one that would make the agent forget addresses.
+func (b *AddrBook) save() error {
+	f := addrBookFile{Subnet: b.subnet.String(), Owners: make(map[string]string, len(b.owners))}
+	for o, a := range b.owners {
+		f.Owners[o] = a.String()
+	}
+	data, err := json.MarshalIndent(f, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode address book: %w", err)
+	}
+	dir := filepath.Dir(b.path)
+	tmp, err := os.CreateTemp(dir, filepath.Base(b.path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write address book: %w", err)
+	}
+	defer os.Remove(tmp.Name()) // no-op after a successful rename
+	if _, err := tmp.Write(append(data, '\n')); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write address book %s: %w", tmp.Name(), err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("sync address book %s: %w", tmp.Name(), err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("close address book %s: %w", tmp.Name(), err)
+	}
+	if err := os.Rename(tmp.Name(), b.path); err != nil {
+		return fmt.Errorf("replace address book %s: %w", b.path, err)
+	}
+	// The rename is only durable once the directory entry is.
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("open address book directory %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync address book directory %s: %w", dir, err)
+	}
+	return nil
+}

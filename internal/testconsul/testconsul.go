@@ -1,0 +1,211 @@
+// Package testconsul runs a throwaway Consul server for tests: on free
+// loopback ports (or a given address, inside a given network namespace),
+// stopped when the test ends.
+package testconsul
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Server is one running Consul.
+type Server struct {
+	t       testing.TB
+	bin     string
+	addr    string
+	netns   string
+	persist bool
+	dataDir string
+	ports   map[string]int
+	logPath string
+	cmd     *exec.Cmd
+	done    chan struct{}
+}
+
+// Option changes how the server starts.
+type Option func(*Server)
+
+// WithPersistence runs a real server (-server -bootstrap-expect 1) with a
+// data dir kept across Restart, instead of -dev.
+func WithPersistence() Option { return func(s *Server) { s.persist = true } }
+
+// WithAddr binds the server to ip instead of 127.0.0.1.
+func WithAddr(ip string) Option { return func(s *Server) { s.addr = ip } }
+
+// WithNetNS runs the server inside the network namespace at path.
+func WithNetNS(path string) Option { return func(s *Server) { s.netns = path } }
+
+// Binary finds the Consul binary: $CONSUL_BIN, else the cache that
+// scripts/install-consul.sh fills.
+func Binary() string {
+	if b := os.Getenv("CONSUL_BIN"); b != "" {
+		return b
+	}
+	home, _ := os.UserHomeDir()
+	cache := os.Getenv("XDG_CACHE_HOME")
+	if cache == "" {
+		cache = filepath.Join(home, ".cache")
+	}
+	return filepath.Join(cache, "vxnet", "consul-v1.14.11")
+}
+
+// Start runs a Consul server for the test and waits for its leader.
+func Start(t testing.TB, opts ...Option) *Server {
+	t.Helper()
+	s := &Server{t: t, bin: Binary(), addr: "127.0.0.1", ports: map[string]int{}}
+	for _, o := range opts {
+		o(s)
+	}
+	if _, err := os.Stat(s.bin); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("no Consul binary at %s: run scripts/install-consul.sh (CI must run the Consul tests)", s.bin)
+		}
+		t.Skipf("no Consul binary at %s: run scripts/install-consul.sh or set CONSUL_BIN", s.bin)
+	}
+	dir, err := os.MkdirTemp("", "vxnet-consul-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.dataDir = filepath.Join(dir, "data")
+	s.logPath = filepath.Join(dir, "consul.log")
+	for _, name := range []string{"http", "serf_lan", "serf_wan", "server"} {
+		s.ports[name] = freePort(t)
+	}
+	t.Cleanup(func() {
+		s.Stop()
+		if t.Failed() {
+			t.Logf("consul log tail:\n%s", s.logTail())
+		}
+		os.RemoveAll(dir)
+	})
+	s.start()
+	return s
+}
+
+// freePort asks the kernel for a free TCP port on loopback. Ports are only
+// unique per namespace, so the same number is free in a test's own
+// namespace too.
+func freePort(t testing.TB) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func (s *Server) start() {
+	s.t.Helper()
+	args := []string{"agent", "-bind", s.addr, "-client", s.addr, "-advertise", s.addr,
+		"-http-port", fmt.Sprint(s.ports["http"]), "-serf-lan-port", fmt.Sprint(s.ports["serf_lan"]),
+		"-serf-wan-port", fmt.Sprint(s.ports["serf_wan"]), "-server-port", fmt.Sprint(s.ports["server"]),
+		"-dns-port", "-1", "-grpc-port", "-1", "-log-level", "warn", "-disable-host-node-id"}
+	if s.persist {
+		args = append(args, "-server", "-bootstrap-expect", "1", "-data-dir", s.dataDir, "-node", "vxnet-test")
+	} else {
+		args = append(args, "-dev")
+	}
+	name := s.bin
+	if s.netns != "" {
+		args = append([]string{"--net=" + s.netns, s.bin}, args...)
+		name = "nsenter"
+	}
+	logf, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	s.cmd = exec.Command(name, args...)
+	s.cmd.Stdout, s.cmd.Stderr = logf, logf
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := s.cmd.Start(); err != nil {
+		logf.Close()
+		s.t.Fatalf("start consul: %v", err)
+	}
+	s.done = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { cmd.Wait(); logf.Close(); close(done) }(s.cmd, s.done)
+	if err := s.waitLeader(30 * time.Second); err != nil {
+		s.t.Fatalf("consul: %v\n%s", err, s.logTail())
+	}
+}
+
+// waitLeader polls /v1/status/leader. From outside the server's namespace
+// the address is not reachable, so the check runs curl inside it.
+func (s *Server) waitLeader(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	url := "http://" + s.Addr() + "/v1/status/leader"
+	for time.Now().Before(deadline) {
+		select {
+		case <-s.done:
+			return fmt.Errorf("consul exited")
+		default:
+		}
+		var body string
+		if s.netns == "" {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+			if resp, err := http.DefaultClient.Do(req); err == nil {
+				b := make([]byte, 256)
+				n, _ := resp.Body.Read(b)
+				body = string(b[:n])
+				resp.Body.Close()
+			}
+			cancel()
+		} else {
+			out, _ := exec.Command("nsenter", "--net="+s.netns, "curl", "-sf", "-m", "1", url).Output()
+			body = string(out)
+		}
+		if strings.Contains(body, ":") {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("no leader after %s", timeout)
+}
+
+// Addr is host:port of the HTTP API.
+func (s *Server) Addr() string { return net.JoinHostPort(s.addr, fmt.Sprint(s.ports["http"])) }
+
+// URL is a vxnet store URL for this server.
+func (s *Server) URL(prefix string) string {
+	return "consul://" + s.Addr() + "/" + strings.Trim(prefix, "/")
+}
+
+// Stop ends the server (SIGTERM, then SIGKILL after 5s).
+func (s *Server) Stop() {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.done:
+	case <-time.After(5 * time.Second):
+		s.cmd.Process.Kill()
+		<-s.done
+	}
+	s.cmd = nil
+}
+
+// Restart stops and starts the server on the same ports and data dir.
+func (s *Server) Restart() {
+	s.t.Helper()
+	s.Stop()
+	s.start()
+}
+
+func (s *Server) logTail() string {
+	data, _ := os.ReadFile(s.logPath)
+	lines := strings.Split(string(data), "\n")
+	if len(lines) > 30 {
+		lines = lines[len(lines)-30:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,348 @@
+package kvstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// ConsulConfig configures the Consul backend.
+type ConsulConfig struct {
+	Address       string // host:port of the HTTP API
+	Prefix        string // key prefix, default "vxnet/"
+	Scheme        string // http or https
+	Token         string
+	CAFile        string
+	CertFile      string
+	KeyFile       string
+	TLSServerName string
+	// Timeout bounds every non-blocking request (default 5s), so that a
+	// dead Consul fails a CLI command in seconds rather than hanging it.
+	Timeout time.Duration
+}
+
+// maxTxnOps is Consul's limit of operations in one transaction.
+const maxTxnOps = 64
+
+// watchWait is how long one blocking query waits for a change.
+const watchWait = 30 * time.Second
+
+type consulStore struct {
+	kv      *api.KV
+	session *api.Session
+	prefix  string
+	timeout time.Duration
+}
+
+// NewConsul connects to a Consul agent or server. It does not contact it:
+// the first request does.
+func NewConsul(cfg ConsulConfig) (Store, error) {
+	if cfg.Address == "" {
+		return nil, errors.New("consul: address is required")
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = "vxnet/"
+	}
+	if !strings.HasSuffix(cfg.Prefix, "/") {
+		cfg.Prefix += "/"
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 5 * time.Second
+	}
+	c := api.DefaultNonPooledConfig()
+	c.Address = cfg.Address
+	if cfg.Scheme != "" {
+		c.Scheme = cfg.Scheme
+	}
+	c.Token = cfg.Token
+	c.TLSConfig = api.TLSConfig{Address: cfg.TLSServerName, CAFile: cfg.CAFile, CertFile: cfg.CertFile, KeyFile: cfg.KeyFile}
+	if cfg.CAFile != "" || cfg.CertFile != "" {
+		if cfg.Scheme == "" {
+			c.Scheme = "https"
+		}
+	}
+	tr, err := api.SetupTLSConfig(&c.TLSConfig)
+	if err != nil {
+		return nil, fmt.Errorf("consul tls: %w", err)
+	}
+	transport := c.Transport
+	transport.TLSClientConfig = tr
+	transport.ResponseHeaderTimeout = watchWait + 15*time.Second
+	transport.MaxIdleConnsPerHost = 16
+	c.HttpClient = &http.Client{Transport: transport}
+	client, err := api.NewClient(c)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: %w", err)
+	}
+	return &consulStore{kv: client.KV(), session: client.Session(), prefix: cfg.Prefix, timeout: cfg.Timeout}, nil
+}
+
+func (s *consulStore) q(ctx context.Context) (*api.QueryOptions, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	return (&api.QueryOptions{}).WithContext(ctx), cancel
+}
+
+func (s *consulStore) w(ctx context.Context) (*api.WriteOptions, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	return (&api.WriteOptions{}).WithContext(ctx), cancel
+}
+
+// unavailable marks transport and server errors, so that callers can tell
+// "the store said no" from "the store did not answer".
+func unavailable(op, key string, err error) error {
+	return fmt.Errorf("consul %s %s: %w: %v", op, key, ErrUnavailable, err)
+}
+
+func (s *consulStore) pair(p *api.KVPair) *KV {
+	return &KV{Key: strings.TrimPrefix(p.Key, s.prefix), Value: p.Value, ModifyIndex: p.ModifyIndex, Session: p.Session}
+}
+
+func (s *consulStore) Get(ctx context.Context, key string) (*KV, error) {
+	q, cancel := s.q(ctx)
+	defer cancel()
+	p, _, err := s.kv.Get(s.prefix+key, q)
+	if err != nil {
+		return nil, unavailable("get", key, err)
+	}
+	if p == nil {
+		return nil, fmt.Errorf("%s: %w", key, ErrNotFound)
+	}
+	return s.pair(p), nil
+}
+
+func (s *consulStore) List(ctx context.Context, prefix string) ([]*KV, uint64, error) {
+	q, cancel := s.q(ctx)
+	defer cancel()
+	ps, meta, err := s.kv.List(s.prefix+prefix, q)
+	if err != nil {
+		return nil, 0, unavailable("list", prefix, err)
+	}
+	out := make([]*KV, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, s.pair(p))
+	}
+	return out, meta.LastIndex, nil
+}
+
+func (s *consulStore) Put(ctx context.Context, key string, value []byte) error {
+	w, cancel := s.w(ctx)
+	defer cancel()
+	if _, err := s.kv.Put(&api.KVPair{Key: s.prefix + key, Value: value}, w); err != nil {
+		return unavailable("put", key, err)
+	}
+	return nil
+}
+
+func (s *consulStore) CAS(ctx context.Context, key string, value []byte, index uint64) error {
+	w, cancel := s.w(ctx)
+	defer cancel()
+	ok, _, err := s.kv.CAS(&api.KVPair{Key: s.prefix + key, Value: value, ModifyIndex: index}, w)
+	if err != nil {
+		return unavailable("cas", key, err)
+	}
+	if !ok {
+		return fmt.Errorf("cas %s at index %d: %w", key, index, ErrConflict)
+	}
+	return nil
+}
+
+func (s *consulStore) Delete(ctx context.Context, key string) error {
+	w, cancel := s.w(ctx)
+	defer cancel()
+	if _, err := s.kv.Delete(s.prefix+key, w); err != nil {
+		return unavailable("delete", key, err)
+	}
+	return nil
+}
+
+func (s *consulStore) DeleteCAS(ctx context.Context, key string, index uint64) error {
+	if index == 0 {
+		return fmt.Errorf("delete %s: index 0: %w", key, ErrConflict)
+	}
+	w, cancel := s.w(ctx)
+	defer cancel()
+	ok, _, err := s.kv.DeleteCAS(&api.KVPair{Key: s.prefix + key, ModifyIndex: index}, w)
+	if err != nil {
+		return unavailable("delete-cas", key, err)
+	}
+	if !ok {
+		return fmt.Errorf("delete %s at index %d: %w", key, index, ErrConflict)
+	}
+	return nil
+}
+
+func (s *consulStore) Txn(ctx context.Context, ops []Op) error {
+	if len(ops) == 0 {
+		return nil
+	}
+	if len(ops) > maxTxnOps {
+		return fmt.Errorf("transaction of %d operations: Consul allows at most %d", len(ops), maxTxnOps)
+	}
+	txn := make(api.TxnOps, 0, len(ops))
+	for _, op := range ops {
+		k := &api.KVTxnOp{Key: s.prefix + op.Key, Value: op.Value, Index: op.Index, Session: op.Session}
+		switch op.Kind {
+		case OpPut:
+			k.Verb = api.KVSet
+		case OpCAS:
+			k.Verb = api.KVCAS
+		case OpDelete:
+			k.Verb = api.KVDelete
+		case OpDeleteCAS:
+			k.Verb = api.KVDeleteCAS
+		case OpCheckIndex:
+			k.Verb = api.KVCheckIndex
+			if op.Index == 0 {
+				k.Verb = api.KVCheckNotExists
+			}
+		case OpLock:
+			k.Verb = api.KVLock
+		default:
+			return fmt.Errorf("txn: unknown operation %d on %s", op.Kind, op.Key)
+		}
+		txn = append(txn, &api.TxnOp{KV: k})
+	}
+	q, cancel := s.q(ctx)
+	defer cancel()
+	ok, resp, _, err := s.kv.Txn(kvOps(txn), q)
+	if err != nil {
+		return unavailable("txn", ops[0].Key, err)
+	}
+	if !ok {
+		var msgs []string
+		if resp != nil {
+			for _, e := range resp.Errors {
+				key := ""
+				if e.OpIndex >= 0 && e.OpIndex < len(ops) {
+					key = ops[e.OpIndex].Key
+				}
+				msgs = append(msgs, fmt.Sprintf("%s: %s", key, e.What))
+			}
+		}
+		return fmt.Errorf("txn rolled back (%s): %w", strings.Join(msgs, "; "), ErrConflict)
+	}
+	return nil
+}
+
+func kvOps(ops api.TxnOps) api.KVTxnOps {
+	out := make(api.KVTxnOps, len(ops))
+	for i, op := range ops {
+		out[i] = op.KV
+	}
+	return out
+}
+
+func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
+	ch := make(chan Event, 1)
+	go func() {
+		defer close(ch)
+		var index uint64
+		backoff := 100 * time.Millisecond
+		failing := false
+		for ctx.Err() == nil {
+			qctx, cancel := context.WithTimeout(ctx, watchWait+10*time.Second)
+			q := (&api.QueryOptions{WaitIndex: index, WaitTime: watchWait}).WithContext(qctx)
+			ps, meta, err := s.kv.List(s.prefix+prefix, q)
+			cancel()
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				if !failing {
+					failing = true
+					sendLatest(ch, Event{Err: unavailable("watch", prefix, err)})
+				}
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(backoff):
+				}
+				backoff = min(backoff*2, 5*time.Second)
+				continue
+			}
+			backoff = 100 * time.Millisecond
+			last := meta.LastIndex
+			// An index that went backwards means Consul lost or reset its
+			// state: start over from a full read.
+			changed := failing || index == 0 || last != index
+			if last < index {
+				last = 0
+			}
+			failing = false
+			if last == 0 {
+				last = 1
+			}
+			index = last
+			if !changed {
+				continue
+			}
+			out := make([]*KV, 0, len(ps))
+			for _, p := range ps {
+				out = append(out, s.pair(p))
+			}
+			sendLatest(ch, Event{Pairs: out, Index: meta.LastIndex})
+		}
+	}()
+	return ch
+}
+
+// sendLatest replaces an unread event: a slow consumer gets the newest
+// snapshot and the watcher never blocks. Only the watcher sends on ch.
+func sendLatest(ch chan Event, ev Event) {
+	for {
+		select {
+		case ch <- ev:
+			return
+		default:
+		}
+		select {
+		case <-ch:
+		default:
+		}
+	}
+}
+
+func (s *consulStore) CreateSession(ctx context.Context, name string, ttl time.Duration) (string, error) {
+	w, cancel := s.w(ctx)
+	defer cancel()
+	// LockDelay 0 would mean Consul's default of 15s, during which the
+	// keys of an expired session cannot be locked again: a returning host
+	// would wait that long to republish. 1ms is as good as none.
+	id, _, err := s.session.Create(&api.SessionEntry{Name: name, TTL: ttl.String(), Behavior: api.SessionBehaviorDelete, LockDelay: time.Millisecond}, w)
+	if err != nil {
+		return "", unavailable("create session", name, err)
+	}
+	return id, nil
+}
+
+func (s *consulStore) RenewSession(ctx context.Context, id string) error {
+	w, cancel := s.w(ctx)
+	defer cancel()
+	e, _, err := s.session.Renew(id, w)
+	if err != nil {
+		if strings.Contains(err.Error(), "404") {
+			return fmt.Errorf("session %s: %w", id, ErrNotFound)
+		}
+		return unavailable("renew session", id, err)
+	}
+	if e == nil {
+		return fmt.Errorf("session %s: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+func (s *consulStore) DestroySession(ctx context.Context, id string) error {
+	w, cancel := s.w(ctx)
+	defer cancel()
+	if _, err := s.session.Destroy(id, w); err != nil {
+		return unavailable("destroy session", id, err)
+	}
+	return nil
+}
+
+func (s *consulStore) Close() error { return nil }

@@ -7,7 +7,6 @@ import (
 	"maps"
 	"time"
 
-	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/vtep"
 )

@@ -1,0 +1,390 @@
+// Package ipam hands out subnets, VNIs and addresses, safely across hosts,
+// on top of a kvstore.
+//
+// Key layout (relative to the store prefix; values are JSON with a
+// "version" field):
+//
+//	ipam/networks                 every network's subnet, gateway and VNI in one
+//	                              key, changed by CAS in the same transaction as
+//	                              the caller's network record: network changes are
+//	                              rare, and one key makes the overlap and VNI
+//	                              checks atomic
+//	ipam/addrs/<network-id>/<ip>  one key per address in use, created with a
+//	                              create-only CAS and holding its owner: allocators
+//	                              on different hosts collide only when they pick
+//	                              the same address, never on a shared counter
+package ipam
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/vxnet/vxnet/kvstore"
+)
+
+var (
+	// ErrExhausted: nothing left in the pool, subnet or VNI range.
+	ErrExhausted = errors.New("no free addresses")
+	// ErrInUse: the requested subnet overlaps, or the VNI or address is taken.
+	ErrInUse = errors.New("already in use")
+	// ErrInvalid: the request itself is wrong.
+	ErrInvalid = errors.New("invalid request")
+)
+
+const (
+	networksKey  = "ipam/networks"
+	addrsPrefix  = "ipam/addrs/"
+	valueVersion = 1
+	maxRetries   = 50
+)
+
+// Options configures an Allocator.
+type Options struct {
+	Pool           netip.Prefix // default 10.0.0.0/8
+	SubnetBits     int          // default 24
+	VNIMin, VNIMax uint32       // default 256, 16777215
+}
+
+// NetworkRequest asks for a network; zero fields are chosen.
+type NetworkRequest struct {
+	Subnet  netip.Prefix
+	Gateway netip.Addr
+	VNI     uint32
+}
+
+// NetworkLease is what a network holds.
+type NetworkLease struct {
+	Subnet  netip.Prefix `json:"subnet"`
+	Gateway netip.Addr   `json:"gateway"`
+	VNI     uint32       `json:"vni"`
+}
+
+// AddrOwner says who holds an address.
+type AddrOwner struct {
+	Node     string `json:"node"`
+	Endpoint string `json:"endpoint"`
+}
+
+type registry struct {
+	Version  int                     `json:"version"`
+	Networks map[string]NetworkLease `json:"networks"`
+}
+
+type addrValue struct {
+	Version int `json:"version"`
+	AddrOwner
+}
+
+// Allocator allocates through a store.
+type Allocator struct {
+	store kvstore.Store
+	opts  Options
+}
+
+// New makes an allocator.
+func New(store kvstore.Store, opts Options) *Allocator {
+	if !opts.Pool.IsValid() {
+		opts.Pool = netip.MustParsePrefix("10.0.0.0/8")
+	}
+	if opts.SubnetBits == 0 {
+		opts.SubnetBits = 24
+	}
+	if opts.VNIMin == 0 {
+		opts.VNIMin = 256
+	}
+	if opts.VNIMax == 0 {
+		opts.VNIMax = 1<<24 - 1
+	}
+	return &Allocator{store: store, opts: opts}
+}
+
+func (a *Allocator) readRegistry(ctx context.Context) (*registry, uint64, error) {
+	kv, err := a.store.Get(ctx, networksKey)
+	if errors.Is(err, kvstore.ErrNotFound) {
+		return &registry{Version: valueVersion, Networks: map[string]NetworkLease{}}, 0, nil
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("read %s: %w", networksKey, err)
+	}
+	var r registry
+	if err := json.Unmarshal(kv.Value, &r); err != nil || r.Version != valueVersion {
+		return nil, 0, fmt.Errorf("read %s: unreadable value (version %d): %v", networksKey, r.Version, err)
+	}
+	if r.Networks == nil {
+		r.Networks = map[string]NetworkLease{}
+	}
+	return &r, kv.ModifyIndex, nil
+}
+
+// plan picks a lease for req against the existing networks.
+func (a *Allocator) plan(req NetworkRequest, nets map[string]NetworkLease) (NetworkLease, error) {
+	var l NetworkLease
+	var taken []netip.Prefix
+	vnis := map[uint32]bool{}
+	for _, n := range nets {
+		taken = append(taken, n.Subnet)
+		vnis[n.VNI] = true
+	}
+	if req.Subnet.IsValid() {
+		if err := ValidateSubnet(req.Subnet); err != nil {
+			return l, err
+		}
+		for id, n := range nets {
+			if n.Subnet.Overlaps(req.Subnet) {
+				return l, fmt.Errorf("subnet %s overlaps %s of network %s: %w", req.Subnet, n.Subnet, short(id), ErrInUse)
+			}
+		}
+		l.Subnet = req.Subnet
+	} else {
+		s, err := firstFreeSubnet(a.opts.Pool, a.opts.SubnetBits, taken)
+		if err != nil {
+			return l, err
+		}
+		l.Subnet = s
+	}
+	if req.Gateway.IsValid() {
+		if err := validateHost(l.Subnet, req.Gateway, "gateway"); err != nil {
+			return l, err
+		}
+		l.Gateway = req.Gateway
+	} else {
+		first, _ := hostRange(l.Subnet)
+		l.Gateway = addr(first)
+	}
+	if req.VNI != 0 {
+		if req.VNI > 1<<24-1 {
+			return l, fmt.Errorf("vni %d is out of range 1..16777215: %w", req.VNI, ErrInvalid)
+		}
+		if vnis[req.VNI] {
+			return l, fmt.Errorf("vni %d: %w", req.VNI, ErrInUse)
+		}
+		l.VNI = req.VNI
+	} else {
+		v, err := pickVNI(a.opts.VNIMin, a.opts.VNIMax, vnis)
+		if err != nil {
+			return l, err
+		}
+		l.VNI = v
+	}
+	return l, nil
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+// backoff sleeps a little, more after more conflicts, with jitter so that
+// competing allocators do not retry in step.
+func backoff(ctx context.Context, try int) error {
+	d := time.Duration(rand.Int64N(int64(time.Millisecond)*int64(min(try+1, 20)))) + time.Millisecond
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// AllocateNetwork reserves a subnet and VNI for network id, committing the
+// caller's ops (its network record) in the same transaction.
+func (a *Allocator) AllocateNetwork(ctx context.Context, id string, req NetworkRequest, extra func(NetworkLease) ([]kvstore.Op, error)) (NetworkLease, error) {
+	for try := 0; ; try++ {
+		reg, idx, err := a.readRegistry(ctx)
+		if err != nil {
+			return NetworkLease{}, err
+		}
+		if _, ok := reg.Networks[id]; ok {
+			return NetworkLease{}, fmt.Errorf("network %s already has a reservation: %w", short(id), ErrInUse)
+		}
+		l, err := a.plan(req, reg.Networks)
+		if err != nil {
+			return NetworkLease{}, err
+		}
+		var ops []kvstore.Op
+		if extra != nil {
+			if ops, err = extra(l); err != nil {
+				return NetworkLease{}, err
+			}
+		}
+		reg.Networks[id] = l
+		data, _ := json.Marshal(reg)
+		err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCAS, Key: networksKey, Value: data, Index: idx}}, ops...))
+		if err == nil {
+			return l, nil
+		}
+		if !errors.Is(err, kvstore.ErrConflict) {
+			return NetworkLease{}, fmt.Errorf("reserve network %s: %w", short(id), err)
+		}
+		// If the registry did not move, the caller's own ops failed: no
+		// retry can fix that.
+		if _, now, rerr := a.readRegistry(ctx); rerr == nil && now == idx {
+			return NetworkLease{}, fmt.Errorf("reserve network %s: %w", short(id), err)
+		}
+		if try >= maxRetries {
+			return NetworkLease{}, fmt.Errorf("reserve network %s: too much contention: %w", short(id), err)
+		}
+		if err := backoff(ctx, try); err != nil {
+			return NetworkLease{}, err
+		}
+	}
+}
+
+// ReleaseNetwork drops a network's reservation together with the caller's
+// ops, then its address keys (Consul's transactions are limited to 64
+// operations, so those are deleted after the commit; a leftover address
+// key of a removed network is harmless and deleted again next time).
+func (a *Allocator) ReleaseNetwork(ctx context.Context, id string, extra []kvstore.Op) error {
+	for try := 0; ; try++ {
+		reg, idx, err := a.readRegistry(ctx)
+		if err != nil {
+			return err
+		}
+		delete(reg.Networks, id)
+		data, _ := json.Marshal(reg)
+		err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCAS, Key: networksKey, Value: data, Index: idx}}, extra...))
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, kvstore.ErrConflict) {
+			return fmt.Errorf("release network %s: %w", short(id), err)
+		}
+		if _, now, rerr := a.readRegistry(ctx); rerr == nil && now == idx {
+			return fmt.Errorf("release network %s: %w", short(id), err)
+		}
+		if try >= maxRetries {
+			return fmt.Errorf("release network %s: too much contention: %w", short(id), err)
+		}
+		if err := backoff(ctx, try); err != nil {
+			return err
+		}
+	}
+	pairs, _, err := a.store.List(ctx, addrsPrefix+id+"/")
+	if err != nil {
+		return fmt.Errorf("release addresses of %s: %w", short(id), err)
+	}
+	for _, kv := range pairs {
+		if err := a.store.Delete(ctx, kv.Key); err != nil {
+			return fmt.Errorf("release addresses of %s: %w", short(id), err)
+		}
+	}
+	return nil
+}
+
+// Networks returns every reservation.
+func (a *Allocator) Networks(ctx context.Context) (map[string]NetworkLease, error) {
+	reg, _, err := a.readRegistry(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return reg.Networks, nil
+}
+
+func addrKey(netID string, ip netip.Addr) string { return addrsPrefix + netID + "/" + ip.String() }
+
+// Addrs lists the addresses held in a network and their owners.
+func (a *Allocator) Addrs(ctx context.Context, netID string) (map[netip.Addr]AddrOwner, error) {
+	pairs, _, err := a.store.List(ctx, addrsPrefix+netID+"/")
+	if err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	out := make(map[netip.Addr]AddrOwner, len(pairs))
+	for _, kv := range pairs {
+		ip, err := netip.ParseAddr(kv.Key[strings.LastIndex(kv.Key, "/")+1:])
+		if err != nil {
+			continue // not ours
+		}
+		var v addrValue
+		if json.Unmarshal(kv.Value, &v) != nil {
+			continue
+		}
+		out[ip] = v.AddrOwner
+	}
+	return out, nil
+}
+
+// AllocateAddr reserves want if given, else the lowest free address. On
+// a collision with another allocator it moves on to a randomly later free
+// address, so that many allocators spread out rather than all retrying the
+// same one.
+func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLease, want netip.Addr, owner AddrOwner) (netip.Addr, error) {
+	data, _ := json.Marshal(addrValue{Version: valueVersion, AddrOwner: owner})
+	if want.IsValid() {
+		if err := validateAddr(l, want); err != nil {
+			return netip.Addr{}, err
+		}
+		err := a.store.CAS(ctx, addrKey(netID, want), data, 0)
+		if errors.Is(err, kvstore.ErrConflict) {
+			return netip.Addr{}, fmt.Errorf("address %s: %w", want, ErrInUse)
+		}
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("reserve %s: %w", want, err)
+		}
+		return want, nil
+	}
+	var taken map[netip.Addr]bool
+	conflicts := 0
+	for try := 0; try < 4*maxRetries; try++ {
+		if taken == nil || conflicts%4 == 3 {
+			held, err := a.Addrs(ctx, netID)
+			if err != nil {
+				return netip.Addr{}, err
+			}
+			taken = make(map[netip.Addr]bool, len(held))
+			for ip := range held {
+				taken[ip] = true
+			}
+		}
+		skip := 0
+		if conflicts > 0 {
+			skip = rand.IntN(2 * conflicts * conflicts)
+		}
+		ip, ok := pickAddr(l, taken, skip)
+		if !ok {
+			return netip.Addr{}, fmt.Errorf("subnet %s: %w", l.Subnet, ErrExhausted)
+		}
+		err := a.store.CAS(ctx, addrKey(netID, ip), data, 0)
+		if err == nil {
+			return ip, nil
+		}
+		if !errors.Is(err, kvstore.ErrConflict) {
+			return netip.Addr{}, fmt.Errorf("reserve %s: %w", ip, err)
+		}
+		taken[ip] = true
+		conflicts++
+	}
+	return netip.Addr{}, fmt.Errorf("subnet %s: too much contention", l.Subnet)
+}
+
+// ReleaseAddr frees ip if owner holds it.
+func (a *Allocator) ReleaseAddr(ctx context.Context, netID string, ip netip.Addr, owner AddrOwner) error {
+	for try := 0; try < maxRetries; try++ {
+		kv, err := a.store.Get(ctx, addrKey(netID, ip))
+		if errors.Is(err, kvstore.ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("release %s: %w", ip, err)
+		}
+		var v addrValue
+		if err := json.Unmarshal(kv.Value, &v); err != nil || v.AddrOwner != owner {
+			return fmt.Errorf("release %s: held by %s/%s, not %s/%s: %w", ip, v.Node, v.Endpoint, owner.Node, owner.Endpoint, ErrInUse)
+		}
+		err = a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, kvstore.ErrConflict) {
+			return fmt.Errorf("release %s: %w", ip, err)
+		}
+	}
+	return fmt.Errorf("release %s: too much contention", ip)
+}

@@ -164,16 +164,13 @@ func (s *consulStore) DeleteCAS(ctx context.Context, key string, index uint64) e
 	if index == 0 {
 		return fmt.Errorf("delete %s: index 0: %w", key, ErrConflict)
 	}
-	w, cancel := s.w(ctx)
-	defer cancel()
-	ok, _, err := s.kv.DeleteCAS(&api.KVPair{Key: s.prefix + key, ModifyIndex: index}, w)
-	if err != nil {
-		return unavailable("delete-cas", key, err)
-	}
-	if !ok {
+	// Consul's own delete-cas succeeds on a missing key; a check-index in
+	// the same transaction makes "absent" a conflict, as the interface says.
+	err := s.Txn(ctx, []Op{{Kind: OpCheckIndex, Key: key, Index: index}, {Kind: OpDelete, Key: key}})
+	if errors.Is(err, ErrConflict) {
 		return fmt.Errorf("delete %s at index %d: %w", key, index, ErrConflict)
 	}
-	return nil
+	return err
 }
 
 func (s *consulStore) Txn(ctx context.Context, ops []Op) error {

@@ -20,9 +20,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vxnet/vxnet/kvstore"
@@ -85,6 +87,13 @@ type addrValue struct {
 type Allocator struct {
 	store kvstore.Store
 	opts  Options
+
+	// known caches, per network, the addresses seen taken, so that an
+	// allocation is one create-only write rather than a list of the whole
+	// network first. A stale cache costs a conflict, never a duplicate:
+	// the create-only write decides.
+	mu    sync.Mutex
+	known map[string]map[netip.Addr]bool
 }
 
 // New makes an allocator.
@@ -101,7 +110,7 @@ func New(store kvstore.Store, opts Options) *Allocator {
 	if opts.VNIMax == 0 {
 		opts.VNIMax = 1<<24 - 1
 	}
-	return &Allocator{store: store, opts: opts}
+	return &Allocator{store: store, opts: opts, known: map[string]map[netip.Addr]bool{}}
 }
 
 func (a *Allocator) readRegistry(ctx context.Context) (*registry, uint64, error) {
@@ -330,10 +339,12 @@ func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLea
 		}
 		return want, nil
 	}
-	var taken map[netip.Addr]bool
 	conflicts := 0
 	for try := 0; try < 4*maxRetries; try++ {
-		if taken == nil || conflicts%4 == 3 {
+		a.mu.Lock()
+		taken := maps.Clone(a.known[netID])
+		a.mu.Unlock()
+		if taken == nil || (conflicts > 0 && conflicts%4 == 0) {
 			held, err := a.Addrs(ctx, netID)
 			if err != nil {
 				return netip.Addr{}, err
@@ -349,19 +360,34 @@ func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLea
 		}
 		ip, ok := pickAddr(l, taken, skip)
 		if !ok {
+			if conflicts < 4 {
+				// The cache may be stale the other way: re-list once.
+				a.forget(netID)
+				conflicts = 4
+				continue
+			}
 			return netip.Addr{}, fmt.Errorf("subnet %s: %w", l.Subnet, ErrExhausted)
 		}
 		err := a.store.CAS(ctx, addrKey(netID, ip), data, 0)
-		if err == nil {
-			return ip, nil
-		}
-		if !errors.Is(err, kvstore.ErrConflict) {
+		if err != nil && !errors.Is(err, kvstore.ErrConflict) {
 			return netip.Addr{}, fmt.Errorf("reserve %s: %w", ip, err)
 		}
 		taken[ip] = true
+		a.mu.Lock()
+		a.known[netID] = taken // a copy: readers clone under the lock
+		a.mu.Unlock()
+		if err == nil {
+			return ip, nil
+		}
 		conflicts++
 	}
 	return netip.Addr{}, fmt.Errorf("subnet %s: too much contention", l.Subnet)
+}
+
+func (a *Allocator) forget(netID string) {
+	a.mu.Lock()
+	delete(a.known, netID)
+	a.mu.Unlock()
 }
 
 // ReleaseAddr frees ip if owner holds it.
@@ -380,6 +406,9 @@ func (a *Allocator) ReleaseAddr(ctx context.Context, netID string, ip netip.Addr
 		}
 		err = a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex)
 		if err == nil {
+			a.mu.Lock()
+			delete(a.known[netID], ip)
+			a.mu.Unlock()
 			return nil
 		}
 		if !errors.Is(err, kvstore.ErrConflict) {

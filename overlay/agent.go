@@ -17,12 +17,14 @@ import (
 	"log/slog"
 	"maps"
 	"net/netip"
+	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/nat"
 	"github.com/vxnet/vxnet/vtep"
 )
 
@@ -44,7 +46,9 @@ type Config struct {
 	// StoreName is shown in status (the store URL without secrets).
 	StoreName string
 	IPAM      ipam.Options
-	Logger    *slog.Logger
+	// Egress configures the gateway bridge and NAT; nil turns egress off.
+	Egress *nat.Config
+	Logger *slog.Logger
 }
 
 // Agent is one host's vxnet agent.
@@ -55,6 +59,9 @@ type Agent struct {
 	ipam  *ipam.Allocator
 	dp    *vtep.Manager
 	state stateDir
+	// egress and gwAddrs are nil when egress is off.
+	egress  *nat.Manager
+	gwAddrs *nat.AddrBook
 
 	// mu serialises every change of the kernel and of the local records:
 	// attach, detach and reconcile never interleave.
@@ -107,6 +114,17 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		endpoints: map[string]*Endpoint{},
 		kick:      make(chan struct{}, 1),
 		started:   time.Now(),
+	}
+	if cfg.Egress != nil {
+		ec := *cfg.Egress
+		ec.Logger = cfg.Logger
+		if a.egress, err = nat.New(ec); err != nil {
+			return nil, fmt.Errorf("egress: %w", err)
+		}
+		gw := a.egress.GatewayAddr()
+		if a.gwAddrs, err = nat.OpenAddrBook(filepath.Join(cfg.StateDir, "gateway-addrs.json"), a.egress.Config().Subnet, gw); err != nil {
+			return nil, fmt.Errorf("egress: %w", err)
+		}
 	}
 	locals, errs := a.state.load()
 	for _, err := range errs {
@@ -284,6 +302,9 @@ func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest)
 			return nil, invalidf("subnet %q is not a CIDR such as 10.1.0.0/24", req.Subnet)
 		}
 		ireq.Subnet = p
+		if a.egress != nil && p.Overlaps(a.egress.Config().Subnet) {
+			return nil, invalidf("subnet %s overlaps the gateway subnet %s", p, a.egress.Config().Subnet)
+		}
 	}
 	if req.Gateway != "" {
 		if req.Subnet == "" {

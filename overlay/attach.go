@@ -151,6 +151,11 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	if err := a.state.save(l); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	// A gateway made here is undone by the rollback's purge: no attached
+	// endpoint of the container needs it then.
+	if _, err := a.ensureGateway(ctx, l); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
 
 	data, _ := json.Marshal(&l.Endpoint)
 	err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: networkKey(network), Index: netIdx}},
@@ -289,6 +294,7 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 		return err
 	}
 	delete(a.locals, l.key())
+	a.dropIdleGateway(ctx, l.NetnsID)
 	return nil
 }
 

@@ -38,6 +38,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			a.syncPeers(ctx, p)
 		}
 	}
+	a.reconcileEgress(ctx)
 	if have, err := a.dp.Networks(); err != nil {
 		a.log.Warn("list network namespaces", "err", err)
 	} else {

@@ -126,11 +126,12 @@ func TestOverlayAcrossHosts(t *testing.T) {
 	if err := testnet.Ping(c1, e3.IP); err == nil {
 		t.Errorf("c1 on net1 reached c3 on net2")
 	}
-	// The same namespace on two networks gets eth1 for the second.
+	// The same namespace on a second network gets the next free ethN:
+	// eth1 is already its gateway interface, as in Docker.
 	var e1b api.Endpoint
 	a1.jsonOut(&e1b, "attach", "net2", c1)
-	if e1b.Interface != "eth1" {
-		t.Errorf("second attach of c1: interface %s, want eth1", e1b.Interface)
+	if e1b.Interface != "eth2" {
+		t.Errorf("second attach of c1: interface %s, want eth2", e1b.Interface)
 	}
 	eventually(t, 5*time.Second, "c1 reaches c3 over net2", func() error { return testnet.Ping(c1, e3.IP) })
 

@@ -27,6 +27,7 @@ import (
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/nat"
 	"github.com/vxnet/vxnet/overlay"
 	"github.com/vxnet/vxnet/vtep"
 )
@@ -34,6 +35,8 @@ import (
 type options struct {
 	store, advertise, node, stateDir, runDir, socket, socketGroup string
 	logLevel, pool                                                string
+	gwBridge, gwSubnet, chainPrefix                               string
+	noEgress, cleanup                                             bool
 	vxlanPort                                                     int
 	resync, nodeTTL                                               time.Duration
 	caFile, certFile, keyFile                                     string
@@ -62,6 +65,11 @@ func parseFlags() (*options, error) {
 	fs.DurationVar(&o.nodeTTL, "node-ttl", 15*time.Second, "store session TTL: a host silent for longer is considered gone (min 10s; Consul may take up to twice this to notice)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.pool, "pool", "10.0.0.0/8", "pool that networks without --subnet get a /24 from")
+	fs.StringVar(&o.gwBridge, "gateway-bridge", nat.DefaultBridge, "host bridge that gives containers their way out (eth1 and the default route)")
+	fs.StringVar(&o.gwSubnet, "gateway-subnet", nat.DefaultSubnet.String(), "subnet of the gateway bridge; the bridge holds its first address")
+	fs.StringVar(&o.chainPrefix, "chain-prefix", nat.DefaultChainPrefix, "prefix of this agent's iptables chains")
+	fs.BoolVar(&o.noEgress, "no-egress", false, "give containers no gateway interface and program no NAT")
+	fs.BoolVar(&o.cleanup, "cleanup", false, "remove the gateway bridge, its interfaces and every iptables rule and chain this agent made, then exit (overlay namespaces and containers' overlay interfaces stay)")
 	fs.StringVar(&o.caFile, "store-ca-file", "", "CA certificate for the store's TLS (env CONSUL_CACERT)")
 	fs.StringVar(&o.certFile, "store-cert-file", "", "client certificate for the store (env CONSUL_CLIENT_CERT)")
 	fs.StringVar(&o.keyFile, "store-key-file", "", "client key for the store (env CONSUL_CLIENT_KEY)")
@@ -117,6 +125,22 @@ func run() error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
 
+	var egress *nat.Config
+	if !o.noEgress || o.cleanup {
+		sub, err := netip.ParsePrefix(o.gwSubnet)
+		if err != nil {
+			return fmt.Errorf("--gateway-subnet %q: %w", o.gwSubnet, err)
+		}
+		egress = &nat.Config{Bridge: o.gwBridge, Subnet: sub, ChainPrefix: o.chainPrefix, Logger: log}
+	}
+	if o.cleanup {
+		return cleanup(*egress, o.stateDir)
+	}
+	if egress != nil {
+		if err := checkGatewaySubnet(egress.Subnet, o.gwBridge); err != nil {
+			return err
+		}
+	}
 	if o.node == "" {
 		if o.node, err = os.Hostname(); err != nil {
 			return fmt.Errorf("node name: %w", err)
@@ -160,7 +184,7 @@ func run() error {
 	agent, err := overlay.New(overlay.Config{
 		Node: o.node, Advertise: addr, StateDir: o.stateDir, NetNSDir: filepath.Join(o.runDir, "netns"),
 		VXLANPort: o.vxlanPort, UnderlayMTU: mtu, ResyncInterval: o.resync, NodeTTL: o.nodeTTL,
-		StoreName: redact(o.store), IPAM: ipam.Options{Pool: pool}, Logger: log,
+		StoreName: redact(o.store), IPAM: ipam.Options{Pool: pool}, Egress: egress, Logger: log,
 	}, store)
 	if err != nil {
 		return err
@@ -200,6 +224,48 @@ func run() error {
 	os.Remove(o.socket)
 	log.Info("vxnetd stopped")
 	return err
+}
+
+// checkGatewaySubnet refuses a gateway subnet that a route of the host
+// already covers (other than the gateway bridge's own).
+func checkGatewaySubnet(sub netip.Prefix, bridge string) error {
+	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list routes: %w", err)
+	}
+	for _, r := range routes {
+		if r.Dst == nil || isDefault(r) {
+			continue
+		}
+		if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil && l.Attrs().Name == bridge {
+			continue
+		}
+		ones, _ := r.Dst.Mask.Size()
+		ip, _ := netip.AddrFromSlice(r.Dst.IP.To4())
+		if netip.PrefixFrom(ip, ones).Overlaps(sub) {
+			return fmt.Errorf("--gateway-subnet %s overlaps the host's route to %s: choose another", sub, r.Dst)
+		}
+	}
+	return nil
+}
+
+// cleanup removes what egress made: explicit, never part of stopping.
+func cleanup(cfg nat.Config, stateDir string) error {
+	m, err := nat.New(cfg)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := m.Cleanup(ctx); err != nil {
+		return fmt.Errorf("cleanup: %w", err)
+	}
+	if err := os.Remove(filepath.Join(stateDir, "gateway-addrs.json")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("cleanup: %w", err)
+	}
+	slog.Info("removed the gateway bridge, its interfaces and this agent's iptables chains")
+	return nil
 }
 
 // advertiseAddr resolves --advertise: an IPv4 address, an interface name,

@@ -1,0 +1,173 @@
+package overlay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"net/netip"
+	"sort"
+
+	"github.com/vxnet/vxnet/nat"
+)
+
+// A container (one network namespace) gets one gateway interface on the
+// host's gateway bridge while it has at least one endpoint on a network
+// that is not internal: its default route, NAT'd out of the host. The
+// gateway is the container's, not an endpoint's, so it is keyed by the
+// namespace's identity.
+
+// gatewayOwner names a container in the gateway address book.
+func gatewayOwner(id nsID) string { return fmt.Sprintf("netns:%d:%d", id.Dev, id.Ino) }
+
+// gatewayVeth is the host side of a container's gateway veth; derived from
+// the namespace's identity so that it is found again after a restart.
+func gatewayVeth(id nsID) string {
+	h := fnv.New32a()
+	fmt.Fprintf(h, "%d:%d", id.Dev, id.Ino)
+	return fmt.Sprintf("gw%07x", h.Sum32()&0xfffffff)
+}
+
+// wantGateways lists, per container, one local endpoint that needs egress.
+func wantGateways(locals map[string]*localEndpoint) map[nsID]*localEndpoint {
+	out := map[nsID]*localEndpoint{}
+	keys := make([]string, 0, len(locals))
+	for k := range locals {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // deterministic choice of the representative
+	for _, k := range keys {
+		l := locals[k]
+		if l.Phase == phaseAttached && !l.Net.Internal {
+			if _, ok := out[l.NetnsID]; !ok {
+				out[l.NetnsID] = l
+			}
+		}
+	}
+	return out
+}
+
+// ensureGateway gives the endpoint's container its gateway interface if it
+// has none. created tells the caller whether to undo it on failure.
+func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bool, err error) {
+	if a.egress == nil || l.Net.Internal {
+		return false, nil
+	}
+	veth := gatewayVeth(l.NetnsID)
+	have, err := a.egress.Gateways(ctx)
+	if err != nil {
+		return false, fmt.Errorf("gateway: %w", err)
+	}
+	for _, g := range have {
+		if g == veth {
+			return false, nil
+		}
+	}
+	if changes, err := a.egress.Ensure(ctx); err != nil {
+		return false, fmt.Errorf("gateway bridge: %w", err)
+	} else if len(changes) > 0 {
+		a.log.Info("gateway bridge and NAT rules set up", "changes", changes)
+	}
+	owner := gatewayOwner(l.NetnsID)
+	ip, err := a.gwAddrs.Allocate(owner)
+	if err != nil {
+		return false, fmt.Errorf("gateway address: %w", err)
+	}
+	spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: veth, Addr: prefixFor(ip, a.egress.Config().Subnet.Bits())}
+	if _, err := a.egress.AddGateway(ctx, spec); err != nil {
+		a.gwAddrs.Release(owner)
+		return false, fmt.Errorf("gateway interface: %w", err)
+	}
+	return true, nil
+}
+
+// removeGateway takes a container's gateway interface and address away.
+func (a *Agent) removeGateway(ctx context.Context, id nsID) error {
+	if a.egress == nil {
+		return nil
+	}
+	if err := a.egress.RemoveGateway(ctx, gatewayVeth(id)); err != nil {
+		return fmt.Errorf("remove gateway: %w", err)
+	}
+	return a.gwAddrs.Release(gatewayOwner(id))
+}
+
+// dropIdleGateway removes a container's gateway once no local endpoint of
+// it needs egress any more.
+func (a *Agent) dropIdleGateway(ctx context.Context, id nsID) {
+	if _, needed := wantGateways(a.locals)[id]; needed {
+		return
+	}
+	if err := a.removeGateway(ctx, id); err != nil {
+		a.log.Warn("remove gateway interface", "err", err)
+	}
+}
+
+// reconcileEgress makes the gateway interfaces match the local endpoints:
+// every container that needs one has it (repaired or recreated), and
+// interfaces and addresses of containers that need none are removed.
+func (a *Agent) reconcileEgress(ctx context.Context) {
+	if a.egress == nil {
+		return
+	}
+	want := wantGateways(a.locals)
+	if len(want) > 0 {
+		if changes, err := a.egress.Ensure(ctx); err != nil {
+			a.log.Error("gateway bridge and NAT rules", "err", err)
+			return
+		} else if len(changes) > 0 {
+			a.log.Warn("gateway bridge or NAT rules repaired", "changes", changes)
+		}
+	}
+	wantVeth := map[string]bool{}
+	owners := map[string]bool{}
+	for id, l := range want {
+		wantVeth[gatewayVeth(id)] = true
+		owners[gatewayOwner(id)] = true
+		ip, ok := a.gwAddrs.Owners()[gatewayOwner(id)]
+		if !ok {
+			if _, err := a.ensureGateway(ctx, l); err != nil {
+				a.log.Error("gateway interface", "endpoint", l.Endpoint.Name, "err", err)
+			}
+			continue
+		}
+		spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: gatewayVeth(id), Addr: prefixFor(ip, a.egress.Config().Subnet.Bits())}
+		changes, err := a.egress.CheckGateway(ctx, spec)
+		switch {
+		case errors.Is(err, nat.ErrGatewayGone) && localExists(l):
+			a.egress.RemoveGateway(ctx, spec.HostVeth) // a half of it may remain
+			if _, err := a.egress.AddGateway(ctx, spec); err != nil {
+				a.log.Error("recreate gateway interface", "endpoint", l.Endpoint.Name, "err", err)
+			} else {
+				a.log.Warn("gateway interface was missing; recreated", "endpoint", l.Endpoint.Name)
+			}
+		case errors.Is(err, nat.ErrGatewayGone):
+			// The container is gone; its endpoints are removed by the
+			// endpoint pass, and the gateway below once nothing wants it.
+		case err != nil:
+			a.log.Error("check gateway interface", "endpoint", l.Endpoint.Name, "err", err)
+		case len(changes) > 0:
+			a.log.Warn("gateway interface repaired", "endpoint", l.Endpoint.Name, "changes", changes)
+		}
+	}
+	have, err := a.egress.Gateways(ctx)
+	if err != nil {
+		a.log.Warn("list gateway interfaces", "err", err)
+		return
+	}
+	for _, g := range have {
+		if !wantVeth[g] {
+			a.log.Warn("removing gateway interface of no container", "interface", g)
+			if err := a.egress.RemoveGateway(ctx, g); err != nil {
+				a.log.Warn("remove gateway interface", "interface", g, "err", err)
+			}
+		}
+	}
+	for owner := range a.gwAddrs.Owners() {
+		if !owners[owner] {
+			a.gwAddrs.Release(owner)
+		}
+	}
+}
+
+func prefixFor(ip netip.Addr, bits int) netip.Prefix { return netip.PrefixFrom(ip, bits) }

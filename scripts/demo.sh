@@ -112,8 +112,19 @@ else
   echo "  no route / no reply, as expected"
 fi
 
+bold "Egress: net1c1's eth1 on h1's gateway bridge, default route, MASQUERADE"
+run ip netns exec "$p-net1c1" ip -4 addr show eth1
+run ip -n "$p-h1" link show vxnet_gwbridge
+run ip netns exec "$p-h1" iptables -t nat -S VXNET-POSTROUTING
+bold "net1c1 reaches the outside (the switch, 192.168.77.254) through h1's NAT"
+run ip netns exec "$p-net1c1" ping -c 2 -i 0.2 192.168.77.254
+
 bold "Detach net1c2; h1 drops its entries"
 on h2 detach net1 net1c2
 sleep 0.5
 run nsenter --net="$work/h1/run/netns/$ns" ip neigh show dev vxlan1
+bold "Stop h1's agent and remove its egress rules and bridge (vxnetd --cleanup)"
+kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
+run nsenter --net="/var/run/netns/$p-h1" vxnetd --cleanup --state-dir "$work/h1/state"
+run ip netns exec "$p-h1" iptables -t nat -S
 bold "Demo done; cleaning up"

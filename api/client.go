@@ -166,3 +166,8 @@ func (c *Client) Nodes(ctx context.Context) ([]Node, error) {
 	var n []Node
 	return n, c.do(ctx, http.MethodGet, "/v1/nodes", nil, &n)
 }
+
+// RemoveNode forgets a host that is gone, releasing its addresses.
+func (c *Client) RemoveNode(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/nodes/"+url.PathEscape(name), nil, nil)
+}

@@ -14,6 +14,7 @@
 //	DELETE /v1/networks/{name}/endpoints/{endpoint}
 //	GET    /v1/endpoints[?network=NAME]           -> []Endpoint
 //	GET    /v1/nodes                              -> []Node
+//	DELETE /v1/nodes/{name}                       forget a gone host, release its addresses
 package api
 
 import "time"
@@ -79,6 +80,9 @@ type Status struct {
 	Networks       int       `json:"networks"`
 	LocalEndpoints int       `json:"local_endpoints"`
 	LastReconcile  time.Time `json:"last_reconcile,omitzero"`
+	// Ready: the agent has reconciled once with a complete view of the
+	// store (what systemd is told with READY=1).
+	Ready bool `json:"ready"`
 	Started        time.Time `json:"started"`
 }
 

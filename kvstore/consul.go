@@ -250,6 +250,10 @@ func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
 				return
 			}
 			if err != nil {
+				// The next read must not block on the old index: the
+				// store may have come back with nothing new to say, and
+				// the consumer needs a fresh snapshot at once.
+				index = 0
 				if !failing {
 					failing = true
 					sendLatest(ch, Event{Err: unavailable("watch", prefix, err)})

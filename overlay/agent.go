@@ -46,6 +46,9 @@ type Config struct {
 	// StoreName is shown in status (the store URL without secrets).
 	StoreName string
 	IPAM      ipam.Options
+	// CrashAt names a crash point (see CrashPoints) where the agent kills
+	// itself: for crash-consistency tests only.
+	CrashAt string
 	// Egress configures the gateway bridge and NAT; nil turns egress off.
 	Egress *nat.Config
 	Logger *slog.Logger
@@ -78,6 +81,7 @@ type Agent struct {
 	storeErr      error
 	downSince     time.Time
 	lastReconcile time.Time
+	ready         bool // a reconcile with a complete store view has run
 	session       string // the node's store session, "" while it has none
 
 	kick    chan struct{}
@@ -517,7 +521,7 @@ func (a *Agent) Status() api.Status {
 	s := api.Status{
 		Node: a.cfg.Node, Address: a.cfg.Advertise.String(), Version: api.Version, Store: a.cfg.StoreName,
 		StoreReachable: a.storeErr == nil && a.netSynced, Networks: len(a.networks), LocalEndpoints: nlocal,
-		LastReconcile: a.lastReconcile, Started: a.started, StoreDownSince: a.downSince,
+		LastReconcile: a.lastReconcile, Started: a.started, StoreDownSince: a.downSince, Ready: a.ready,
 	}
 	if a.storeErr != nil {
 		s.StoreError = a.storeErr.Error()

@@ -120,6 +120,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 	a.locals[l.key()] = l
+	a.crashPoint("attach-journal")
 	ok := false
 	defer func() {
 		if !ok {
@@ -134,6 +135,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	a.crashPoint("attach-allocated")
 	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
 	if err := a.state.save(l); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
@@ -143,10 +145,12 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	if _, err := a.dp.EnsureNetwork(ctx, spec); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	a.crashPoint("attach-network")
 	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	a.crashPoint("attach-veth")
 	l.Endpoint.Interface = ifName
 	if err := a.state.save(l); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
@@ -156,6 +160,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	if _, err := a.ensureGateway(ctx, l); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	a.crashPoint("attach-gateway")
 
 	data, _ := json.Marshal(&l.Endpoint)
 	err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: networkKey(network), Index: netIdx}},
@@ -169,6 +174,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: publish: %w", name, err)
 	}
+	a.crashPoint("attach-published")
 	l.Phase = phaseAttached
 	if err := a.state.save(l); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
@@ -235,6 +241,7 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 		l.Phase = prev
 		return fmt.Errorf("detach %s: %w", name, err)
 	}
+	a.crashPoint("detach-journal")
 	if err := a.purge(ctx, l); err != nil {
 		return fmt.Errorf("detach %s: %w (the agent finishes it when it can)", name, err)
 	}
@@ -261,6 +268,7 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 	case !errors.Is(err, kvstore.ErrNotFound):
 		return fmt.Errorf("unpublish endpoint: %w", err)
 	}
+	a.crashPoint("purge-unpublished")
 	a.cmu.Lock()
 	if cur := a.endpoints[l.key()]; cur != nil && cur.ID == e.ID {
 		delete(a.endpoints, l.key())
@@ -270,6 +278,7 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 	if err := a.dp.RemoveEndpoint(ctx, l.Net.NamespaceName(), e.HostVeth()); err != nil {
 		return fmt.Errorf("remove interfaces: %w", err)
 	}
+	a.crashPoint("purge-interfaces")
 	owner := ipam.AddrOwner{Node: a.cfg.Node, Endpoint: e.Name}
 	if e.IP.IsValid() {
 		if err := a.ipam.ReleaseAddr(ctx, l.Net.ID, e.IP, owner); err != nil && !errors.Is(err, ipam.ErrInUse) {
@@ -290,6 +299,7 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 			}
 		}
 	}
+	a.crashPoint("purge-released")
 	if err := a.state.remove(e.Network, e.Name); err != nil {
 		return err
 	}
@@ -321,4 +331,20 @@ func localExists(l *localEndpoint) bool {
 		return !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOENT)
 	}
 	return id == l.NetnsID
+}
+
+// CrashPoints are the places where a test can make the agent die as if
+// killed (Config.CrashAt), to prove that every step is finished or undone
+// after a restart.
+var CrashPoints = []string{
+	"attach-journal", "attach-allocated", "attach-network", "attach-veth", "attach-gateway", "attach-published",
+	"detach-journal", "purge-unpublished", "purge-interfaces", "purge-released",
+}
+
+func (a *Agent) crashPoint(name string) {
+	if a.cfg.CrashAt == name {
+		a.log.Warn("crashing on purpose (test hook)", "at", name)
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {} // never go on: the signal is on its way
+	}
 }

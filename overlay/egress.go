@@ -133,6 +133,9 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 		}
 		spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: gatewayVeth(id), Addr: prefixFor(ip, a.egress.Config().Subnet.Bits())}
 		changes, err := a.egress.CheckGateway(ctx, spec)
+		if ctx.Err() != nil {
+			return
+		}
 		switch {
 		case errors.Is(err, nat.ErrGatewayGone) && localExists(l):
 			a.egress.RemoveGateway(ctx, spec.HostVeth) // a half of it may remain
@@ -152,7 +155,9 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 	}
 	have, err := a.egress.Gateways(ctx)
 	if err != nil {
-		a.log.Warn("list gateway interfaces", "err", err)
+		if ctx.Err() == nil {
+			a.log.Warn("list gateway interfaces", "err", err)
+		}
 		return
 	}
 	for _, g := range have {

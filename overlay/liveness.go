@@ -3,11 +3,13 @@ package overlay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/kvstore"
 )
 
@@ -116,4 +118,63 @@ func (a *Agent) publishOps(key string, data []byte) []kvstore.Op {
 		}
 	}
 	return []kvstore.Op{{Kind: kvstore.OpCAS, Key: key, Value: data}}
+}
+
+// RemoveNode forgets a host that is gone: its endpoint records and the
+// addresses they held. The addresses of a dead host stay reserved until
+// then, because its containers may still be running behind a partition;
+// only an operator can say they are not.
+func (a *Agent) RemoveNode(ctx context.Context, name string) error {
+	if err := ValidateName("node", name); err != nil {
+		return &codedError{code: api.CodeInvalid, msg: err.Error()}
+	}
+	if name == a.cfg.Node {
+		return invalidf("node %q is this node: stop its agent and remove it from another host", name)
+	}
+	if _, err := a.store.Get(ctx, nodeKey(name)); errors.Is(err, kvstore.ErrNotFound) {
+		return notFoundf("node %q not found", name)
+	} else if err != nil {
+		return fmt.Errorf("remove node %s: %w", name, err)
+	}
+	if kv, err := a.store.Get(ctx, aliveKey(name)); err == nil && kv.Session != "" {
+		return conflictf("node %q is alive: stop its agent first (it is considered gone when its session expires)", name)
+	} else if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+		return fmt.Errorf("remove node %s: %w", name, err)
+	}
+	pairs, _, err := a.store.List(ctx, endpointsPrefix)
+	if err != nil {
+		return fmt.Errorf("remove node %s: %w", name, err)
+	}
+	for _, kv := range pairs {
+		var e Endpoint
+		if decodeRecord(kv.Key, kv.Value, &e) == nil && e.Node == name {
+			if err := a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex); err != nil && !errors.Is(err, kvstore.ErrConflict) {
+				return fmt.Errorf("remove node %s: %w", name, err)
+			}
+		}
+	}
+	nets, err := a.ipam.Networks(ctx)
+	if err != nil {
+		return fmt.Errorf("remove node %s: %w", name, err)
+	}
+	released := 0
+	for id := range nets {
+		addrs, err := a.ipam.Addrs(ctx, id)
+		if err != nil {
+			return fmt.Errorf("remove node %s: %w", name, err)
+		}
+		for ip, o := range addrs {
+			if o.Node == name {
+				if err := a.ipam.ReleaseAddr(ctx, id, ip, o); err != nil {
+					return fmt.Errorf("remove node %s: %w", name, err)
+				}
+				released++
+			}
+		}
+	}
+	if err := a.store.Delete(ctx, nodeKey(name)); err != nil {
+		return fmt.Errorf("remove node %s: %w", name, err)
+	}
+	a.log.Info("node removed", "node", name, "addresses_released", released)
+	return nil
 }

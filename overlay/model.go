@@ -77,6 +77,10 @@ type HardwareAddr net.HardwareAddr
 func (h HardwareAddr) MarshalText() ([]byte, error) { return []byte(net.HardwareAddr(h).String()), nil }
 
 func (h *HardwareAddr) UnmarshalText(b []byte) error {
+	if len(b) == 0 {
+		*h = nil // not assigned yet (an attach journaled before allocation)
+		return nil
+	}
 	m, err := net.ParseMAC(string(b))
 	if err != nil {
 		return err

@@ -55,8 +55,12 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	if synced {
 		a.reconcileStore(ctx, endpoints, full)
 	}
+	if ctx.Err() != nil {
+		return // cut short: not a complete pass
+	}
 	a.cmu.Lock()
 	a.lastReconcile = time.Now()
+	a.ready = a.ready || synced
 	a.cmu.Unlock()
 }
 

@@ -66,6 +66,10 @@ func (a *Agent) Handler() http.Handler {
 		out, err := a.Nodes(r.Context())
 		a.reply(w, r, http.StatusOK, out, err)
 	})
+	mux.HandleFunc("DELETE /v1/nodes/{name}", func(w http.ResponseWriter, r *http.Request) {
+		err := a.RemoveNode(r.Context(), r.PathValue("name"))
+		a.reply(w, r, http.StatusNoContent, nil, err)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, api.Error{Message: fmt.Sprintf("no route %s %s", r.Method, r.URL.Path), Code: api.CodeNotFound})
 	})

@@ -52,7 +52,7 @@ done
 
 bold "Consul on the switch, 192.168.77.254:8500"
 ip netns exec "$sw" "$CONSUL_BIN" agent -dev -bind 192.168.77.254 -client 192.168.77.254 \
-  -dns-port -1 -grpc-port -1 -grpc-tls-port -1 >"$work/consul.log" 2>&1 &
+  -dns-port -1 -grpc-port -1 -grpc-tls-port -1 -hcl 'disable_update_check = true' >"$work/consul.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
   ip netns exec "$sw" curl -sf http://192.168.77.254:8500/v1/status/leader 2>/dev/null | grep -q : && break

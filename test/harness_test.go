@@ -49,9 +49,28 @@ type agent struct {
 	socket string
 	store  string
 	args   []string
+	env    []string // extra environment for the next start
 	cmd    *exec.Cmd
 	logf   *os.File
 	done   chan struct{}
+}
+
+// waitExit waits for the agent to die by itself (a crash test hook).
+func (a *agent) waitExit(timeout time.Duration) {
+	a.t.Helper()
+	select {
+	case <-a.done:
+		a.cmd = nil
+		a.logf.Close()
+	case <-time.After(timeout):
+		a.t.Fatalf("agent %s did not exit", a.node)
+	}
+}
+
+// log returns the agent's whole log.
+func (a *agent) log() string {
+	data, _ := os.ReadFile(filepath.Join(a.dir, "vxnetd.log"))
+	return string(data)
 }
 
 func startAgent(t *testing.T, host *testnet.Host, node, store string, extra ...string) *agent {
@@ -70,6 +89,20 @@ func (a *agent) netnsDir() string { return filepath.Join(a.dir, "run", "netns") 
 
 func (a *agent) start() {
 	a.t.Helper()
+	a.launch()
+	a.waitReady(true)
+}
+
+// startNoWait starts the agent and waits only for its API, not for the
+// store (which may be down).
+func (a *agent) startNoWait() {
+	a.t.Helper()
+	a.launch()
+	a.waitReady(false)
+}
+
+func (a *agent) launch() {
+	a.t.Helper()
 	args := []string{"--net=" + a.host.Path, filepath.Join(binDir, "vxnetd"),
 		"--node", a.node, "--advertise", a.host.Addr.String(),
 		"--state-dir", filepath.Join(a.dir, "state"), "--run-dir", filepath.Join(a.dir, "run"),
@@ -86,17 +119,18 @@ func (a *agent) start() {
 	// nsenter switches only the network namespace: the agent's namespace
 	// mounts must live in the machine's mount table to outlive the agent.
 	a.cmd = exec.Command("nsenter", args...)
+	a.cmd.Env = append(os.Environ(), a.env...)
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
 	if err := a.cmd.Start(); err != nil {
 		a.t.Fatal(err)
 	}
 	a.done = make(chan struct{})
 	go func(cmd *exec.Cmd, done chan struct{}) { cmd.Wait(); close(done) }(a.cmd, a.done)
-	a.waitReady()
 }
 
-// waitReady waits until the agent answers and sees the store.
-func (a *agent) waitReady() {
+// waitReady waits until the agent answers and, if store is set, sees the
+// store and has reconciled.
+func (a *agent) waitReady(store bool) {
 	a.t.Helper()
 	cl, _ := api.NewClient(a.socket)
 	deadline := time.Now().Add(20 * time.Second)
@@ -104,7 +138,7 @@ func (a *agent) waitReady() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		s, err := cl.Status(ctx)
 		cancel()
-		if err == nil && s.StoreReachable && !s.LastReconcile.IsZero() {
+		if err == nil && (!store || s.StoreReachable && s.Ready) {
 			return
 		}
 		select {

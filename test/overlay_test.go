@@ -17,20 +17,22 @@ import (
 // cluster is three simulated hosts with an agent each and Consul on the
 // underlay switch.
 type cluster struct {
+	consul *testconsul.Server
 	net    *testnet.Net
 	hosts  []*testnet.Host
 	agents []*agent
 }
 
-func newCluster(t *testing.T, n int) *cluster {
+func newCluster(t *testing.T, n int, opts ...testconsul.Option) *cluster {
 	t.Helper()
 	tn := testnet.New(t)
-	consul := testconsul.Start(t, testconsul.WithNetNS("/var/run/netns/"+tn.Switch), testconsul.WithAddr(tn.SwitchAddr().String()))
-	c := &cluster{net: tn}
+	opts = append(opts, testconsul.WithNetNS("/var/run/netns/"+tn.Switch), testconsul.WithAddr(tn.SwitchAddr().String()))
+	consul := testconsul.Start(t, opts...)
+	c := &cluster{net: tn, consul: consul}
 	for i := range n {
 		h := tn.AddHost(fmt.Sprintf("h%d", i+1))
 		c.hosts = append(c.hosts, h)
-		c.agents = append(c.agents, startAgent(t, h, fmt.Sprintf("host%d", i+1), consul.URL("vxnet/")))
+		c.agents = append(c.agents, startAgent(t, h, fmt.Sprintf("host%d", i+1), consul.URL("vxnet/"), "--node-ttl", "10s"))
 	}
 	return c
 }

@@ -55,7 +55,7 @@ func newRoot(out io.Writer) *cobra.Command {
 	endpoint := &cobra.Command{Use: "endpoint", Aliases: []string{"ep"}, Short: "Show endpoints"}
 	endpoint.AddCommand(c.endpointList())
 	node := &cobra.Command{Use: "node", Short: "Show nodes"}
-	node.AddCommand(c.nodeList())
+	node.AddCommand(c.nodeList(), c.nodeRemove())
 	root.AddCommand(network, endpoint, node, c.attach(), c.detach(), c.status(), c.version())
 	return root
 }
@@ -322,6 +322,24 @@ func (c *cli) nodeList() *cobra.Command {
 			}
 			c.table("NAME\tADDRESS\tSTATE\tLAST SEEN\tVERSION", rows)
 			return nil
+		},
+	}
+}
+
+func (c *cli) nodeRemove() *cobra.Command {
+	return &cobra.Command{
+		Use:     "rm NODE",
+		Aliases: []string{"remove"},
+		Short:   "Forget a host that is gone and release the addresses its endpoints held",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := c.ctx(cmd)
+			defer cancel()
+			return cl.RemoveNode(ctx, args[0])
 		},
 	}
 }

@@ -185,6 +185,7 @@ func run() error {
 		Node: o.node, Advertise: addr, StateDir: o.stateDir, NetNSDir: filepath.Join(o.runDir, "netns"),
 		VXLANPort: o.vxlanPort, UnderlayMTU: mtu, ResyncInterval: o.resync, NodeTTL: o.nodeTTL,
 		StoreName: redact(o.store), IPAM: ipam.Options{Pool: pool}, Egress: egress, Logger: log,
+		CrashAt: os.Getenv("VXNETD_TEST_CRASH_AT"),
 	}, store)
 	if err != nil {
 		return err

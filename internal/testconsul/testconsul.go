@@ -108,7 +108,9 @@ func (s *Server) start() {
 	args := []string{"agent", "-bind", s.addr, "-client", s.addr, "-advertise", s.addr,
 		"-http-port", fmt.Sprint(s.ports["http"]), "-serf-lan-port", fmt.Sprint(s.ports["serf_lan"]),
 		"-serf-wan-port", fmt.Sprint(s.ports["serf_wan"]), "-server-port", fmt.Sprint(s.ports["server"]),
-		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn", "-disable-host-node-id"}
+		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn", "-disable-host-node-id",
+		// Consul phones home for update checks unless told not to.
+		"-hcl", "disable_update_check = true"}
 	if s.persist {
 		args = append(args, "-server", "-bootstrap-expect", "1", "-data-dir", s.dataDir, "-node", "vxnet-test")
 	} else {

@@ -82,8 +82,8 @@ type Status struct {
 	LastReconcile  time.Time `json:"last_reconcile,omitzero"`
 	// Ready: the agent has reconciled once with a complete view of the
 	// store (what systemd is told with READY=1).
-	Ready bool `json:"ready"`
-	Started        time.Time `json:"started"`
+	Ready   bool      `json:"ready"`
+	Started time.Time `json:"started"`
 }
 
 // CreateNetworkRequest creates a network; empty fields are chosen by the agent.

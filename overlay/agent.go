@@ -81,7 +81,7 @@ type Agent struct {
 	storeErr      error
 	downSince     time.Time
 	lastReconcile time.Time
-	ready         bool // a reconcile with a complete store view has run
+	ready         bool   // a reconcile with a complete store view has run
 	session       string // the node's store session, "" while it has none
 
 	kick    chan struct{}

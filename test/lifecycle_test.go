@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/api"
-	"github.com/vxnet/vxnet/internal/testnet"
 	"github.com/vxnet/vxnet/internal/testconsul"
+	"github.com/vxnet/vxnet/internal/testnet"
 	"github.com/vxnet/vxnet/overlay"
 )
 

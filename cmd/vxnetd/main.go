@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	_ "net/http/pprof" // served only with --debug-addr
 	"net/netip"
 	"net/url"
 	"os"
@@ -37,6 +38,7 @@ type options struct {
 	logLevel, pool                                                string
 	gwBridge, gwSubnet, chainPrefix                               string
 	noEgress, cleanup                                             bool
+	debugAddr                                                     string
 	vxlanPort                                                     int
 	resync, nodeTTL                                               time.Duration
 	caFile, certFile, keyFile                                     string
@@ -73,6 +75,7 @@ func parseFlags() (*options, error) {
 	fs.StringVar(&o.caFile, "store-ca-file", "", "CA certificate for the store's TLS (env CONSUL_CACERT)")
 	fs.StringVar(&o.certFile, "store-cert-file", "", "client certificate for the store (env CONSUL_CLIENT_CERT)")
 	fs.StringVar(&o.keyFile, "store-key-file", "", "client key for the store (env CONSUL_CLIENT_KEY)")
+	fs.StringVar(&o.debugAddr, "debug-addr", "", "serve Go's pprof profiles on this address (e.g. 127.0.0.1:6060); off by default")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: vxnetd [flags]
@@ -209,6 +212,15 @@ func run() error {
 			stop()
 		}
 	}()
+	if o.debugAddr != "" {
+		dbg := &http.Server{Addr: o.debugAddr, Handler: http.DefaultServeMux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := dbg.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("debug server", "err", err)
+			}
+		}()
+		defer dbg.Close()
+	}
 	log.Info("vxnetd starting", "version", api.Version, "node", o.node, "advertise", addr, "store", redact(o.store),
 		"socket", o.socket, "underlay_mtu", mtu)
 

@@ -95,6 +95,10 @@ func (s *consulStore) w(ctx context.Context) (*api.WriteOptions, context.CancelF
 // unavailable marks transport and server errors, so that callers can tell
 // "the store said no" from "the store did not answer".
 func unavailable(op, key string, err error) error {
+	if strings.Contains(err.Error(), "403") || strings.Contains(strings.ToLower(err.Error()), "permission denied") {
+		// Not an outage: retrying will not help, the token must change.
+		return fmt.Errorf("consul %s %s: %w: check the ACL token (CONSUL_HTTP_TOKEN)", op, key, ErrForbidden)
+	}
 	return fmt.Errorf("consul %s %s: %w: %v", op, key, ErrUnavailable, err)
 }
 

@@ -20,6 +20,9 @@ var (
 	ErrConflict = errors.New("store conflict")
 	// ErrUnavailable wraps failures to reach the store at all.
 	ErrUnavailable = errors.New("store unavailable")
+	// ErrForbidden means the store refused the request (an ACL token that
+	// is missing or lacks the rights).
+	ErrForbidden = errors.New("permission denied by the store")
 )
 
 // KV is one stored pair.

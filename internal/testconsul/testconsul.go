@@ -24,6 +24,8 @@ type Server struct {
 	addr    string
 	netns   string
 	persist bool
+	hcl     []string // extra configuration
+	tls     bool
 	dataDir string
 	ports   map[string]int
 	logPath string
@@ -37,6 +39,22 @@ type Option func(*Server)
 // WithPersistence runs a real server (-server -bootstrap-expect 1) with a
 // data dir kept across Restart, instead of -dev.
 func WithPersistence() Option { return func(s *Server) { s.persist = true } }
+
+// WithTLS also serves HTTPS (HTTPSAddr) with the given certificate.
+func WithTLS(caFile, certFile, keyFile string) Option {
+	return func(s *Server) {
+		s.tls = true
+		s.hcl = append(s.hcl, fmt.Sprintf(`tls { defaults { ca_file = %q cert_file = %q key_file = %q verify_incoming = false } }`, caFile, certFile, keyFile))
+	}
+}
+
+// WithACL turns ACLs on, denying by default, with token as the management
+// token.
+func WithACL(token string) Option {
+	return func(s *Server) {
+		s.hcl = append(s.hcl, fmt.Sprintf(`acl { enabled = true default_policy = "deny" tokens { initial_management = %q } }`, token))
+	}
+}
 
 // WithAddr binds the server to ip instead of 127.0.0.1.
 func WithAddr(ip string) Option { return func(s *Server) { s.addr = ip } }
@@ -77,7 +95,7 @@ func Start(t testing.TB, opts ...Option) *Server {
 	}
 	s.dataDir = filepath.Join(dir, "data")
 	s.logPath = filepath.Join(dir, "consul.log")
-	for _, name := range []string{"http", "serf_lan", "serf_wan", "server"} {
+	for _, name := range []string{"http", "https", "serf_lan", "serf_wan", "server"} {
 		s.ports[name] = freePort(t)
 	}
 	t.Cleanup(func() {
@@ -111,6 +129,12 @@ func (s *Server) start() {
 		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn", "-disable-host-node-id",
 		// Consul phones home for update checks unless told not to.
 		"-hcl", "disable_update_check = true"}
+	if s.tls {
+		args = append(args, "-https-port", fmt.Sprint(s.ports["https"]))
+	}
+	for _, h := range s.hcl {
+		args = append(args, "-hcl", h)
+	}
 	if s.persist {
 		args = append(args, "-server", "-bootstrap-expect", "1", "-data-dir", s.dataDir, "-node", "vxnet-test")
 	} else {
@@ -175,6 +199,9 @@ func (s *Server) waitLeader(timeout time.Duration) error {
 
 // Addr is host:port of the HTTP API.
 func (s *Server) Addr() string { return net.JoinHostPort(s.addr, fmt.Sprint(s.ports["http"])) }
+
+// HTTPSAddr is host:port of the HTTPS API (WithTLS).
+func (s *Server) HTTPSAddr() string { return net.JoinHostPort(s.addr, fmt.Sprint(s.ports["https"])) }
 
 // URL is a vxnet store URL for this server.
 func (s *Server) URL(prefix string) string {

@@ -25,6 +25,9 @@ type Server struct {
 	netns   string
 	persist bool
 	hcl     []string // extra configuration
+	join    []string // serf LAN addresses of the other servers (cluster)
+	expect  int      // -bootstrap-expect (cluster)
+	name    string
 	tls     bool
 	dataDir string
 	ports   map[string]int
@@ -79,6 +82,13 @@ func Binary() string {
 // Start runs a Consul server for the test and waits for its leader.
 func Start(t testing.TB, opts ...Option) *Server {
 	t.Helper()
+	s := prepare(t, opts...)
+	s.start()
+	return s
+}
+
+func prepare(t testing.TB, opts ...Option) *Server {
+	t.Helper()
 	s := &Server{t: t, bin: Binary(), addr: "127.0.0.1", ports: map[string]int{}}
 	for _, o := range opts {
 		o(s)
@@ -105,9 +115,47 @@ func Start(t testing.TB, opts ...Option) *Server {
 		}
 		os.RemoveAll(dir)
 	})
-	s.start()
 	return s
 }
+
+// StartCluster runs len(addrs) servers, one per address (each must be
+// assigned to an interface of the namespace they run in), joined into one
+// cluster with persistence, and waits for a leader.
+func StartCluster(t testing.TB, addrs []string, opts ...Option) []*Server {
+	t.Helper()
+	var servers []*Server
+	for i, a := range addrs {
+		s := prepare(t, append(opts, WithAddr(a), WithPersistence())...)
+		s.expect, s.name = len(addrs), fmt.Sprintf("vxnet-test-%d", i)
+		servers = append(servers, s)
+	}
+	for i, s := range servers {
+		for j, o := range servers {
+			if i != j {
+				s.join = append(s.join, net.JoinHostPort(o.addr, fmt.Sprint(o.ports["serf_lan"])))
+			}
+		}
+	}
+	// The servers wait for each other: start all, then wait for the leader.
+	for _, s := range servers {
+		s.launch()
+	}
+	for _, s := range servers {
+		if err := s.WaitLeader(60 * time.Second); err != nil {
+			t.Fatalf("consul cluster: %v\n%s", err, s.logTail())
+		}
+	}
+	return servers
+}
+
+// Leader returns the address (host:port of the server RPC) of the leader
+// as this server sees it.
+func (s *Server) Leader() string {
+	return strings.Trim(s.get("/v1/status/leader"), "\" \n")
+}
+
+// RPCAddr is this server's address as the leader is reported.
+func (s *Server) RPCAddr() string { return net.JoinHostPort(s.addr, fmt.Sprint(s.ports["server"])) }
 
 // freePort asks the kernel for a free TCP port on loopback. Ports are only
 // unique per namespace, so the same number is free in a test's own
@@ -123,6 +171,14 @@ func freePort(t testing.TB) int {
 
 func (s *Server) start() {
 	s.t.Helper()
+	s.launch()
+	if err := s.WaitLeader(30 * time.Second); err != nil {
+		s.t.Fatalf("consul: %v\n%s", err, s.logTail())
+	}
+}
+
+func (s *Server) launch() {
+	s.t.Helper()
 	args := []string{"agent", "-bind", s.addr, "-client", s.addr, "-advertise", s.addr,
 		"-http-port", fmt.Sprint(s.ports["http"]), "-serf-lan-port", fmt.Sprint(s.ports["serf_lan"]),
 		"-serf-wan-port", fmt.Sprint(s.ports["serf_wan"]), "-server-port", fmt.Sprint(s.ports["server"]),
@@ -136,7 +192,15 @@ func (s *Server) start() {
 		args = append(args, "-hcl", h)
 	}
 	if s.persist {
-		args = append(args, "-server", "-bootstrap-expect", "1", "-data-dir", s.dataDir, "-node", "vxnet-test")
+		expect := max(s.expect, 1)
+		name := s.name
+		if name == "" {
+			name = "vxnet-test"
+		}
+		args = append(args, "-server", "-bootstrap-expect", fmt.Sprint(expect), "-data-dir", s.dataDir, "-node", name)
+		for _, j := range s.join {
+			args = append(args, "-retry-join", j)
+		}
 	} else {
 		args = append(args, "-dev")
 	}
@@ -158,43 +222,44 @@ func (s *Server) start() {
 	}
 	s.done = make(chan struct{})
 	go func(cmd *exec.Cmd, done chan struct{}) { cmd.Wait(); logf.Close(); close(done) }(s.cmd, s.done)
-	if err := s.waitLeader(30 * time.Second); err != nil {
-		s.t.Fatalf("consul: %v\n%s", err, s.logTail())
-	}
 }
 
-// waitLeader polls /v1/status/leader. From outside the server's namespace
-// the address is not reachable, so the check runs curl inside it.
-func (s *Server) waitLeader(timeout time.Duration) error {
+// waitLeader polls /v1/status/leader until the server knows a leader.
+func (s *Server) WaitLeader(timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
-	url := "http://" + s.Addr() + "/v1/status/leader"
 	for time.Now().Before(deadline) {
 		select {
 		case <-s.done:
 			return fmt.Errorf("consul exited")
 		default:
 		}
-		var body string
-		if s.netns == "" {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-			if resp, err := http.DefaultClient.Do(req); err == nil {
-				b := make([]byte, 256)
-				n, _ := resp.Body.Read(b)
-				body = string(b[:n])
-				resp.Body.Close()
-			}
-			cancel()
-		} else {
-			out, _ := exec.Command("nsenter", "--net="+s.netns, "curl", "-sf", "-m", "1", url).Output()
-			body = string(out)
-		}
-		if strings.Contains(body, ":") {
+		if strings.Contains(s.get("/v1/status/leader"), ":") {
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	return fmt.Errorf("no leader after %s", timeout)
+}
+
+// get fetches an HTTP API path; from outside the server's namespace the
+// address is not reachable, so then it runs curl inside it.
+func (s *Server) get(path string) string {
+	url := "http://" + s.Addr() + path
+	if s.netns != "" {
+		out, _ := exec.Command("nsenter", "--net="+s.netns, "curl", "-sf", "-m", "1", url).Output()
+		return string(out)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b := make([]byte, 4096)
+	n, _ := resp.Body.Read(b)
+	return string(b[:n])
 }
 
 // Addr is host:port of the HTTP API.

@@ -65,6 +65,21 @@ func New(t testing.TB) *Net {
 // SwitchAddr is the switch's own address on the underlay.
 func (n *Net) SwitchAddr() netip.Addr { return netip.AddrFrom4([4]byte{192, 168, 77, 254}) }
 
+// SwitchAddrs gives the switch k addresses (.254 down), for services that
+// need one each, such as the servers of a Consul cluster.
+func (n *Net) SwitchAddrs(k int) []netip.Addr {
+	n.t.Helper()
+	var out []netip.Addr
+	for i := range k {
+		a := netip.AddrFrom4([4]byte{192, 168, 77, byte(254 - i)})
+		if i > 0 {
+			n.ip(n.Switch, "addr", "add", a.String()+"/24", "dev", "br0")
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
 // AddNS creates an empty namespace named prefix-suffix and returns its name.
 func (n *Net) AddNS(suffix string) string {
 	n.t.Helper()

@@ -28,6 +28,11 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	endpoints := maps.Clone(a.endpoints)
 	a.cmu.RUnlock()
 
+	if stray, err := a.dp.RemoveStrays(ctx); err != nil {
+		a.log.Warn("remove stray vxlan devices", "err", err)
+	} else if len(stray) > 0 {
+		a.log.Warn("removed vxlan devices left in the host namespace by a crash", "devices", stray)
+	}
 	plans := desiredState(a.cfg.Node, endpoints, a.locals, a.localMTU())
 	for ns, p := range plans {
 		if ctx.Err() != nil {

@@ -2,6 +2,7 @@ package test
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -281,6 +282,9 @@ func TestEmbeddedStoreSingleHost(t *testing.T) {
 	tn := testnet.New(t)
 	h := tn.AddHost("solo")
 	a := startAgent(t, h, "solo", "")
+	if st, err := os.Stat(a.socket); err != nil || st.Mode().Perm() != 0o660 {
+		t.Errorf("API socket mode: %v %v, want 0660", st.Mode(), err)
+	}
 	a.mustVxnet("network", "create", "local")
 	c1, c2 := tn.AddNS("l1"), tn.AddNS("l2")
 	a.mustVxnet("attach", "local", c1)

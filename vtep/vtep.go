@@ -349,6 +349,31 @@ func (m *Manager) createVXLAN(h *netlink.Handle, ns netns.NsHandle, s NetworkSpe
 	return link, nil
 }
 
+// RemoveStrays deletes VXLAN devices left in the host namespace by a crash
+// between creating one and moving it into its network's namespace. Only
+// call it when no EnsureNetwork is running.
+func (m *Manager) RemoveStrays(ctx context.Context) ([]string, error) {
+	links, err := m.hostH.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list host links: %w", err)
+	}
+	var removed []string
+	for _, l := range links {
+		var vni uint32
+		if _, ok := l.(*netlink.Vxlan); !ok {
+			continue
+		}
+		if n, _ := fmt.Sscanf(l.Attrs().Name, "vx-%06x", &vni); n != 1 || l.Attrs().Name != fmt.Sprintf("vx-%06x", vni) {
+			continue
+		}
+		if err := m.hostH.LinkDel(l); err != nil {
+			return removed, fmt.Errorf("remove stray %s: %w", l.Attrs().Name, err)
+		}
+		removed = append(removed, l.Attrs().Name)
+	}
+	return removed, nil
+}
+
 // DeleteNetwork removes a network's namespace; its devices, and the veth
 // pairs to containers, go with it.
 func (m *Manager) DeleteNetwork(ctx context.Context, name string) error {

@@ -234,6 +234,23 @@ func TestAddEndpointRollback(t *testing.T) {
 	}
 }
 
+// A VXLAN device stranded in the host namespace by a crash is removed,
+// and nothing else is.
+func TestRemoveStrays(t *testing.T) {
+	tn := testnet.New(t)
+	h := tn.AddHost("h")
+	m := hostManager(t, h)
+	run(t, h.Name, "ip", "link", "add", "vx-000100", "type", "vxlan", "id", "256", "dstport", "4789", "nolearning")
+	run(t, h.Name, "ip", "link", "add", "vx-other", "type", "vxlan", "id", "257", "dstport", "4790")
+	removed, err := m.RemoveStrays(context.Background())
+	if err != nil || len(removed) != 1 || removed[0] != "vx-000100" {
+		t.Fatalf("RemoveStrays: %v %v", removed, err)
+	}
+	if out := run(t, h.Name, "ip", "link"); !strings.Contains(out, "vx-other") || strings.Contains(out, "vx-000100") {
+		t.Errorf("host links:\n%s", out)
+	}
+}
+
 func TestNetNSLifecycle(t *testing.T) {
 	testnet.RequireRoot(t)
 	dir := t.TempDir()

@@ -253,17 +253,3 @@ func nsName(networkID string) string { return "1-" + networkID[:10] }
 
 func jsonDecode(s string, v any) error { return json.Unmarshal([]byte(s), v) }
 
-// lineHas reports whether one line of out has all parts (iproute2 puts
-// "link-netnsid" in the middle of a moved device's fdb entries).
-func lineHas(out string, parts ...string) bool {
-	for _, line := range strings.Split(out, "\n") {
-		ok := true
-		for _, p := range parts {
-			ok = ok && strings.Contains(line, p)
-		}
-		if ok {
-			return true
-		}
-	}
-	return false
-}

@@ -177,7 +177,7 @@ func TestDriftRepair(t *testing.T) {
 					return fmt.Errorf("neighbor not back")
 				}
 			case "fdb entry":
-				if out, _ := a1.inNS(ns, "bridge", "fdb", "show", "dev", "vxlan1"); !lineHas(out, "02:42:0a:05:00:14 dst 192.168.77.2") {
+				if out, _ := a1.inNS(ns, "bridge", "fdb", "show", "dev", "vxlan1"); !testnet.LineHas(out, "02:42:0a:05:00:14 dst 192.168.77.2") {
 					return fmt.Errorf("fdb entry not back")
 				}
 			case "br0 address":

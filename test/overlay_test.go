@@ -94,7 +94,7 @@ func TestOverlayAcrossHosts(t *testing.T) {
 		t.Errorf("host2 neighbor table:\n%s", out)
 	}
 	out, _ = a2.inNS(ns, "bridge", "fdb", "show", "dev", "vxlan1")
-	if !lineHas(out, "02:42:0a:00:00:02 dst 192.168.77.1", "self permanent") {
+	if !testnet.LineHas(out, "02:42:0a:00:00:02 dst 192.168.77.1", "self permanent") {
 		t.Errorf("host2 fdb:\n%s", out)
 	}
 	out, _ = a2.inNS(ns, "ip", "addr", "show", "br0")
@@ -171,7 +171,7 @@ func TestOverlayAcrossHosts(t *testing.T) {
 		out, _ = a1.inNS(ns, "bridge", "fdb", "show", "dev", "vxlan1")
 		// Only the static "self" entries are ours; br0 may still hold a
 		// learned entry that ages out by itself.
-		if lineHas(out, "02:42:0a:00:00:03", "self") {
+		if testnet.LineHas(out, "02:42:0a:00:00:03", "self") {
 			return fmt.Errorf("fdb entry still there: %s", out)
 		}
 		return nil

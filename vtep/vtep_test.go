@@ -110,7 +110,7 @@ func TestDatapathAcrossHosts(t *testing.T) {
 			t.Errorf("eth0 lacks %q:\n%s", want, out)
 		}
 	}
-	if out := inNS(t, ns1, "bridge", "fdb", "show", "dev", VXLANName); !fdbHas(out, "02:42:0a:00:00:03 dst 192.168.77.2", "self permanent") {
+	if out := inNS(t, ns1, "bridge", "fdb", "show", "dev", VXLANName); !testnet.LineHas(out, "02:42:0a:00:00:03 dst 192.168.77.2", "self permanent") {
 		t.Errorf("fdb:\n%s", out)
 	}
 
@@ -286,17 +286,3 @@ func execIn(path string, args ...string) (string, error) {
 	return string(out), err
 }
 
-// fdbHas reports whether one line of `bridge fdb` output has all parts
-// (iproute2 puts link-netnsid between them when the device moved).
-func fdbHas(out string, parts ...string) bool {
-	for _, line := range strings.Split(out, "\n") {
-		ok := true
-		for _, p := range parts {
-			ok = ok && strings.Contains(line, p)
-		}
-		if ok {
-			return true
-		}
-	}
-	return false
-}

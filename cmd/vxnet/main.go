@@ -62,9 +62,16 @@ func newRoot(out io.Writer) *cobra.Command {
 
 func (c *cli) client() (*api.Client, error) { return api.NewClient(c.host) }
 
-// ctx bounds every call: the agent answers quickly or says why not.
-func (c *cli) ctx(cmd *cobra.Command) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(cmd.Context(), 60*time.Second)
+// withClient runs fn with a client of the agent and a bounded context: the
+// agent answers in time or the command says why not.
+func (c *cli) withClient(cmd *cobra.Command, fn func(context.Context, *api.Client) error) error {
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), 60*time.Second)
+	defer cancel()
+	return fn(ctx, cl)
 }
 
 func (c *cli) json(v any) error {
@@ -96,22 +103,18 @@ func (c *cli) networkCreate() *cobra.Command {
 		Short: "Create an overlay network (visible on every host)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			req.Name = args[0]
-			n, err := cl.CreateNetwork(ctx, req)
-			if err != nil {
-				return err
-			}
-			if c.output == "json" {
-				return c.json(n)
-			}
-			fmt.Fprintln(c.out, n.ID)
-			return nil
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				req.Name = args[0]
+				n, err := cl.CreateNetwork(ctx, req)
+				if err != nil {
+					return err
+				}
+				if c.output == "json" {
+					return c.json(n)
+				}
+				fmt.Fprintln(c.out, n.ID)
+				return nil
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -142,17 +145,13 @@ func (c *cli) networkList() *cobra.Command {
 		Short:   "List networks",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			ns, err := cl.Networks(ctx)
-			if err != nil {
-				return err
-			}
-			return c.printNetworks(ns)
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				ns, err := cl.Networks(ctx)
+				if err != nil {
+					return err
+				}
+				return c.printNetworks(ns)
+			})
 		},
 	}
 }
@@ -163,22 +162,18 @@ func (c *cli) networkInspect() *cobra.Command {
 		Short: "Show networks in detail, with their endpoints (JSON)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			out := []*api.NetworkDetail{}
-			for _, name := range args {
-				d, err := cl.InspectNetwork(ctx, name)
-				if err != nil {
-					return err
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				out := []*api.NetworkDetail{}
+				for _, name := range args {
+					d, err := cl.InspectNetwork(ctx, name)
+					if err != nil {
+						return err
+					}
+					out = append(out, d)
 				}
-				out = append(out, d)
-			}
-			// Inspect is for detail: always JSON, as users of docker expect.
-			return c.json(out)
+				// Inspect is for detail: always JSON, as users of docker expect.
+				return c.json(out)
+			})
 		},
 	}
 }
@@ -190,25 +185,21 @@ func (c *cli) networkRemove() *cobra.Command {
 		Short:   "Remove networks that have no endpoints",
 		Args:    cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			failed := 0
-			for _, name := range args {
-				if err := cl.RemoveNetwork(ctx, name); err != nil {
-					fmt.Fprintln(os.Stderr, "Error:", err)
-					failed++
-					continue
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				failed := 0
+				for _, name := range args {
+					if err := cl.RemoveNetwork(ctx, name); err != nil {
+						fmt.Fprintln(os.Stderr, "Error:", err)
+						failed++
+						continue
+					}
+					fmt.Fprintln(c.out, name)
 				}
-				fmt.Fprintln(c.out, name)
-			}
-			if failed > 0 {
-				return fmt.Errorf("%d of %d networks not removed", failed, len(args))
-			}
-			return nil
+				if failed > 0 {
+					return fmt.Errorf("%d of %d networks not removed", failed, len(args))
+				}
+				return nil
+			})
 		},
 	}
 }
@@ -232,21 +223,17 @@ func (c *cli) attach() *cobra.Command {
 		Short: "Attach a network namespace (a path, or a name under /var/run/netns) to a network",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			req.Netns = args[1]
-			e, err := cl.Attach(ctx, args[0], req)
-			if err != nil {
-				return err
-			}
-			if c.output == "json" {
-				return c.json(e)
-			}
-			return c.printEndpoints([]api.Endpoint{*e})
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				req.Netns = args[1]
+				e, err := cl.Attach(ctx, args[0], req)
+				if err != nil {
+					return err
+				}
+				if c.output == "json" {
+					return c.json(e)
+				}
+				return c.printEndpoints([]api.Endpoint{*e})
+			})
 		},
 	}
 	cmd.Flags().StringVar(&req.Name, "name", "", "endpoint name (default: the namespace's name)")
@@ -260,13 +247,9 @@ func (c *cli) detach() *cobra.Command {
 		Short: "Detach an endpoint of this host from a network",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			return cl.Detach(ctx, args[0], args[1])
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				return cl.Detach(ctx, args[0], args[1])
+			})
 		},
 	}
 }
@@ -279,17 +262,13 @@ func (c *cli) endpointList() *cobra.Command {
 		Short:   "List endpoints on every host",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			eps, err := cl.Endpoints(ctx, network)
-			if err != nil {
-				return err
-			}
-			return c.printEndpoints(eps)
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				eps, err := cl.Endpoints(ctx, network)
+				if err != nil {
+					return err
+				}
+				return c.printEndpoints(eps)
+			})
 		},
 	}
 	cmd.Flags().StringVar(&network, "network", "", "only this network's endpoints")
@@ -303,25 +282,21 @@ func (c *cli) nodeList() *cobra.Command {
 		Short:   "List hosts running an agent",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			ns, err := cl.Nodes(ctx)
-			if err != nil {
-				return err
-			}
-			if c.output == "json" {
-				return c.json(ns)
-			}
-			rows := make([][]string, 0, len(ns))
-			for _, n := range ns {
-				rows = append(rows, []string{n.Name, n.Address, n.State, n.LastSeen.Local().Format(time.DateTime), n.Version})
-			}
-			c.table("NAME\tADDRESS\tSTATE\tLAST SEEN\tVERSION", rows)
-			return nil
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				ns, err := cl.Nodes(ctx)
+				if err != nil {
+					return err
+				}
+				if c.output == "json" {
+					return c.json(ns)
+				}
+				rows := make([][]string, 0, len(ns))
+				for _, n := range ns {
+					rows = append(rows, []string{n.Name, n.Address, n.State, n.LastSeen.Local().Format(time.DateTime), n.Version})
+				}
+				c.table("NAME\tADDRESS\tSTATE\tLAST SEEN\tVERSION", rows)
+				return nil
+			})
 		},
 	}
 }
@@ -333,13 +308,9 @@ func (c *cli) nodeRemove() *cobra.Command {
 		Short:   "Forget a host that is gone and release the addresses its endpoints held",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			return cl.RemoveNode(ctx, args[0])
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				return cl.RemoveNode(ctx, args[0])
+			})
 		},
 	}
 }
@@ -350,33 +321,29 @@ func (c *cli) status() *cobra.Command {
 		Short: "Show the local agent's state",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := c.ctx(cmd)
-			defer cancel()
-			s, err := cl.Status(ctx)
-			if err != nil {
-				return err
-			}
-			if c.output == "json" {
-				return c.json(s)
-			}
-			store := "reachable"
-			if !s.StoreReachable {
-				store = "UNREACHABLE: " + s.StoreError
-				if !s.StoreDownSince.IsZero() {
-					store += fmt.Sprintf(" (since %s)", s.StoreDownSince.Local().Format(time.DateTime))
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				s, err := cl.Status(ctx)
+				if err != nil {
+					return err
 				}
-			}
-			w := tabwriter.NewWriter(c.out, 0, 0, 2, ' ', 0)
-			fmt.Fprintf(w, "Node:\t%s\nAddress:\t%s\nVersion:\t%s\nStore:\t%s\nStore state:\t%s\nNetworks:\t%d\nLocal endpoints:\t%d\nStarted:\t%s\n",
-				s.Node, s.Address, s.Version, s.Store, store, s.Networks, s.LocalEndpoints, s.Started.Local().Format(time.DateTime))
-			if !s.LastReconcile.IsZero() {
-				fmt.Fprintf(w, "Last reconcile:\t%s\n", s.LastReconcile.Local().Format(time.DateTime))
-			}
-			return w.Flush()
+				if c.output == "json" {
+					return c.json(s)
+				}
+				store := "reachable"
+				if !s.StoreReachable {
+					store = "UNREACHABLE: " + s.StoreError
+					if !s.StoreDownSince.IsZero() {
+						store += fmt.Sprintf(" (since %s)", s.StoreDownSince.Local().Format(time.DateTime))
+					}
+				}
+				w := tabwriter.NewWriter(c.out, 0, 0, 2, ' ', 0)
+				fmt.Fprintf(w, "Node:\t%s\nAddress:\t%s\nVersion:\t%s\nStore:\t%s\nStore state:\t%s\nNetworks:\t%d\nLocal endpoints:\t%d\nStarted:\t%s\n",
+					s.Node, s.Address, s.Version, s.Store, store, s.Networks, s.LocalEndpoints, s.Started.Local().Format(time.DateTime))
+				if !s.LastReconcile.IsZero() {
+					fmt.Fprintf(w, "Last reconcile:\t%s\n", s.LastReconcile.Local().Format(time.DateTime))
+				}
+				return w.Flush()
+			})
 		},
 	}
 }

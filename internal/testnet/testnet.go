@@ -149,3 +149,19 @@ func (n *Net) Close() {
 	}
 	n.nsList = nil
 }
+
+// LineHas reports whether one line of out has all parts, in any order
+// (iproute2 puts "link-netnsid" in the middle of a moved device's fdb
+// entries, for one).
+func LineHas(out string, parts ...string) bool {
+	for _, line := range strings.Split(out, "\n") {
+		ok := true
+		for _, p := range parts {
+			ok = ok && strings.Contains(line, p)
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
+}

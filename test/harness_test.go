@@ -252,4 +252,3 @@ func eventually(t *testing.T, timeout time.Duration, what string, fn func() erro
 func nsName(networkID string) string { return "1-" + networkID[:10] }
 
 func jsonDecode(s string, v any) error { return json.Unmarshal([]byte(s), v) }
-

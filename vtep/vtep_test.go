@@ -285,4 +285,3 @@ func execIn(path string, args ...string) (string, error) {
 	out, err := exec.Command("nsenter", append([]string{"--net=" + path}, args...)...).CombinedOutput()
 	return string(out), err
 }
-

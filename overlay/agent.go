@@ -83,6 +83,9 @@ type Agent struct {
 	lastReconcile time.Time
 	ready         bool   // a reconcile with a complete store view has run
 	session       string // the node's store session, "" while it has none
+	// localsView is a copy of locals for readers (status, listings), so
+	// that they never wait for a reconcile or an attach holding mu.
+	localsView map[string]*localEndpoint
 
 	kick    chan struct{}
 	started time.Time
@@ -135,7 +138,23 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		a.log.Warn("skipping unreadable endpoint state", "err", err)
 	}
 	a.locals = locals
+	a.publishView()
 	return a, nil
+}
+
+// publishView copies locals for readers; called with mu held, after every
+// change of locals.
+func (a *Agent) publishView() {
+	v := maps.Clone(a.locals)
+	a.cmu.Lock()
+	a.localsView = v
+	a.cmu.Unlock()
+}
+
+// unlock publishes the locals view and releases mu.
+func (a *Agent) unlock() {
+	a.publishView()
+	a.mu.Unlock()
 }
 
 func (a *Agent) localMTU() int { return a.cfg.UnderlayMTU - 50 }
@@ -403,13 +422,11 @@ func (a *Agent) InspectNetwork(ctx context.Context, name string) (*api.NetworkDe
 		return nil, err
 	}
 	d := &api.NetworkDetail{Network: n.apiView(a.localMTU()), Endpoints: eps}
-	a.mu.Lock()
-	for _, l := range a.locals {
-		if l.Net.ID == n.ID {
+	for _, l := range a.viewLocals() {
+		if l.Net.ID == n.ID && l.Phase == phaseAttached {
 			d.Namespace = a.dp.NetNSPath(n.NamespaceName())
 		}
 	}
-	a.mu.Unlock()
 	return d, nil
 }
 
@@ -458,9 +475,7 @@ func (a *Agent) Endpoints(ctx context.Context, network string) ([]api.Endpoint, 
 		return nil, fmt.Errorf("list endpoints: %w", err)
 	}
 	out := []api.Endpoint{}
-	a.mu.Lock()
-	locals := maps.Clone(a.locals)
-	a.mu.Unlock()
+	locals := a.viewLocals()
 	for _, kv := range pairs {
 		var e Endpoint
 		if err := decodeRecord(kv.Key, kv.Value, &e); err != nil {
@@ -508,16 +523,14 @@ func (a *Agent) Nodes(ctx context.Context) ([]api.Node, error) {
 
 // Status describes this agent.
 func (a *Agent) Status() api.Status {
-	a.mu.Lock()
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
 	nlocal := 0
-	for _, l := range a.locals {
+	for _, l := range a.localsView {
 		if l.Phase == phaseAttached {
 			nlocal++
 		}
 	}
-	a.mu.Unlock()
-	a.cmu.RLock()
-	defer a.cmu.RUnlock()
 	s := api.Status{
 		Node: a.cfg.Node, Address: a.cfg.Advertise.String(), Version: api.Version, Store: a.cfg.StoreName,
 		StoreReachable: a.storeErr == nil && a.netSynced, Networks: len(a.networks), LocalEndpoints: nlocal,
@@ -529,4 +542,10 @@ func (a *Agent) Status() api.Status {
 		s.StoreError = "not synced yet"
 	}
 	return s
+}
+
+func (a *Agent) viewLocals() map[string]*localEndpoint {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	return a.localsView
 }

@@ -89,7 +89,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	}
 
 	a.mu.Lock()
-	defer a.mu.Unlock()
+	defer a.unlock()
 	for _, l := range a.locals {
 		if l.Endpoint.Network == network && l.NetnsID == nsid {
 			return nil, conflictf("netns %q is already attached to network %q as endpoint %q", req.Netns, network, l.Endpoint.Name)
@@ -219,7 +219,7 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 		return &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
 	a.mu.Lock()
-	defer a.mu.Unlock()
+	defer a.unlock()
 	l := a.locals[network+"/"+name]
 	if l == nil {
 		kv, err := a.store.Get(ctx, endpointKey(network, name))

@@ -14,12 +14,16 @@ import (
 // reconcile makes the kernel match the desired state. Without a complete
 // view of the store it only ensures what the local records describe and
 // removes nothing that the store might still want: an outage must never
-// cost a running container its connectivity. full passes also re-program
-// peers whose set did not change (to repair drift) and look for leaked
-// addresses.
+// cost a running container its connectivity.
+//
+// Passes triggered by store events are light: they program the peers of
+// networks whose peer set changed and drop namespaces nobody needs, which
+// is all a remote change can require. Full passes (at start and every
+// resync interval) also check every device, interface, rule and address
+// against the desired state, to repair drift and remove leaks.
 func (a *Agent) reconcile(ctx context.Context, full bool) {
 	a.mu.Lock()
-	defer a.mu.Unlock()
+	defer a.unlock()
 	synced := a.synced()
 	if synced {
 		a.finishInterrupted(ctx)
@@ -28,22 +32,28 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	endpoints := maps.Clone(a.endpoints)
 	a.cmu.RUnlock()
 
-	if stray, err := a.dp.RemoveStrays(ctx); err != nil {
-		a.log.Warn("remove stray vxlan devices", "err", err)
-	} else if len(stray) > 0 {
-		a.log.Warn("removed vxlan devices left in the host namespace by a crash", "devices", stray)
+	if full {
+		if stray, err := a.dp.RemoveStrays(ctx); err != nil {
+			a.log.Warn("remove stray vxlan devices", "err", err)
+		} else if len(stray) > 0 {
+			a.log.Warn("removed vxlan devices left in the host namespace by a crash", "devices", stray)
+		}
 	}
 	plans := desiredState(a.cfg.Node, endpoints, a.locals, a.localMTU())
 	for ns, p := range plans {
 		if ctx.Err() != nil {
 			return
 		}
-		a.ensurePlan(ctx, p, synced)
+		if full {
+			a.ensurePlan(ctx, p, synced)
+		}
 		if synced && (full || a.applied[ns] != peersHash(p.Peers)) {
 			a.syncPeers(ctx, p)
 		}
 	}
-	a.reconcileEgress(ctx)
+	if full {
+		a.reconcileEgress(ctx)
+	}
 	if have, err := a.dp.Networks(); err != nil {
 		a.log.Warn("list network namespaces", "err", err)
 	} else {

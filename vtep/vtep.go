@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -322,7 +323,16 @@ func (m *Manager) createVXLAN(h *netlink.Handle, ns netns.NsHandle, s NetworkSpe
 	if m.cfg.Local.IsValid() {
 		vx.SrcAddr = net.IP(m.cfg.Local.AsSlice())
 	}
-	if err := m.hostH.LinkAdd(vx); err != nil {
+	// EEXIST can also mean a device of a namespace that is being destroyed
+	// still holds the VNI: that clears by itself within moments.
+	var err error
+	for try := 0; try < 20; try++ {
+		if err = m.hostH.LinkAdd(vx); !errors.Is(err, unix.EEXIST) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("create vxlan %s (vni %d): %w", tmp, s.VNI, err)
 	}
 	link, err := m.hostH.LinkByName(tmp)
@@ -377,6 +387,17 @@ func (m *Manager) RemoveStrays(ctx context.Context) ([]string, error) {
 // DeleteNetwork removes a network's namespace; its devices, and the veth
 // pairs to containers, go with it.
 func (m *Manager) DeleteNetwork(ctx context.Context, name string) error {
+	// The kernel destroys a namespace's devices asynchronously; until then
+	// the VXLAN device still holds its VNI on the host's UDP socket and a
+	// new one for the same VNI fails with EEXIST. Deleting it first makes
+	// removal synchronous.
+	if h, ns, err := m.nsHandle(name); err == nil {
+		if l, err := h.LinkByName(VXLANName); err == nil {
+			h.LinkDel(l)
+		}
+		h.Close()
+		ns.Close()
+	}
 	return DeleteNetNS(m.NetNSPath(name))
 }
 

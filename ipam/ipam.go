@@ -320,7 +320,8 @@ func (a *Allocator) Addrs(ctx context.Context, netID string) (map[netip.Addr]Add
 	return out, nil
 }
 
-// AllocateAddr reserves want if given, else the lowest free address. On
+// AllocateAddr reserves want if given (idempotent for the same owner),
+// else the lowest free address. On
 // a collision with another allocator it moves on to a randomly later free
 // address, so that many allocators spread out rather than all retrying the
 // same one.
@@ -332,6 +333,11 @@ func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLea
 		}
 		err := a.store.CAS(ctx, addrKey(netID, want), data, 0)
 		if errors.Is(err, kvstore.ErrConflict) {
+			// Held already: fine if by the same owner (a retry, or a host
+			// re-reserving what it holds), taken otherwise.
+			if held, herr := a.Addrs(ctx, netID); herr == nil && held[want] == owner {
+				return want, nil
+			}
 			return netip.Addr{}, fmt.Errorf("address %s: %w", want, ErrInUse)
 		}
 		if err != nil {

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"time"
 
+	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/vtep"
 )
@@ -196,6 +197,13 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 			continue
 		}
 		data, _ := json.Marshal(&l.Endpoint)
+		// Its address may have been released meanwhile (vxnet node rm):
+		// hold it again before telling anyone about the endpoint.
+		lease := ipam.NetworkLease{Subnet: l.Net.Subnet, Gateway: l.Net.Gateway, VNI: l.Net.VNI}
+		if _, err := a.ipam.AllocateAddr(ctx, l.Net.ID, lease, l.Endpoint.IP, ipam.AddrOwner{Node: a.cfg.Node, Endpoint: l.Endpoint.Name}); err != nil {
+			a.log.Error("cannot hold the address of a running endpoint again; not republishing it", "endpoint", key, "ip", l.Endpoint.IP, "err", err)
+			continue
+		}
 		switch err := a.store.Txn(ctx, a.publishOps(endpointKey(l.Endpoint.Network, l.Endpoint.Name), data)); {
 		case err == nil:
 			a.log.Warn("endpoint was missing from the store; republished", "endpoint", key)

@@ -105,6 +105,19 @@ func TestHostDeathAndReturn(t *testing.T) {
 		t.Fatalf("the address of a gone host's endpoint was reused: %s", e3.IP)
 	}
 
+	// An operator declares host2 gone for good: its records and addresses
+	// are released; a live node cannot be removed.
+	if out, err := a1.vxnet("node", "rm", "host1"); err == nil || !strings.Contains(out, "this node") {
+		t.Errorf("node rm of itself: %v %s", err, out)
+	}
+	a1.mustVxnet("node", "rm", "host2")
+	a1.jsonOut(&nodes, "node", "ls")
+	if len(nodes) != 1 {
+		t.Errorf("nodes after node rm: %+v", nodes)
+	}
+
+	// host2 was not gone after all: it comes back, holds its address again
+	// and republishes its running endpoint.
 	back := time.Now()
 	a2.start()
 	eventually(t, 10*time.Second, "host1 programs host2's endpoint again", func() error { return testnet.Ping(c1, e2.IP) })
@@ -116,8 +129,7 @@ func TestHostDeathAndReturn(t *testing.T) {
 		}
 	}
 
-	// An operator forgets a host for good: refused while it is alive,
-	// then its addresses are released.
+	// A live node cannot be removed.
 	if out, err := a1.vxnet("node", "rm", "host2"); err == nil || !strings.Contains(out, "alive") {
 		t.Errorf("node rm of a live node: %v %s", err, out)
 	}

@@ -65,6 +65,8 @@ type Agent struct {
 	// egress and gwAddrs are nil when egress is off.
 	egress  *nat.Manager
 	gwAddrs *nat.AddrBook
+	// egressReady: the bridge and rules were checked (guarded by mu).
+	egressReady bool
 
 	// mu serialises every change of the kernel and of the local records:
 	// attach, detach and reconcile never interleave.

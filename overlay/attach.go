@@ -136,10 +136,9 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 	a.crashPoint("attach-allocated")
+	// Not journaled again until the end: a purge after a crash finds the
+	// address by its owner and the veth by its name.
 	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
-	if err := a.state.save(l); err != nil {
-		return nil, fmt.Errorf("attach %s: %w", name, err)
-	}
 
 	spec := vtep.NetworkSpec{Name: n.NamespaceName(), VNI: n.VNI, Gateway: netip.PrefixFrom(n.Gateway, n.Subnet.Bits()), MTU: l.MTU}
 	if _, err := a.dp.EnsureNetwork(ctx, spec); err != nil {
@@ -152,9 +151,6 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	}
 	a.crashPoint("attach-veth")
 	l.Endpoint.Interface = ifName
-	if err := a.state.save(l); err != nil {
-		return nil, fmt.Errorf("attach %s: %w", name, err)
-	}
 	// A gateway made here is undone by the rollback's purge: no attached
 	// endpoint of the container needs it then.
 	if _, err := a.ensureGateway(ctx, l); err != nil {

@@ -63,10 +63,16 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 			return false, nil
 		}
 	}
-	if changes, err := a.egress.Ensure(ctx); err != nil {
-		return false, fmt.Errorf("gateway bridge: %w", err)
-	} else if len(changes) > 0 {
-		a.log.Info("gateway bridge and NAT rules set up", "changes", changes)
+	// The bridge and rules are checked once here and then by every full
+	// reconcile: running iptables on every attach would cost more than the
+	// rest of the attach.
+	if !a.egressReady {
+		if changes, err := a.egress.Ensure(ctx); err != nil {
+			return false, fmt.Errorf("gateway bridge: %w", err)
+		} else if len(changes) > 0 {
+			a.log.Info("gateway bridge and NAT rules set up", "changes", changes)
+		}
+		a.egressReady = true
 	}
 	owner := gatewayOwner(l.NetnsID)
 	ip, err := a.gwAddrs.Allocate(owner)
@@ -74,7 +80,15 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 		return false, fmt.Errorf("gateway address: %w", err)
 	}
 	spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: veth, Addr: prefixFor(ip, a.egress.Config().Subnet.Bits())}
-	if _, err := a.egress.AddGateway(ctx, spec); err != nil {
+	_, err = a.egress.AddGateway(ctx, spec)
+	if err != nil {
+		// The bridge may have gone since it was last checked: check it
+		// now and try once more.
+		if _, eerr := a.egress.Ensure(ctx); eerr == nil {
+			_, err = a.egress.AddGateway(ctx, spec)
+		}
+	}
+	if err != nil {
 		a.gwAddrs.Release(owner)
 		return false, fmt.Errorf("gateway interface: %w", err)
 	}
@@ -112,12 +126,14 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 	}
 	want := wantGateways(a.locals)
 	if len(want) > 0 {
+		a.egressReady = false
 		if changes, err := a.egress.Ensure(ctx); err != nil {
 			a.log.Error("gateway bridge and NAT rules", "err", err)
 			return
 		} else if len(changes) > 0 {
 			a.log.Warn("gateway bridge or NAT rules repaired", "changes", changes)
 		}
+		a.egressReady = true
 	}
 	wantVeth := map[string]bool{}
 	owners := map[string]bool{}

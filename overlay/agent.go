@@ -286,17 +286,25 @@ func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
 // refreshes its last-seen time at every resync interval.
 func (a *Agent) registerNode(ctx context.Context) {
 	rec := Node{Version: recordVersion, Name: a.cfg.Node, Address: a.cfg.Advertise, Agent: api.Version, Started: a.started}
-	backoff := time.Second
-	for {
+	repeat(ctx, a.cfg.ResyncInterval, a.log, "register node", func(ctx context.Context) error {
 		rec.Seen = time.Now().UTC()
 		data, _ := json.Marshal(rec)
-		wait := a.cfg.ResyncInterval
-		if err := a.store.Put(ctx, nodeKey(a.cfg.Node), data); err != nil {
+		return a.store.Put(ctx, nodeKey(a.cfg.Node), data)
+	})
+}
+
+// repeat runs fn every period, and sooner while it fails (backing off from
+// one second up to the period), until ctx is done.
+func repeat(ctx context.Context, period time.Duration, log *slog.Logger, what string, fn func(context.Context) error) {
+	backoff := time.Second
+	for {
+		wait := period
+		if err := fn(ctx); err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			a.log.Debug("register node", "err", err)
-			wait, backoff = backoff, min(backoff*2, a.cfg.ResyncInterval)
+			log.Debug(what, "err", err)
+			wait, backoff = min(backoff, period), min(backoff*2, period)
 		} else {
 			backoff = time.Second
 		}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/kvstore"
@@ -52,25 +51,7 @@ func (a *Agent) keepAlive(ctx context.Context) {
 		a.session = strings.TrimSpace(string(data))
 		a.cmu.Unlock()
 	}
-	ttl := a.cfg.NodeTTL
-	backoff := time.Second
-	for {
-		wait := ttl / 3
-		if err := a.renewOrCreate(ctx); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			a.log.Debug("store session", "err", err)
-			wait, backoff = min(backoff, wait), min(backoff*2, wait)
-		} else {
-			backoff = time.Second
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(wait):
-		}
-	}
+	repeat(ctx, a.cfg.NodeTTL/3, a.log, "store session", a.renewOrCreate)
 }
 
 func (a *Agent) renewOrCreate(ctx context.Context) error {

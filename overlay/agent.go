@@ -70,9 +70,12 @@ type Agent struct {
 
 	// mu serialises every change of the kernel and of the local records:
 	// attach, detach and reconcile never interleave.
-	mu      sync.Mutex
-	locals  map[string]*localEndpoint
-	applied map[string]string // namespace -> hash of the peers programmed
+	mu     sync.Mutex
+	locals map[string]*localEndpoint
+	// inflight marks the attaches under way: a reconcile leaves their
+	// records and interfaces alone.
+	inflight map[string]bool
+	applied  map[string]string // namespace -> hash of the peers programmed
 
 	cmu           sync.RWMutex
 	networks      map[string]*Network  // store view, by name
@@ -119,6 +122,7 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		dp:        dp,
 		state:     stateDir{cfg.StateDir},
 		applied:   map[string]string{},
+		inflight:  map[string]bool{},
 		networks:  map[string]*Network{},
 		endpoints: map[string]*Endpoint{},
 		kick:      make(chan struct{}, 1),

@@ -88,16 +88,6 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
 
-	a.mu.Lock()
-	defer a.unlock()
-	for _, l := range a.locals {
-		if l.Endpoint.Network == network && l.NetnsID == nsid {
-			return nil, conflictf("netns %q is already attached to network %q as endpoint %q", req.Netns, network, l.Endpoint.Name)
-		}
-	}
-	if l := a.locals[network+"/"+name]; l != nil {
-		return nil, conflictf("endpoint %q already exists on network %q", name, network)
-	}
 	if kv, err := a.store.Get(ctx, endpointKey(network, name)); err == nil {
 		var e Endpoint
 		_ = json.Unmarshal(kv.Value, &e)
@@ -106,6 +96,21 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 
+	// mu is held only around changes of the local records and the kernel:
+	// the store round trips of concurrent attaches overlap. The record is
+	// marked in flight so that a reconcile running in between neither
+	// undoes it nor takes its interfaces for leaks.
+	a.mu.Lock()
+	for _, l := range a.locals {
+		if l.Endpoint.Network == network && l.NetnsID == nsid {
+			a.mu.Unlock()
+			return nil, conflictf("netns %q is already attached to network %q as endpoint %q", req.Netns, network, l.Endpoint.Name)
+		}
+	}
+	if l := a.locals[network+"/"+name]; l != nil {
+		a.mu.Unlock()
+		return nil, conflictf("endpoint %q already exists on network %q", name, network)
+	}
 	l := &localEndpoint{
 		Phase: phaseAttaching,
 		Endpoint: Endpoint{
@@ -117,12 +122,18 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	// The journal entry comes first: whatever happens next, a restarted
 	// agent finds it and either finishes or undoes the attach.
 	if err := a.state.save(l); err != nil {
+		a.mu.Unlock()
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 	a.locals[l.key()] = l
+	a.inflight[l.key()] = true
+	a.unlock()
 	a.crashPoint("attach-journal")
 	ok := false
 	defer func() {
+		a.mu.Lock()
+		defer a.unlock()
+		delete(a.inflight, l.key())
 		if !ok {
 			if err := a.purge(context.WithoutCancel(ctx), l); err != nil {
 				a.log.Error("attach rollback incomplete; will retry at next reconcile", "endpoint", name, "err", err)
@@ -136,27 +147,12 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 	a.crashPoint("attach-allocated")
-	// Not journaled again until the end: a purge after a crash finds the
-	// address by its owner and the veth by its name.
-	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
 
 	spec := vtep.NetworkSpec{Name: n.NamespaceName(), VNI: n.VNI, Gateway: netip.PrefixFrom(n.Gateway, n.Subnet.Bits()), MTU: l.MTU}
-	if _, err := a.dp.EnsureNetwork(ctx, spec); err != nil {
-		return nil, fmt.Errorf("attach %s: %w", name, err)
-	}
-	a.crashPoint("attach-network")
-	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))
+	ifName, err := a.attachKernel(ctx, l, spec, ip)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
-	a.crashPoint("attach-veth")
-	l.Endpoint.Interface = ifName
-	// A gateway made here is undone by the rollback's purge: no attached
-	// endpoint of the container needs it then.
-	if _, err := a.ensureGateway(ctx, l); err != nil {
-		return nil, fmt.Errorf("attach %s: %w", name, err)
-	}
-	a.crashPoint("attach-gateway")
 
 	data, _ := json.Marshal(&l.Endpoint)
 	err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: networkKey(network), Index: netIdx}},
@@ -171,19 +167,55 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: publish: %w", name, err)
 	}
 	a.crashPoint("attach-published")
+
+	a.mu.Lock()
 	l.Phase = phaseAttached
-	if err := a.state.save(l); err != nil {
+	err = a.state.save(l)
+	if err == nil {
+		ok = true
+		a.cacheEndpoint(&l.Endpoint)
+		// Program the peers known now, so the container can talk as soon
+		// as attach returns rather than at the next watch event.
+		a.syncNetwork(ctx, spec.Name, true)
+	} else {
+		l.Phase = phaseAttaching
+	}
+	a.unlock()
+	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
-	ok = true
-	a.cacheEndpoint(&l.Endpoint)
-	// Program the peers known now, so the container can talk as soon as
-	// attach returns rather than at the next watch event.
-	a.syncNetwork(ctx, spec.Name, true)
 	a.log.Info("endpoint attached", "network", network, "endpoint", name, "ip", ip, "interface", ifName, "netns", path)
 	v := l.Endpoint.apiView()
 	v.Netns = path
 	return &v, nil
+}
+
+// attachKernel builds an attaching endpoint's datapath: the network's
+// namespace if needed, the veth pair and the container's gateway
+// interface. The caller's rollback removes whatever it made.
+func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr) (string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	// Not journaled again until the end: a purge after a crash finds the
+	// address by its owner and the veth by its name.
+	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
+	if _, err := a.dp.EnsureNetwork(ctx, spec); err != nil {
+		return "", err
+	}
+	a.crashPoint("attach-network")
+	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))
+	if err != nil {
+		return "", err
+	}
+	a.crashPoint("attach-veth")
+	l.Endpoint.Interface = ifName
+	// A gateway made here is undone by the rollback's purge: no endpoint
+	// of the container needs it then.
+	if _, err := a.ensureGateway(ctx, l); err != nil {
+		return "", err
+	}
+	a.crashPoint("attach-gateway")
+	return ifName, nil
 }
 
 func (a *Agent) endpointSpec(l *localEndpoint) vtep.EndpointSpec {

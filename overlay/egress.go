@@ -38,7 +38,9 @@ func wantGateways(locals map[string]*localEndpoint) map[nsID]*localEndpoint {
 	sort.Strings(keys) // deterministic choice of the representative
 	for _, k := range keys {
 		l := locals[k]
-		if l.Phase == phaseAttached && !l.Net.Internal {
+		// Attaching records count too: their attach made (or is making)
+		// the gateway. After a crash they are purged before this is asked.
+		if l.Phase != phaseDetaching && !l.Net.Internal {
 			if _, ok := out[l.NetnsID]; !ok {
 				out[l.NetnsID] = l
 			}

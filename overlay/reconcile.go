@@ -58,8 +58,14 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	if have, err := a.dp.Networks(); err != nil {
 		a.log.Warn("list network namespaces", "err", err)
 	} else {
+		// A namespace stays while any local record needs it, including
+		// an attach under way that has not published yet.
+		keep := map[string]bool{}
+		for _, l := range a.locals {
+			keep[l.Net.NamespaceName()] = true
+		}
 		for _, ns := range have {
-			if plans[ns] == nil {
+			if plans[ns] == nil && !keep[ns] {
 				a.log.Info("removing network namespace with no local endpoints", "namespace", ns)
 				if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
 					a.log.Warn("remove network namespace", "namespace", ns, "err", err)
@@ -117,8 +123,12 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 		delete(a.applied, p.Spec.Name) // a rebuilt VTEP has no entries
 	}
 	want := map[string]bool{}
+	for _, l := range a.locals {
+		if l.Net.NamespaceName() == p.Spec.Name {
+			want[l.Endpoint.HostVeth()] = true // any phase: an attach may be under way
+		}
+	}
 	for _, l := range p.Locals {
-		want[l.Endpoint.HostVeth()] = true
 		spec := a.endpointSpec(l)
 		changes, err := a.dp.CheckEndpoint(ctx, spec)
 		switch {
@@ -161,7 +171,7 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 // or a store outage cut short.
 func (a *Agent) finishInterrupted(ctx context.Context) {
 	for _, l := range a.locals {
-		if l.Phase == phaseAttached {
+		if l.Phase == phaseAttached || a.inflight[l.key()] {
 			continue
 		}
 		a.log.Warn("cleaning up an interrupted operation", "phase", l.Phase, "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name)

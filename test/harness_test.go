@@ -29,7 +29,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binDir = dir
-	cmd := exec.Command("go", "build", "-o", dir+"/", "../cmd/vxnetd", "../cmd/vxnet")
+	args := []string{"build", "-o", dir + "/"}
+	if os.Getenv("VXNET_RACE") != "" {
+		args = append(args, "-race") // agents built with the race detector
+	}
+	cmd := exec.Command("go", append(args, "../cmd/vxnetd", "../cmd/vxnet")...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build binaries:", err)
@@ -182,6 +186,9 @@ func (a *agent) logTail() string {
 // failed test leaves nothing behind.
 func (a *agent) cleanup() {
 	a.stop(syscall.SIGKILL)
+	if strings.Contains(a.log(), "DATA RACE") {
+		a.t.Errorf("agent %s: the race detector found a data race:\n%s", a.node, a.log())
+	}
 	if a.t.Failed() {
 		a.t.Logf("agent %s log:\n%s", a.node, a.logTail())
 	}

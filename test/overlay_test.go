@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -308,5 +309,62 @@ func TestCLIUnreachableAgent(t *testing.T) {
 	}
 	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("took %s", d)
+	}
+}
+
+// Attaches on one host run concurrently (their store round trips overlap)
+// while reconciles run: every one gets its own address and interfaces, a
+// name is taken once, and nothing is left half-made.
+func TestConcurrentAttaches(t *testing.T) {
+	c := newCluster(t, 1)
+	a := c.agents[0]
+	a.mustVxnet("network", "create", "par", "--subnet", "10.11.0.0/24")
+	const n = 16
+	nss := make([]string, n)
+	for i := range nss {
+		nss[i] = c.net.AddNS(fmt.Sprintf("p%d", i))
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	outs := make([]string, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Pairs share a name: exactly one of each pair may win.
+			outs[i], errs[i] = a.vxnet("attach", "par", nss[i], "--name", fmt.Sprintf("ep%d", i/2))
+		}()
+	}
+	wg.Wait()
+	won := 0
+	for i := range n {
+		if errs[i] == nil {
+			won++
+		} else if !strings.Contains(outs[i], "already") {
+			t.Errorf("attach %d: %v %s", i, errs[i], outs[i])
+		}
+	}
+	if won != n/2 {
+		t.Errorf("%d attaches succeeded, want %d (one per name)", won, n/2)
+	}
+	time.Sleep(2500 * time.Millisecond) // a full reconcile runs in between
+	var eps []api.Endpoint
+	a.jsonOut(&eps, "endpoint", "ls")
+	ips := map[string]bool{}
+	for _, e := range eps {
+		if ips[e.IP] {
+			t.Errorf("duplicate address %s", e.IP)
+		}
+		ips[e.IP] = true
+	}
+	var d []api.NetworkDetail
+	a.jsonOut(&d, "network", "inspect", "par")
+	out, _ := a.inNS(nsName(d[0].ID), "ip", "-o", "link", "show", "type", "veth")
+	if got := strings.Count(out, "\n"); got != len(eps) || len(eps) != n/2 {
+		t.Errorf("%d endpoints, %d veths, want %d of each", len(eps), got, n/2)
+	}
+	gws, _ := exec.Command("ip", "-n", c.hosts[0].Name, "-o", "link", "show", "master", "vxnet_gwbridge").Output()
+	if got := strings.Count(string(gws), "\n"); got != n/2 {
+		t.Errorf("%d gateway interfaces, want %d", got, n/2)
 	}
 }

@@ -1,6 +1,8 @@
 package overlay
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -123,4 +125,38 @@ func FuzzDecodeEndpoint(f *testing.F) {
 			}
 		}
 	})
+}
+
+func BenchmarkDesiredState(b *testing.B) {
+	// 20 hosts x 50 endpoints on one network, 50 of them local.
+	n := testNet("n", strings.Repeat("e", 64), 256, "10.0.0.0/20")
+	eps := map[string]*Endpoint{}
+	locals := map[string]*localEndpoint{}
+	for h := range 20 {
+		for i := range 50 {
+			ip := netip.AddrFrom4([4]byte{10, 0, byte(h), byte(i + 2)})
+			e := testEP(n, fmt.Sprintf("e%d-%d", h, i), fmt.Sprint("h", h), ip.String(), fmt.Sprintf("192.168.0.%d", h+1))
+			eps[n.Name+"/"+e.Name] = e
+			if h == 0 {
+				locals[n.Name+"/"+e.Name] = &localEndpoint{Phase: phaseAttached, Endpoint: *e, Net: n}
+			}
+		}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		p := desiredState("h0", eps, locals, 1450)
+		peersHash(p["1-eeeeeeeeee"].Peers)
+	}
+}
+
+func BenchmarkDecodeEndpoint(b *testing.B) {
+	n := testNet("n", strings.Repeat("f", 64), 256, "10.0.0.0/24")
+	data, _ := json.Marshal(testEP(n, "web", "h1", "10.0.0.2", "192.168.0.1"))
+	b.ReportAllocs()
+	for b.Loop() {
+		var e Endpoint
+		if err := decodeRecord("endpoints/n/web", data, &e); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -1,4 +1,4 @@
-.PHONY: build test demo bench vet
+.PHONY: build test demo bench bench-go vet
 build:
 	go build -o bin/ ./cmd/vxnetd ./cmd/vxnet
 test:
@@ -7,3 +7,5 @@ demo:
 	scripts/demo.sh
 vet:
 	go vet ./...
+bench-go:
+	go test -run XXX -bench . ./ipam/ ./vtep/ ./overlay/

@@ -194,3 +194,22 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 }
 
 func prefixFor(ip netip.Addr, bits int) netip.Prefix { return netip.PrefixFrom(ip, bits) }
+
+// CheckGatewaySubnet refuses a gateway subnet that overlaps an overlay
+// network: containers would have two routes to the same addresses.
+func (a *Agent) CheckGatewaySubnet(ctx context.Context) error {
+	if a.egress == nil {
+		return nil
+	}
+	nets, err := a.Networks(ctx)
+	if err != nil {
+		return err
+	}
+	sub := a.egress.Config().Subnet
+	for _, n := range nets {
+		if p, err := netip.ParsePrefix(n.Subnet); err == nil && p.Overlaps(sub) {
+			return fmt.Errorf("--gateway-subnet %s overlaps network %s (%s): choose another", sub, n.Name, n.Subnet)
+		}
+	}
+	return nil
+}

@@ -194,6 +194,17 @@ func run() error {
 		return err
 	}
 
+	{
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		err := agent.CheckGatewaySubnet(ctx)
+		cancel()
+		switch {
+		case errors.Is(err, kvstore.ErrUnavailable):
+			log.Warn("cannot check the gateway subnet against the overlay networks: store unreachable", "err", err)
+		case err != nil:
+			return err
+		}
+	}
 	ln, err := listen(o.socket, o.socketGroup)
 	if err != nil {
 		return err

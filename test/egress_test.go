@@ -84,6 +84,17 @@ func TestEgress(t *testing.T) {
 
 	a1.mustVxnet("network", "create", "pub")
 	a1.mustVxnet("network", "create", "priv", "--internal")
+	// A gateway subnet that overlaps an overlay network is refused at start.
+	dir := t.TempDir()
+	bad := exec.Command("nsenter", "--net="+c.hosts[1].Path, binDir+"/vxnetd", "--store", c.consul.URL("vxnet/"),
+		"--advertise", c.hosts[1].Addr.String(), "--state-dir", dir+"/s", "--run-dir", dir+"/r", "--socket", dir+"/sock",
+		"--gateway-subnet", "10.0.0.0/16")
+	if out, err := bad.CombinedOutput(); err == nil || !strings.Contains(string(out), "overlaps network") {
+		t.Errorf("overlapping --gateway-subnet: %v\n%s", err, out)
+	}
+	if out, _ := a1.vxnet("network", "create", "clash", "--subnet", "172.18.5.0/24"); !strings.Contains(out, "gateway subnet") {
+		t.Errorf("network overlapping the gateway subnet: %s", out)
+	}
 	ca, cb, ci := c.net.AddNS("ca"), c.net.AddNS("cb"), c.net.AddNS("ci")
 	a1.mustVxnet("attach", "pub", ca)
 	a1.mustVxnet("attach", "pub", cb)

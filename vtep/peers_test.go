@@ -2,8 +2,10 @@ package vtep
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"testing"
 )
 
@@ -57,5 +59,68 @@ func BenchmarkPlanPeers(b *testing.B) {
 				PlanPeers(want, haveNeigh, haveFDB)
 			}
 		})
+	}
+}
+
+// apply does to the maps what SyncPeers does to the kernel.
+func apply(p PeerPlan, neigh map[netip.Addr]net.HardwareAddr, fdb map[string]netip.Addr) {
+	for _, ip := range p.DelNeigh {
+		delete(neigh, ip)
+	}
+	for _, mac := range p.DelFDB {
+		delete(fdb, mac.String())
+	}
+	for _, w := range p.AddNeigh {
+		neigh[w.IP] = w.MAC
+	}
+	for _, w := range p.AddFDB {
+		fdb[w.MAC.String()] = w.VTEP
+	}
+}
+
+func TestPlanPeersDuplicates(t *testing.T) {
+	a := peer(2, 1)
+	sameIP := Peer{IP: a.IP, MAC: peer(3, 1).MAC, VTEP: a.VTEP}
+	sameMAC := Peer{IP: peer(4, 1).IP, MAC: a.MAC, VTEP: netip.MustParseAddr("192.168.0.9")}
+	want := []Peer{a, sameIP, sameMAC}
+	neigh, fdb := map[netip.Addr]net.HardwareAddr{}, map[string]netip.Addr{}
+	p := PlanPeers(want, neigh, fdb)
+	if len(p.AddNeigh) != 2 || len(p.AddFDB) != 2 {
+		t.Fatalf("one neighbor per IP, one FDB entry per MAC: %+v", p)
+	}
+	apply(p, neigh, fdb)
+	if !slices.Equal(neigh[a.IP], a.MAC) || fdb[a.MAC.String()] != a.VTEP {
+		t.Errorf("the first duplicate should win: %v %v", neigh, fdb)
+	}
+	if p := PlanPeers(want, neigh, fdb); !p.Empty() {
+		t.Errorf("duplicates make every sync rewrite: %+v", p)
+	}
+}
+
+// Whatever the kernel holds, one plan applied makes it exactly want.
+func TestPlanPeersConverges(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for round := range 200 {
+		neigh, fdb := map[netip.Addr]net.HardwareAddr{}, map[string]netip.Addr{}
+		for range r.IntN(30) {
+			q := peer(r.IntN(40), byte(r.IntN(3)))
+			neigh[q.IP] = peer(r.IntN(40), 0).MAC
+			fdb[q.MAC.String()] = q.VTEP
+		}
+		var want []Peer
+		for range r.IntN(30) {
+			want = append(want, peer(r.IntN(40), byte(r.IntN(3))))
+		}
+		apply(PlanPeers(want, neigh, fdb), neigh, fdb)
+		if p := PlanPeers(want, neigh, fdb); !p.Empty() {
+			t.Fatalf("round %d: second plan not empty: %+v", round, p)
+		}
+		wantIP, wantMAC := map[netip.Addr]bool{}, map[string]bool{}
+		for _, w := range want {
+			wantIP[w.IP], wantMAC[w.MAC.String()] = true, true
+		}
+		if len(neigh) != len(wantIP) || len(fdb) != len(wantMAC) {
+			t.Fatalf("round %d: %d neighbors for %d IPs, %d fdb for %d MACs", round, len(neigh), len(wantIP), len(fdb), len(wantMAC))
+		}
 	}
 }

@@ -13,8 +13,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -28,38 +28,62 @@ const (
 	VXLANName  = "vxlan1"
 )
 
+// DefaultVXLANPort is the IANA port, which Docker's overlay uses too.
+const DefaultVXLANPort = 4789
+
+// VXLANOverhead is what encapsulation adds to a frame: the default network
+// MTU is the underlay's minus this.
+const VXLANOverhead = 50
+
 // ErrEndpointGone is returned by CheckEndpoint when an endpoint's veth is
 // missing entirely.
 var ErrEndpointGone = errors.New("endpoint interface gone")
 
 // Config describes the host.
 type Config struct {
-	// NetNSDir is where per-network namespaces are bind-mounted.
+	// NetNSDir is where per-network namespaces are bind-mounted. Each
+	// agent on a machine needs its own.
 	NetNSDir string
 	// Local is the host's underlay address: the VXLAN source.
-	Local     netip.Addr
+	Local netip.Addr
+	// VXLANPort is the UDP port of the VTEPs; 0 means DefaultVXLANPort.
 	VXLANPort int
 }
 
 // Manager drives one host's overlay datapath. The namespace that is
 // current when New is called is the host namespace: VXLAN devices are
-// created there so that their UDP sockets live on the underlay.
+// created there so that their UDP sockets live on the underlay. A Manager
+// is safe for concurrent use; calls on the same network are serialized.
 type Manager struct {
 	cfg   Config
 	host  netns.NsHandle
 	hostH *netlink.Handle
+	// hostMu guards the temporary VXLAN names in the host namespace, which
+	// RemoveStrays would otherwise take for crash remnants mid-creation.
+	hostMu sync.Mutex
+	nets   keyedMutex
+	// failAt, set by tests only, injects an error at a named step so that
+	// every rollback path can be exercised against the kernel.
+	failAt func(step string) error
 }
 
-// New opens a handle on the calling thread's namespace.
+// New opens a handle on the calling thread's namespace, which becomes the
+// host namespace, and creates NetNSDir.
 func New(cfg Config) (*Manager, error) {
 	if cfg.VXLANPort == 0 {
-		cfg.VXLANPort = 4789
+		cfg.VXLANPort = DefaultVXLANPort
+	}
+	if cfg.VXLANPort < 0 || cfg.VXLANPort > 65535 {
+		return nil, fmt.Errorf("vtep: vxlan port %d out of range", cfg.VXLANPort)
 	}
 	if cfg.NetNSDir == "" {
 		return nil, errors.New("vtep: NetNSDir is required")
 	}
+	if cfg.Local.IsValid() {
+		cfg.Local = cfg.Local.Unmap()
+	}
 	if err := os.MkdirAll(cfg.NetNSDir, 0o700); err != nil {
-		return nil, fmt.Errorf("vtep: %w", err)
+		return nil, fmt.Errorf("vtep: create netns dir: %w", err)
 	}
 	host, err := netns.Get()
 	if err != nil {
@@ -68,7 +92,7 @@ func New(cfg Config) (*Manager, error) {
 	h, err := netlink.NewHandleAt(host)
 	if err != nil {
 		host.Close()
-		return nil, fmt.Errorf("vtep: netlink handle: %w", err)
+		return nil, fmt.Errorf("vtep: netlink handle on host netns: %w", err)
 	}
 	return &Manager{cfg: cfg, host: host, hostH: h}, nil
 }
@@ -82,28 +106,37 @@ func (m *Manager) Close() {
 // UnderlayMTU is the MTU of the interface holding local in the calling
 // thread's namespace.
 func UnderlayMTU(local netip.Addr) (int, error) {
-	links, err := netlink.LinkList()
+	return underlayMTU(nil, local)
+}
+
+// underlayMTU looks local up through h; nil means the calling thread's
+// namespace (a zero Handle has no sockets of its own and uses it).
+func underlayMTU(h *netlink.Handle, local netip.Addr) (int, error) {
+	if h == nil {
+		h = &netlink.Handle{}
+	}
+	addrs, err := h.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("underlay mtu: list addresses: %w", err)
 	}
-	for _, l := range links {
-		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
-		if err != nil {
-			continue
-		}
-		for _, a := range addrs {
-			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && ip == local {
-				return l.Attrs().MTU, nil
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == local.Unmap() {
+			l, err := h.LinkByIndex(a.LinkIndex)
+			if err != nil {
+				return 0, fmt.Errorf("underlay mtu: interface of %s: %w", local, err)
 			}
+			return l.Attrs().MTU, nil
 		}
 	}
-	return 0, fmt.Errorf("no interface holds %s", local)
+	return 0, fmt.Errorf("underlay mtu: no interface holds %s", local)
 }
 
 // NetNSPath is where a network's namespace is mounted.
 func (m *Manager) NetNSPath(name string) string { return filepath.Join(m.cfg.NetNSDir, name) }
 
-// Networks lists the namespaces present under NetNSDir.
+// Networks lists the namespaces present under NetNSDir. A file that is
+// not a namespace mount (a crash remnant) is listed too, so that the
+// caller deletes or repairs it like any unwanted network.
 func (m *Manager) Networks() ([]string, error) {
 	entries, err := os.ReadDir(m.cfg.NetNSDir)
 	if err != nil {
@@ -111,23 +144,46 @@ func (m *Manager) Networks() ([]string, error) {
 	}
 	var out []string
 	for _, e := range entries {
-		out = append(out, e.Name())
+		if !e.IsDir() {
+			out = append(out, e.Name())
+		}
 	}
 	return out, nil
 }
 
 // nsHandle opens a netlink handle inside a network's namespace.
 func (m *Manager) nsHandle(name string) (*netlink.Handle, netns.NsHandle, error) {
-	ns, err := netns.GetFromPath(m.NetNSPath(name))
+	path := m.NetNSPath(name)
+	ns, err := netns.GetFromPath(path)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	if !IsNetNS(path) {
+		ns.Close()
+		return nil, 0, fmt.Errorf("open netns %s: %w", path, errNotNetNS)
 	}
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
 		ns.Close()
-		return nil, 0, err
+		return nil, 0, fmt.Errorf("netlink handle in %s: %w", path, err)
 	}
 	return h, ns, nil
+}
+
+var errNotNetNS = errors.New("not a network namespace")
+
+// step runs the test hook, if any, and checks the context: the points
+// between kernel changes where giving up is safe.
+func (m *Manager) step(ctx context.Context, name string) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("before %s: %w", name, err)
+	}
+	if m.failAt != nil {
+		if err := m.failAt(name); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	return nil
 }
 
 // NetworkSpec is one overlay network on this host.
@@ -135,51 +191,101 @@ type NetworkSpec struct {
 	Name    string       // namespace file name
 	VNI     uint32       // VXLAN network identifier
 	Gateway netip.Prefix // br0's address, with the subnet's length
-	MTU     int
+	MTU     int          // 0 = the underlay's MTU minus VXLANOverhead
+}
+
+func (s *NetworkSpec) check() error {
+	switch {
+	case s.Name == "" || s.Name == "." || s.Name == ".." || strings.ContainsRune(s.Name, '/'):
+		return fmt.Errorf("invalid network name %q", s.Name)
+	case s.VNI >= 1<<24:
+		return fmt.Errorf("vni %d does not fit 24 bits", s.VNI)
+	case !s.Gateway.IsValid() || !s.Gateway.Addr().Unmap().Is4():
+		return fmt.Errorf("gateway %s is not an IPv4 prefix", s.Gateway)
+	case s.MTU != 0 && (s.MTU < 68 || s.MTU > 65535):
+		return fmt.Errorf("mtu %d out of range", s.MTU)
+	}
+	s.Gateway = netip.PrefixFrom(s.Gateway.Addr().Unmap(), s.Gateway.Bits())
+	return nil
 }
 
 // EnsureNetwork creates or repairs a network's namespace, br0 and vxlan1.
-// It returns what it had to change, empty when all was right.
-func (m *Manager) EnsureNetwork(ctx context.Context, s NetworkSpec) ([]string, error) {
-	var changes []string
+// It returns what it had to change, empty when all was right. A namespace
+// it created is removed again if a later step fails.
+func (m *Manager) EnsureNetwork(ctx context.Context, s NetworkSpec) (changes []string, err error) {
+	if err := s.check(); err != nil {
+		return nil, fmt.Errorf("network %s: %w", s.Name, err)
+	}
+	if s.MTU == 0 {
+		mtu, err := underlayMTU(m.hostH, m.cfg.Local)
+		if err != nil {
+			return nil, fmt.Errorf("network %s: default mtu: %w", s.Name, err)
+		}
+		s.MTU = mtu - VXLANOverhead
+	}
+	defer m.nets.lock(s.Name)()
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("network %s: %w", s.Name, err)
+		}
+	}()
+	if err := m.step(ctx, "create namespace"); err != nil {
+		return nil, err
+	}
 	path := m.NetNSPath(s.Name)
 	if !IsNetNS(path) {
 		if err := CreateNetNS(path); err != nil {
 			return nil, err
 		}
 		changes = append(changes, "created namespace "+s.Name)
+		defer func() {
+			if err != nil {
+				if derr := m.deleteNetwork(s.Name); derr != nil {
+					err = errors.Join(err, fmt.Errorf("roll back: %w", derr))
+				}
+			}
+		}()
 	}
 	h, ns, err := m.nsHandle(s.Name)
 	if err != nil {
-		return changes, fmt.Errorf("network %s: %w", s.Name, err)
+		return changes, err
 	}
 	defer ns.Close()
 	defer h.Close()
-	if err := ctx.Err(); err != nil {
-		return changes, err
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return changes, fmt.Errorf("lo: %w", err)
 	}
-	if lo, err := h.LinkByName("lo"); err == nil && lo.Attrs().Flags&net.FlagUp == 0 {
+	if lo.Attrs().Flags&net.FlagUp == 0 {
 		if err := h.LinkSetUp(lo); err != nil {
-			return changes, fmt.Errorf("network %s: lo up: %w", s.Name, err)
+			return changes, fmt.Errorf("set lo up: %w", err)
 		}
+	}
+	if err := m.step(ctx, "bridge"); err != nil {
+		return changes, err
 	}
 	br, c, err := ensureBridge(h, s)
 	changes = append(changes, c...)
 	if err != nil {
-		return changes, fmt.Errorf("network %s: %w", s.Name, err)
+		return changes, err
 	}
-	c, err = m.ensureVXLAN(h, ns, br, s)
+	if err := m.step(ctx, "vxlan"); err != nil {
+		return changes, err
+	}
+	c, err = m.ensureVXLAN(ctx, h, ns, br, s)
 	changes = append(changes, c...)
-	if err != nil {
-		return changes, fmt.Errorf("network %s: %w", s.Name, err)
-	}
-	return changes, nil
+	return changes, err
 }
 
 func ensureBridge(h *netlink.Handle, s NetworkSpec) (netlink.Link, []string, error) {
 	var changes []string
 	br, err := h.LinkByName(BridgeName)
-	if err == nil && br.Type() != "bridge" {
+	switch {
+	case isNotFound(err):
+		br = nil
+	case err != nil:
+		return nil, nil, fmt.Errorf("look up %s: %w", BridgeName, err)
+	case br.Type() != "bridge":
 		if err := h.LinkDel(br); err != nil {
 			return nil, changes, fmt.Errorf("remove non-bridge %s: %w", BridgeName, err)
 		}
@@ -193,10 +299,12 @@ func ensureBridge(h *netlink.Handle, s NetworkSpec) (netlink.Link, []string, err
 			return nil, changes, fmt.Errorf("create %s: %w", BridgeName, err)
 		}
 		if br, err = h.LinkByName(BridgeName); err != nil {
-			return nil, changes, err
+			return nil, changes, fmt.Errorf("look up new %s: %w", BridgeName, err)
 		}
 		changes = append(changes, "created "+BridgeName)
 	}
+	// An MTU set explicitly sticks: the kernel no longer lowers a bridge's
+	// MTU to its smallest port's once the user has chosen one.
 	if br.Attrs().MTU != s.MTU {
 		if err := h.LinkSetMTU(br, s.MTU); err != nil {
 			return nil, changes, fmt.Errorf("set %s mtu %d: %w", BridgeName, s.MTU, err)
@@ -210,14 +318,15 @@ func ensureBridge(h *netlink.Handle, s NetworkSpec) (netlink.Link, []string, err
 	}
 	if br.Attrs().Flags&net.FlagUp == 0 {
 		if err := h.LinkSetUp(br); err != nil {
-			return nil, changes, fmt.Errorf("%s up: %w", BridgeName, err)
+			return nil, changes, fmt.Errorf("set %s up: %w", BridgeName, err)
 		}
 		changes = append(changes, BridgeName+" set up")
 	}
 	return br, changes, nil
 }
 
-// ensureAddr makes want the link's only IPv4 address.
+// ensureAddr makes want the link's only IPv4 address: a stale gateway
+// left from an earlier subnet would answer for addresses no longer ours.
 func ensureAddr(h *netlink.Handle, link netlink.Link, want netip.Prefix) ([]string, error) {
 	var changes []string
 	addrs, err := h.AddrList(link, netlink.FAMILY_V4)
@@ -244,8 +353,10 @@ func ensureAddr(h *netlink.Handle, link netlink.Link, want netip.Prefix) ([]stri
 	return changes, nil
 }
 
-// vxlanMismatch says why an existing VXLAN device cannot be kept.
-func (m *Manager) vxlanMismatch(l netlink.Link, vni uint32) string {
+// vxlanMismatch says why an existing VXLAN device cannot be kept, "" if it
+// can. Only a new device can fix these: the kernel refuses to change most
+// VXLAN attributes in place, and the socket's namespace never moves.
+func (m *Manager) vxlanMismatch(h *netlink.Handle, l netlink.Link, vni uint32) string {
 	vx, ok := l.(*netlink.Vxlan)
 	switch {
 	case !ok:
@@ -260,62 +371,88 @@ func (m *Manager) vxlanMismatch(l netlink.Link, vni uint32) string {
 		return "proxy off"
 	case m.cfg.Local.IsValid() && !vx.SrcAddr.Equal(net.IP(m.cfg.Local.AsSlice())):
 		return fmt.Sprintf("local %s != %s", vx.SrcAddr, m.cfg.Local)
+	case vx.NetNsID < 0:
+		// No link netns: it was created inside the network namespace,
+		// so its UDP socket is there too, off the underlay.
+		return "socket not in the host namespace"
+	}
+	if id, err := h.GetNetNsIdByFd(int(m.host)); err == nil && id >= 0 && id != vx.NetNsID {
+		return fmt.Sprintf("socket in netns id %d, host is %d", vx.NetNsID, id)
 	}
 	return ""
 }
 
-func (m *Manager) ensureVXLAN(h *netlink.Handle, ns netns.NsHandle, br netlink.Link, s NetworkSpec) ([]string, error) {
+func (m *Manager) ensureVXLAN(ctx context.Context, h *netlink.Handle, ns netns.NsHandle, br netlink.Link, s NetworkSpec) ([]string, error) {
 	var changes []string
 	vx, err := h.LinkByName(VXLANName)
-	if err == nil {
-		if why := m.vxlanMismatch(vx, s.VNI); why != "" {
+	switch {
+	case isNotFound(err):
+		vx = nil
+	case err != nil:
+		return nil, fmt.Errorf("look up %s: %w", VXLANName, err)
+	default:
+		if why := m.vxlanMismatch(h, vx, s.VNI); why != "" {
 			if err := h.LinkDel(vx); err != nil {
-				return changes, fmt.Errorf("remove incompatible %s: %w", VXLANName, err)
+				return changes, fmt.Errorf("remove incompatible %s (%s): %w", VXLANName, why, err)
 			}
-			changes = append(changes, fmt.Sprintf("replaced %s: %s", VXLANName, why))
+			changes = append(changes, fmt.Sprintf("recreated %s: %s", VXLANName, why))
 			vx = nil
 		}
-	} else {
-		vx = nil
 	}
-	if vx == nil {
-		if vx, err = m.createVXLAN(h, ns, s); err != nil {
+	created := vx == nil
+	if created {
+		if vx, err = m.createVXLAN(ctx, h, ns, s); err != nil {
 			return changes, err
 		}
-		changes = append(changes, fmt.Sprintf("created %s (vni %d)", VXLANName, s.VNI))
+		if len(changes) == 0 {
+			changes = append(changes, fmt.Sprintf("created %s (vni %d)", VXLANName, s.VNI))
+		}
+	}
+	// A new device is configured like a repaired one, but its steps are
+	// not drift and so not reported.
+	report := func(c string) {
+		if !created {
+			changes = append(changes, c)
+		}
 	}
 	a := vx.Attrs()
 	if a.MTU != s.MTU {
 		if err := h.LinkSetMTU(vx, s.MTU); err != nil {
-			return changes, fmt.Errorf("set %s mtu: %w", VXLANName, err)
+			return changes, fmt.Errorf("set %s mtu %d: %w", VXLANName, s.MTU, err)
 		}
-		if len(changes) == 0 || !strings.HasPrefix(changes[len(changes)-1], "created "+VXLANName) {
-			changes = append(changes, fmt.Sprintf("%s mtu %d -> %d", VXLANName, a.MTU, s.MTU))
-		}
+		report(fmt.Sprintf("%s mtu %d -> %d", VXLANName, a.MTU, s.MTU))
 	}
 	if a.MasterIndex != br.Attrs().Index {
 		if err := h.LinkSetMasterByIndex(vx, br.Attrs().Index); err != nil {
 			return changes, fmt.Errorf("enslave %s to %s: %w", VXLANName, BridgeName, err)
 		}
-		changes = append(changes, VXLANName+" attached to "+BridgeName)
+		report(VXLANName + " attached to " + BridgeName)
 	}
 	if a.Flags&net.FlagUp == 0 {
 		if err := h.LinkSetUp(vx); err != nil {
-			return changes, fmt.Errorf("%s up: %w", VXLANName, err)
+			return changes, fmt.Errorf("set %s up: %w", VXLANName, err)
 		}
-		changes = append(changes, VXLANName+" set up")
+		report(VXLANName + " set up")
 	}
 	return changes, nil
 }
 
+// tempVXLANName is the host-namespace name of a VXLAN device between its
+// creation and its move, derived from the VNI so that a remnant of a crash
+// in between is recognised.
+func tempVXLANName(vni uint32) string { return fmt.Sprintf("vx-%06x", vni) }
+
 // createVXLAN makes the device in the host namespace, where its UDP socket
 // is bound on the underlay, and then moves it into the network's
-// namespace. The temporary name is derived from the VNI so that a remnant
-// of a crash between the two steps is recognised and replaced.
-func (m *Manager) createVXLAN(h *netlink.Handle, ns netns.NsHandle, s NetworkSpec) (netlink.Link, error) {
-	tmp := fmt.Sprintf("vx-%06x", s.VNI)
+// namespace; the socket stays behind in the host namespace, as intended.
+func (m *Manager) createVXLAN(ctx context.Context, h *netlink.Handle, ns netns.NsHandle, s NetworkSpec) (netlink.Link, error) {
+	m.hostMu.Lock()
+	defer m.hostMu.Unlock()
+	tmp := tempVXLANName(s.VNI)
 	if old, err := m.hostH.LinkByName(tmp); err == nil {
-		m.hostH.LinkDel(old)
+		if err := m.hostH.LinkDel(old); err != nil {
+			return nil, fmt.Errorf("remove leftover %s from the host namespace: %w", tmp, err)
+		}
 	}
 	attrs := netlink.NewLinkAttrs()
 	attrs.Name, attrs.MTU = tmp, s.MTU
@@ -323,58 +460,83 @@ func (m *Manager) createVXLAN(h *netlink.Handle, ns netns.NsHandle, s NetworkSpe
 	if m.cfg.Local.IsValid() {
 		vx.SrcAddr = net.IP(m.cfg.Local.AsSlice())
 	}
-	// EEXIST can also mean a device of a namespace that is being destroyed
-	// still holds the VNI: that clears by itself within moments.
+	// EEXIST here means another device on the same socket has the VNI.
+	// It can be one of a namespace being destroyed, which the kernel
+	// cleans up asynchronously, so wait a little before giving up.
 	var err error
-	for try := 0; try < 20; try++ {
-		if err = m.hostH.LinkAdd(vx); !errors.Is(err, unix.EEXIST) {
+	for try := 0; ; try++ {
+		if err = m.hostH.LinkAdd(vx); !errors.Is(err, unix.EEXIST) || try == 20 {
 			break
 		}
-		time.Sleep(50 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("create vxlan %s (vni %d): %w (gave up: %w)", tmp, s.VNI, err, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("create vxlan %s (vni %d): %w", tmp, s.VNI, err)
 	}
-	link, err := m.hostH.LinkByName(tmp)
-	if err == nil {
-		err = m.hostH.LinkSetNsFd(link, int(ns))
+	moved := false
+	defer func() {
+		if !moved {
+			if l, err := m.hostH.LinkByName(tmp); err == nil {
+				m.hostH.LinkDel(l)
+			}
+		}
+	}()
+	if err := m.step(ctx, "move vxlan"); err != nil {
+		return nil, err
 	}
+	link, err := m.hostH.LinkByName(tmp)
 	if err != nil {
-		m.hostH.LinkDel(vx)
+		return nil, fmt.Errorf("look up new vxlan %s: %w", tmp, err)
+	}
+	if err := m.hostH.LinkSetNsFd(link, int(ns)); err != nil {
 		return nil, fmt.Errorf("move vxlan %s into %s: %w", tmp, s.Name, err)
 	}
-	link, err = h.LinkByName(tmp)
-	if err == nil {
-		err = h.LinkSetName(link, VXLANName)
-	}
-	if err == nil {
-		link, err = h.LinkByName(VXLANName)
-	}
-	if err != nil {
-		if l, lerr := h.LinkByName(tmp); lerr == nil {
-			h.LinkDel(l)
+	moved = true
+	renamed := false
+	defer func() {
+		if !renamed {
+			if l, err := h.LinkByName(tmp); err == nil {
+				h.LinkDel(l)
+			}
 		}
-		return nil, fmt.Errorf("rename vxlan %s in %s: %w", tmp, s.Name, err)
+	}()
+	if err := m.step(ctx, "rename vxlan"); err != nil {
+		return nil, err
+	}
+	if link, err = h.LinkByName(tmp); err != nil {
+		return nil, fmt.Errorf("look up moved vxlan %s in %s: %w", tmp, s.Name, err)
+	}
+	if err := h.LinkSetName(link, VXLANName); err != nil {
+		return nil, fmt.Errorf("rename vxlan %s to %s in %s: %w", tmp, VXLANName, s.Name, err)
+	}
+	renamed = true
+	if link, err = h.LinkByName(VXLANName); err != nil {
+		return nil, fmt.Errorf("look up %s in %s: %w", VXLANName, s.Name, err)
 	}
 	return link, nil
 }
 
 // RemoveStrays deletes VXLAN devices left in the host namespace by a crash
-// between creating one and moving it into its network's namespace. Only
-// call it when no EnsureNetwork is running.
+// between creating one and moving it into its network's namespace.
 func (m *Manager) RemoveStrays(ctx context.Context) ([]string, error) {
+	m.hostMu.Lock()
+	defer m.hostMu.Unlock()
 	links, err := m.hostH.LinkList()
 	if err != nil {
 		return nil, fmt.Errorf("list host links: %w", err)
 	}
 	var removed []string
 	for _, l := range links {
-		var vni uint32
-		if _, ok := l.(*netlink.Vxlan); !ok {
+		vx, ok := l.(*netlink.Vxlan)
+		if !ok || vx.VxlanId < 0 || l.Attrs().Name != tempVXLANName(uint32(vx.VxlanId)) {
 			continue
 		}
-		if n, _ := fmt.Sscanf(l.Attrs().Name, "vx-%06x", &vni); n != 1 || l.Attrs().Name != fmt.Sprintf("vx-%06x", vni) {
-			continue
+		if err := ctx.Err(); err != nil {
+			return removed, err
 		}
 		if err := m.hostH.LinkDel(l); err != nil {
 			return removed, fmt.Errorf("remove stray %s: %w", l.Attrs().Name, err)
@@ -385,12 +547,23 @@ func (m *Manager) RemoveStrays(ctx context.Context) ([]string, error) {
 }
 
 // DeleteNetwork removes a network's namespace; its devices, and the veth
-// pairs to containers, go with it.
+// pairs to containers, go with it. A missing network is fine.
 func (m *Manager) DeleteNetwork(ctx context.Context, name string) error {
+	if name == "" || strings.ContainsRune(name, '/') || name == "." || name == ".." {
+		return fmt.Errorf("delete network: invalid name %q", name)
+	}
+	defer m.nets.lock(name)()
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("delete network %s: %w", name, err)
+	}
+	return m.deleteNetwork(name)
+}
+
+func (m *Manager) deleteNetwork(name string) error {
 	// The kernel destroys a namespace's devices asynchronously; until then
 	// the VXLAN device still holds its VNI on the host's UDP socket and a
 	// new one for the same VNI fails with EEXIST. Deleting it first makes
-	// removal synchronous.
+	// that part synchronous.
 	if h, ns, err := m.nsHandle(name); err == nil {
 		if l, err := h.LinkByName(VXLANName); err == nil {
 			h.LinkDel(l)
@@ -398,252 +571,15 @@ func (m *Manager) DeleteNetwork(ctx context.Context, name string) error {
 		h.Close()
 		ns.Close()
 	}
-	return DeleteNetNS(m.NetNSPath(name))
-}
-
-// EndpointSpec is one container's interface on a network.
-type EndpointSpec struct {
-	Network     string // NetworkSpec.Name
-	ContainerNS string // path to the container's namespace
-	HostVeth    string // br0's side, in the network's namespace
-	IfName      string // "" = first free ethN in the container
-	Addr        netip.Prefix
-	MAC         net.HardwareAddr
-	MTU         int
-}
-
-// AddEndpoint wires a container to the network: all or nothing. An
-// existing, matching pair is adopted and repaired.
-func (m *Manager) AddEndpoint(ctx context.Context, s EndpointSpec) (string, error) {
-	h, ns, err := m.nsHandle(s.Network)
-	if err != nil {
-		return "", fmt.Errorf("endpoint %s: network %s: %w", s.HostVeth, s.Network, err)
-	}
-	defer ns.Close()
-	defer h.Close()
-	cns, err := netns.GetFromPath(s.ContainerNS)
-	if err != nil {
-		return "", fmt.Errorf("endpoint %s: container netns %s: %w", s.HostVeth, s.ContainerNS, err)
-	}
-	defer cns.Close()
-	ch, err := netlink.NewHandleAt(cns)
-	if err != nil {
-		return "", fmt.Errorf("endpoint %s: %w", s.HostVeth, err)
-	}
-	defer ch.Close()
-	br, err := h.LinkByName(BridgeName)
-	if err != nil {
-		return "", fmt.Errorf("endpoint %s: %s: %w", s.HostVeth, BridgeName, err)
-	}
-
-	if _, err := h.LinkByName(s.HostVeth); err == nil {
-		name, err := findByMAC(ch, s.MAC)
-		if err != nil {
-			return "", fmt.Errorf("endpoint %s exists but its container side is not in %s: %w", s.HostVeth, s.ContainerNS, err)
-		}
-		s.IfName = name
-		if _, err := m.CheckEndpoint(ctx, s); err != nil {
-			return "", err
-		}
-		return name, nil
-	}
-
-	links, err := ch.LinkList()
-	if err != nil {
-		return "", fmt.Errorf("endpoint %s: list container links: %w", s.HostVeth, err)
-	}
-	ifName := s.IfName
-	if ifName == "" {
-		ifName = nextEth(links)
-	} else if slices.ContainsFunc(links, func(l netlink.Link) bool { return l.Attrs().Name == ifName }) {
-		return "", fmt.Errorf("endpoint %s: interface %s already exists in %s", s.HostVeth, ifName, s.ContainerNS)
-	}
-	attrs := netlink.NewLinkAttrs()
-	attrs.Name, attrs.MTU = s.HostVeth, s.MTU
-	veth := &netlink.Veth{LinkAttrs: attrs, PeerName: ifName, PeerHardwareAddr: s.MAC,
-		PeerNamespace: netlink.NsFd(int(cns)), PeerMTU: uint32(s.MTU)}
-	if err := h.LinkAdd(veth); err != nil {
-		return "", fmt.Errorf("endpoint %s: create veth: %w", s.HostVeth, err)
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			if l, err := h.LinkByName(s.HostVeth); err == nil {
-				h.LinkDel(l) // takes the container side with it
-			}
-		}
-	}()
-	if err := ctx.Err(); err != nil {
-		return "", err
-	}
-	cl, err := ch.LinkByName(ifName)
-	if err != nil {
-		return "", fmt.Errorf("endpoint %s: container side %s: %w", s.HostVeth, ifName, err)
-	}
-	if err := ch.AddrAdd(cl, &netlink.Addr{IPNet: ipNet(s.Addr)}); err != nil {
-		return "", fmt.Errorf("endpoint %s: add %s to %s: %w", s.HostVeth, s.Addr, ifName, err)
-	}
-	if err := ch.LinkSetUp(cl); err != nil {
-		return "", fmt.Errorf("endpoint %s: %s up: %w", s.HostVeth, ifName, err)
-	}
-	if lo, err := ch.LinkByName("lo"); err == nil {
-		ch.LinkSetUp(lo)
-	}
-	hl, err := h.LinkByName(s.HostVeth)
-	if err != nil {
-		return "", fmt.Errorf("endpoint %s: %w", s.HostVeth, err)
-	}
-	if err := h.LinkSetMasterByIndex(hl, br.Attrs().Index); err != nil {
-		return "", fmt.Errorf("endpoint %s: enslave to %s: %w", s.HostVeth, BridgeName, err)
-	}
-	if err := h.LinkSetUp(hl); err != nil {
-		return "", fmt.Errorf("endpoint %s: up: %w", s.HostVeth, err)
-	}
-	ok = true
-	return ifName, nil
-}
-
-func nextEth(links []netlink.Link) string {
-	for i := 0; ; i++ {
-		name := fmt.Sprintf("eth%d", i)
-		if !slices.ContainsFunc(links, func(l netlink.Link) bool { return l.Attrs().Name == name }) {
-			return name
-		}
-	}
-}
-
-func findByMAC(h *netlink.Handle, mac net.HardwareAddr) (string, error) {
-	links, err := h.LinkList()
-	if err != nil {
-		return "", err
-	}
-	for _, l := range links {
-		if l.Type() == "veth" && slices.Equal(l.Attrs().HardwareAddr, mac) {
-			return l.Attrs().Name, nil
-		}
-	}
-	return "", fmt.Errorf("no interface with mac %s", mac)
-}
-
-// RemoveEndpoint deletes an endpoint's veth pair; a missing one is fine.
-func (m *Manager) RemoveEndpoint(ctx context.Context, network, hostVeth string) error {
-	h, ns, err := m.nsHandle(network)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) || !IsNetNS(m.NetNSPath(network)) {
-			return nil
-		}
-		return fmt.Errorf("remove endpoint %s: %w", hostVeth, err)
-	}
-	defer ns.Close()
-	defer h.Close()
-	l, err := h.LinkByName(hostVeth)
-	if err != nil {
-		var nf netlink.LinkNotFoundError
-		if errors.As(err, &nf) {
-			return nil
-		}
-		return fmt.Errorf("remove endpoint %s: %w", hostVeth, err)
-	}
-	if err := h.LinkDel(l); err != nil {
-		return fmt.Errorf("remove endpoint %s: %w", hostVeth, err)
+	if err := DeleteNetNS(m.NetNSPath(name)); err != nil {
+		return fmt.Errorf("delete network %s: %w", name, err)
 	}
 	return nil
 }
 
-// CheckEndpoint repairs an endpoint in place: the br0 side attached, up,
-// with the right MTU; the container side up with its address. It returns
-// ErrEndpointGone when the pair no longer exists (for example because the
-// container's namespace was deleted).
-func (m *Manager) CheckEndpoint(ctx context.Context, s EndpointSpec) ([]string, error) {
-	h, ns, err := m.nsHandle(s.Network)
-	if err != nil {
-		return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, ErrEndpointGone)
-	}
-	defer ns.Close()
-	defer h.Close()
-	l, err := h.LinkByName(s.HostVeth)
-	if err != nil {
-		return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, ErrEndpointGone)
-	}
-	var changes []string
-	br, err := h.LinkByName(BridgeName)
-	if err != nil {
-		return nil, fmt.Errorf("check endpoint %s: %s: %w", s.HostVeth, BridgeName, err)
-	}
-	a := l.Attrs()
-	if a.MTU != s.MTU {
-		if err := h.LinkSetMTU(l, s.MTU); err != nil {
-			return changes, fmt.Errorf("check endpoint %s: mtu: %w", s.HostVeth, err)
-		}
-		changes = append(changes, fmt.Sprintf("%s mtu %d -> %d", s.HostVeth, a.MTU, s.MTU))
-	}
-	if a.MasterIndex != br.Attrs().Index {
-		if err := h.LinkSetMasterByIndex(l, br.Attrs().Index); err != nil {
-			return changes, fmt.Errorf("check endpoint %s: enslave: %w", s.HostVeth, err)
-		}
-		changes = append(changes, s.HostVeth+" attached to "+BridgeName)
-	}
-	if a.Flags&net.FlagUp == 0 {
-		if err := h.LinkSetUp(l); err != nil {
-			return changes, fmt.Errorf("check endpoint %s: up: %w", s.HostVeth, err)
-		}
-		changes = append(changes, s.HostVeth+" set up")
-	}
-	if s.ContainerNS == "" || s.IfName == "" {
-		return changes, nil
-	}
-	cns, err := netns.GetFromPath(s.ContainerNS)
-	if err != nil {
-		return changes, fmt.Errorf("check endpoint %s: %w", s.HostVeth, ErrEndpointGone)
-	}
-	defer cns.Close()
-	ch, err := netlink.NewHandleAt(cns)
-	if err != nil {
-		return changes, err
-	}
-	defer ch.Close()
-	cl, err := ch.LinkByName(s.IfName)
-	if err != nil {
-		return changes, fmt.Errorf("check endpoint %s: container side %s: %w", s.HostVeth, s.IfName, ErrEndpointGone)
-	}
-	addrs, err := ch.AddrList(cl, netlink.FAMILY_V4)
-	if err != nil {
-		return changes, err
-	}
-	if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return prefixOf(a.IPNet) == s.Addr }) {
-		if err := ch.AddrAdd(cl, &netlink.Addr{IPNet: ipNet(s.Addr)}); err != nil {
-			return changes, fmt.Errorf("check endpoint %s: add %s: %w", s.HostVeth, s.Addr, err)
-		}
-		changes = append(changes, fmt.Sprintf("added %s to %s in the container", s.Addr, s.IfName))
-	}
-	if cl.Attrs().Flags&net.FlagUp == 0 {
-		if err := ch.LinkSetUp(cl); err != nil {
-			return changes, err
-		}
-		changes = append(changes, s.IfName+" set up in the container")
-	}
-	return changes, nil
-}
-
-// Endpoints lists the br0-side veths in a network's namespace.
-func (m *Manager) Endpoints(ctx context.Context, network string) ([]string, error) {
-	h, ns, err := m.nsHandle(network)
-	if err != nil {
-		return nil, fmt.Errorf("list endpoints of %s: %w", network, err)
-	}
-	defer ns.Close()
-	defer h.Close()
-	links, err := h.LinkList()
-	if err != nil {
-		return nil, fmt.Errorf("list endpoints of %s: %w", network, err)
-	}
-	var out []string
-	for _, l := range links {
-		if l.Type() == "veth" {
-			out = append(out, l.Attrs().Name)
-		}
-	}
-	return out, nil
+func isNotFound(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {
@@ -660,4 +596,39 @@ func prefixOf(n *net.IPNet) netip.Prefix {
 	}
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(ip, ones)
+}
+
+// keyedMutex serializes work per network name; entries live only while
+// held or awaited, so deleted networks leave nothing behind.
+type keyedMutex struct {
+	mu sync.Mutex
+	m  map[string]*refMutex
+}
+
+type refMutex struct {
+	sync.Mutex
+	n int
+}
+
+func (k *keyedMutex) lock(key string) (unlock func()) {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = map[string]*refMutex{}
+	}
+	r := k.m[key]
+	if r == nil {
+		r = &refMutex{}
+		k.m[key] = r
+	}
+	r.n++
+	k.mu.Unlock()
+	r.Lock()
+	return func() {
+		r.Unlock()
+		k.mu.Lock()
+		if r.n--; r.n == 0 {
+			delete(k.m, key)
+		}
+		k.mu.Unlock()
+	}
 }

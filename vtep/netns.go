@@ -63,38 +63,16 @@ func CreateNetNS(path string) error {
 		return fmt.Errorf("create netns %s: %w", path, err)
 	}
 	f.Close()
-	errc := make(chan error, 1)
-	go func() {
-		// unshare changes the namespace of this thread only, so the
-		// goroutine must stay on it until it is back where it started.
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("unshare: %w", err)
-			return
-		}
-		src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
-		merr := unix.Mount(src, path, "none", unix.MS_BIND, "")
-		if merr != nil {
-			merr = fmt.Errorf("bind mount %s: %w", src, merr)
-		}
-		if err := netns.Set(orig); err != nil {
-			// Left locked, the thread exits with the goroutine instead
-			// of running other goroutines in the new namespace.
-			errc <- errors.Join(merr, fmt.Errorf("return to original netns: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- merr
-	}()
-	if err := <-errc; err != nil {
+	err = onThread(
+		func() error { return unix.Unshare(unix.CLONE_NEWNET) },
+		func() error {
+			src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
+			if err := unix.Mount(src, path, "none", unix.MS_BIND, ""); err != nil {
+				return fmt.Errorf("bind mount %s: %w", src, err)
+			}
+			return nil
+		})
+	if err != nil {
 		unmountAll(path)
 		os.Remove(path)
 		return fmt.Errorf("create netns %s: %w", path, err)
@@ -126,6 +104,18 @@ func WithNetNS(path string, fn func() error) error {
 	if !IsNetNS(path) {
 		return fmt.Errorf("open netns %s: not a network namespace", path)
 	}
+	if err := onThread(func() error { return netns.Set(target) }, fn); err != nil {
+		return fmt.Errorf("in netns %s: %w", path, err)
+	}
+	return nil
+}
+
+// onThread runs fn on a locked OS thread whose network namespace enter
+// changed, then puts the thread back in its namespace. The calling
+// goroutine's thread is never touched. A thread that cannot be put back is
+// left locked, so that it dies with its goroutine instead of running other
+// goroutines in the wrong namespace.
+func onThread(enter, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -136,16 +126,14 @@ func WithNetNS(path string, fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		if err := netns.Set(target); err != nil {
+		if err := enter(); err != nil {
 			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns %s: %w", path, err)
+			errc <- fmt.Errorf("enter netns: %w", err)
 			return
 		}
 		ferr := fn()
 		if err := netns.Set(orig); err != nil {
-			// The thread cannot be trusted any more: keep it locked so
-			// that it dies with this goroutine.
-			errc <- errors.Join(ferr, fmt.Errorf("return from netns %s: %w", path, err))
+			errc <- errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
 			return
 		}
 		runtime.UnlockOSThread()

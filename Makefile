@@ -7,5 +7,7 @@ demo:
 	scripts/demo.sh
 vet:
 	go vet ./...
+bench:
+	scripts/bench.sh
 bench-go:
 	go test -run XXX -bench . ./ipam/ ./vtep/ ./overlay/

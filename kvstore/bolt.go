@@ -48,6 +48,10 @@ type boltStore struct {
 	sessions map[string]*boltSession
 	stop     chan struct{}
 	done     sync.WaitGroup
+
+	// testHookBeforeTxnWrite, when set, runs in Txn just before its write
+	// transaction begins, so tests can end a session at that moment.
+	testHookBeforeTxnWrite func()
 }
 
 // NewBolt opens (or creates) the store file.
@@ -202,12 +206,9 @@ func (s *boltStore) Txn(ctx context.Context, ops []Op) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	live := map[string]bool{}
-	for id := range s.sessions {
-		live[id] = true
+	if s.testHookBeforeTxnWrite != nil {
+		s.testHookBeforeTxnWrite()
 	}
-	s.mu.Unlock()
 	return s.update(func(b *bolt.Bucket, index uint64) (bool, error) {
 		// Later ops see earlier ones' effects, as in Consul.
 		pending := map[string]*boltValue{}
@@ -254,7 +255,7 @@ func (s *boltStore) Txn(ctx context.Context, ops []Op) error {
 					return false, fmt.Errorf("check %s at index %d (is %d): %w", op.Key, op.Index, curIndex, ErrConflict)
 				}
 			case OpLock:
-				if !live[op.Session] {
+				if !s.sessionLive(op.Session) {
 					return false, fmt.Errorf("lock %s: session %q: %w", op.Key, op.Session, ErrConflict)
 				}
 				if cur != nil && cur.Session != "" && cur.Session != op.Session {
@@ -278,6 +279,20 @@ func (s *boltStore) Txn(ctx context.Context, ops []Op) error {
 		}
 		return len(pending) > 0, nil
 	})
+}
+
+// sessionLive tells whether a session exists. Txn asks inside its write
+// transaction, not before it: DestroySession and the reaper remove a session
+// from the map before their own write transaction drops its keys, and bbolt
+// runs one writer at a time, so a session ended before this check fails the
+// lock, and one ended after it has its keys dropped once this transaction
+// commits. A check made before the transaction could see a session that
+// ends, and has its keys dropped, before the lock is written: the key would
+// stay bound to a dead session for good.
+func (s *boltStore) sessionLive(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sessions[id] != nil
 }
 
 func (s *boltStore) Watch(ctx context.Context, prefix string) <-chan Event {
@@ -344,6 +359,7 @@ func (s *boltStore) RenewSession(ctx context.Context, id string) error {
 }
 
 func (s *boltStore) DestroySession(ctx context.Context, id string) error {
+	// Out of the map before its keys are dropped: see sessionLive.
 	s.mu.Lock()
 	delete(s.sessions, id)
 	s.mu.Unlock()

@@ -3,6 +3,7 @@ package kvstore
 import (
 	"context"
 	"errors"
+	"expvar"
 	"fmt"
 	"net/http"
 	"strings"
@@ -31,6 +32,23 @@ const maxTxnOps = 64
 
 // watchWait is how long one blocking query waits for a change.
 const watchWait = 30 * time.Second
+
+// Requests to Consul, published with expvar (the agent serves them at
+// /debug/vars with --debug-addr): an idle agent's load on Consul is a figure
+// we promise to keep low, so it must be observable.
+var (
+	consulRequests = expvar.NewInt("consul_requests")
+	// Blocking queries waiting in Consul now: one per watched prefix when
+	// the watches are healthy.
+	consulBlocking = expvar.NewInt("consul_blocking_queries")
+)
+
+type countingTransport struct{ next http.RoundTripper }
+
+func (c countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	consulRequests.Add(1)
+	return c.next.RoundTrip(r)
+}
 
 type consulStore struct {
 	kv      *api.KV
@@ -74,7 +92,7 @@ func NewConsul(cfg ConsulConfig) (Store, error) {
 	transport.TLSClientConfig = tr
 	transport.ResponseHeaderTimeout = watchWait + 15*time.Second
 	transport.MaxIdleConnsPerHost = 16
-	c.HttpClient = &http.Client{Transport: transport}
+	c.HttpClient = &http.Client{Transport: countingTransport{transport}}
 	client, err := api.NewClient(c)
 	if err != nil {
 		return nil, fmt.Errorf("consul client: %w", err)
@@ -248,7 +266,9 @@ func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
 		for ctx.Err() == nil {
 			qctx, cancel := context.WithTimeout(ctx, watchWait+10*time.Second)
 			q := (&api.QueryOptions{WaitIndex: index, WaitTime: watchWait}).WithContext(qctx)
+			consulBlocking.Add(1)
 			ps, meta, err := s.kv.List(s.prefix+prefix, q)
+			consulBlocking.Add(-1)
 			cancel()
 			if ctx.Err() != nil {
 				return

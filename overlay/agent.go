@@ -15,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/netip"
 	"path/filepath"
 	"sync"
@@ -88,8 +87,9 @@ type Agent struct {
 	lastReconcile time.Time
 	ready         bool   // a reconcile with a complete store view has run
 	session       string // the node's store session, "" while it has none
-	// localsView is a copy of locals for readers (status, listings), so
-	// that they never wait for a reconcile or an attach holding mu.
+	// localsView is a copy of locals and of their records for readers
+	// (status, listings), so that they never wait for a reconcile or an
+	// attach holding mu. Readers must not change it.
 	localsView map[string]*localEndpoint
 
 	kick    chan struct{}
@@ -149,9 +149,17 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 }
 
 // publishView copies locals for readers; called with mu held, after every
-// change of locals.
+// change of locals or of a record in it. The records are copied too, not
+// only the map: attach and detach change a record's fields (Phase) holding
+// mu alone, while readers of the view hold only cmu. A shallow copy is
+// enough because the fields that are slices (the MAC) are replaced, never
+// written in place.
 func (a *Agent) publishView() {
-	v := maps.Clone(a.locals)
+	v := make(map[string]*localEndpoint, len(a.locals))
+	for k, l := range a.locals {
+		c := *l
+		v[k] = &c
+	}
 	a.cmu.Lock()
 	a.localsView = v
 	a.cmu.Unlock()
@@ -359,6 +367,13 @@ func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest)
 	ireq.VNI = req.VNI
 	if req.MTU != 0 && (req.MTU < 576 || req.MTU > 9000) {
 		return nil, invalidf("mtu %d is out of range 576..9000", req.MTU)
+	}
+	// A larger MTU is not refused by the kernel: full-size packets are
+	// then dropped after encapsulation, silently. Other hosts may have
+	// another underlay; this host's is the one known here.
+	if req.MTU > a.localMTU() {
+		return nil, invalidf("mtu %d is above %d, this host's underlay MTU %d minus the 50 bytes of VXLAN encapsulation",
+			req.MTU, a.localMTU(), a.cfg.UnderlayMTU)
 	}
 	if _, err := a.store.Get(ctx, networkKey(req.Name)); err == nil {
 		return nil, conflictf("network %q already exists", req.Name)

@@ -195,7 +195,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 // interface. The caller's rollback removes whatever it made.
 func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr) (string, error) {
 	a.mu.Lock()
-	defer a.mu.Unlock()
+	defer a.unlock() // the view holds copies: publish the address and interface set here
 	// Not journaled again until the end: a purge after a crash finds the
 	// address by its owner and the veth by its name.
 	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))

@@ -3,7 +3,9 @@ package overlay
 import (
 	"cmp"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -17,6 +19,9 @@ type netPlan struct {
 	Net    Network
 	Locals []*localEndpoint
 	Peers  []vtep.Peer
+	// Dropped says why endpoints of other hosts were left out of Peers,
+	// one error per record, sorted.
+	Dropped []error
 }
 
 // desiredState computes, from the store's view and this host's own records,
@@ -27,6 +32,11 @@ type netPlan struct {
 // A local endpoint whose network is missing from the store keeps its network
 // as recorded at attach time: losing the store must never break a running
 // container.
+//
+// An endpoint of another host that cannot be a peer of its network (see
+// peerError) is left out and listed in Dropped: the datapath refuses a peer
+// list with one bad entry, so one bad record must not cost the network all
+// of its peers.
 func desiredState(node string, endpoints map[string]*Endpoint, locals map[string]*localEndpoint, localMTU int) map[string]*netPlan {
 	plans := map[string]*netPlan{}
 	for _, l := range locals {
@@ -58,18 +68,67 @@ func desiredState(node string, endpoints map[string]*Endpoint, locals map[string
 		byID[p.Net.ID] = p
 		slices.SortFunc(p.Locals, func(a, b *localEndpoint) int { return cmp.Compare(a.Endpoint.Name, b.Endpoint.Name) })
 	}
+	localIPs := map[*netPlan]map[netip.Addr]bool{}
+	for _, p := range byID {
+		ips := make(map[netip.Addr]bool, len(p.Locals))
+		for _, l := range p.Locals {
+			ips[l.Endpoint.IP] = true
+		}
+		localIPs[p] = ips
+	}
 	for _, e := range endpoints {
 		if e.Node == node {
 			continue
 		}
-		if p := byID[e.NetworkID]; p != nil {
-			p.Peers = append(p.Peers, vtep.Peer{IP: e.IP, MAC: net.HardwareAddr(e.MAC), VTEP: e.VTEP})
+		p := byID[e.NetworkID]
+		if p == nil {
+			continue
 		}
+		if err := peerError(&p.Net, e, localIPs[p]); err != nil {
+			p.Dropped = append(p.Dropped, fmt.Errorf("endpoint %s/%s of node %s: %w", e.Network, e.Name, e.Node, err))
+			continue
+		}
+		p.Peers = append(p.Peers, vtep.Peer{IP: e.IP, MAC: net.HardwareAddr(e.MAC), VTEP: e.VTEP})
 	}
 	for _, p := range plans {
 		slices.SortFunc(p.Peers, func(a, b vtep.Peer) int { return a.IP.Compare(b.IP) })
+		slices.SortFunc(p.Dropped, func(a, b error) int { return cmp.Compare(a.Error(), b.Error()) })
 	}
 	return plans
+}
+
+// peerError says why an endpoint of another host cannot be programmed as a
+// peer on network n, or returns nil. Store records passed check() when
+// decoded; it is run again so that this function stands on its own, and
+// what needs the network or this host is checked here: the address must be
+// a host address of the subnet other than the gateway, and not the address
+// of one of our own endpoints (its MAC, derived from the address, would
+// then be sent to the other host's VTEP).
+func peerError(n *Network, e *Endpoint, localIPs map[netip.Addr]bool) error {
+	if err := e.check(); err != nil {
+		return err
+	}
+	switch {
+	case !n.Subnet.Contains(e.IP):
+		return fmt.Errorf("ip %s is outside the subnet %s", e.IP, n.Subnet)
+	case e.IP == n.Subnet.Masked().Addr() || e.IP == lastAddr(n.Subnet):
+		return fmt.Errorf("ip %s is the network or broadcast address of %s", e.IP, n.Subnet)
+	case e.IP == n.Gateway:
+		return fmt.Errorf("ip %s is the gateway of %s", e.IP, n.Subnet)
+	case localIPs[e.IP]:
+		return fmt.Errorf("ip %s is the address of an endpoint on this host", e.IP)
+	}
+	return nil
+}
+
+// lastAddr is the last address of an IPv4 prefix (its broadcast address).
+func lastAddr(p netip.Prefix) netip.Addr {
+	if !p.Addr().Is4() {
+		return netip.Addr{}
+	}
+	b := p.Masked().Addr().As4()
+	v := binary.BigEndian.Uint32(b[:]) | ^uint32(0)>>p.Bits()
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
 func networkMTU(n *Network, localMTU int) int {

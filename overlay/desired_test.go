@@ -1,12 +1,18 @@
 package overlay
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vxnet/vxnet/ipam"
+	"github.com/vxnet/vxnet/vtep"
 )
 
 func testNet(name, id string, vni uint32, subnet string) Network {
@@ -17,8 +23,14 @@ func testNet(name, id string, vni uint32, subnet string) Network {
 func testEP(net Network, name, node, ip, vtep string) *Endpoint {
 	a := netip.MustParseAddr(ip)
 	b := a.As4()
-	return &Endpoint{Version: 1, ID: strings.Repeat(name[:1], 64), Name: name, Network: net.Name, NetworkID: net.ID, Node: node,
+	return &Endpoint{Version: 1, ID: testID(node + "/" + name), Name: name, Network: net.Name, NetworkID: net.ID, Node: node,
 		VTEP: netip.MustParseAddr(vtep), IP: a, MAC: HardwareAddr{2, 0x42, b[0], b[1], b[2], b[3]}}
+}
+
+// testID is an id of the form newID makes, stable for a given seed.
+func testID(seed string) string {
+	sum := sha256.Sum256([]byte(seed))
+	return hex.EncodeToString(sum[:])
 }
 
 func TestDesiredState(t *testing.T) {
@@ -77,18 +89,174 @@ func TestPeersHashChangesWithPeers(t *testing.T) {
 }
 
 func TestDecodeRecordRejectsForeignValues(t *testing.T) {
-	for _, v := range []string{`not json`, `{}`, `{"version":2,"id":"x","name":"n"}`,
-		`{"version":1,"id":"x","name":"n","vni":0,"subnet":"10.0.0.0/24","gateway":"10.0.0.1"}`,
-		`{"version":1,"id":"x","name":"n","vni":5,"subnet":"10.0.0.0/24","gateway":"10.1.0.1"}`} {
+	id := testID("n")
+	for _, v := range []string{`not json`, `{}`, `{"version":2,"id":"` + id + `","name":"n"}`,
+		`{"version":1,"id":"` + id + `","name":"n","vni":0,"subnet":"10.0.0.0/24","gateway":"10.0.0.1"}`,
+		`{"version":1,"id":"` + id + `","name":"n","vni":5,"subnet":"10.0.0.0/24","gateway":"10.1.0.1"}`} {
 		var n Network
 		if err := decodeRecord("networks/n", []byte(v), &n); err == nil {
 			t.Errorf("accepted %s", v)
 		}
 	}
 	var n Network
-	ok := `{"version":1,"id":"x","name":"n","vni":5,"subnet":"10.0.0.0/24","gateway":"10.0.0.1","created":"` + time.Now().Format(time.RFC3339) + `"}`
+	ok := `{"version":1,"id":"` + id + `","name":"n","vni":5,"subnet":"10.0.0.0/24","gateway":"10.0.0.1","created":"` + time.Now().Format(time.RFC3339) + `"}`
 	if err := decodeRecord("networks/n", []byte(ok), &n); err != nil {
 		t.Errorf("rejected a good record: %v", err)
+	}
+}
+
+// A network id is cut into kernel object names: anything but what newID
+// makes is refused, and the names never panic on what slips through.
+func TestNetworkCheckRequiresFullHexID(t *testing.T) {
+	good := testID("n")
+	if len(good) != len(newID()) {
+		t.Fatalf("test ids are %d characters, newID makes %d", len(good), len(newID()))
+	}
+	for _, id := range []string{"", "x", good[:10], good[:63], good + "0", strings.ToUpper(good), good[:63] + "g", good[:62] + " a"} {
+		n := testNet("n", id, 256, "10.0.0.0/24")
+		if err := n.check(); err == nil {
+			t.Errorf("id %q accepted", id)
+		}
+		data, _ := json.Marshal(&n)
+		if err := decodeRecord("networks/n", data, &n); err == nil {
+			t.Errorf("decode: id %q accepted", id)
+		}
+		_ = n.NamespaceName() // must not panic
+		e := testEP(n, "e", "h", "10.0.0.2", "192.168.0.1")
+		e.ID = id
+		if err := e.check(); err == nil {
+			t.Errorf("endpoint id %q accepted", id)
+		}
+		_ = e.HostVeth()
+	}
+	n := testNet("n", good, 256, "10.0.0.0/24")
+	if err := n.check(); err != nil {
+		t.Errorf("good id refused: %v", err)
+	}
+	if got, want := n.NamespaceName(), "1-"+good[:10]; got != want {
+		t.Errorf("NamespaceName %q, want %q", got, want)
+	}
+	if got := (&Network{ID: "x"}).NamespaceName(); got != "1-x" {
+		t.Errorf("NamespaceName of a short id: %q", got)
+	}
+	if got := (&Endpoint{ID: "abc"}).HostVeth(); got != "vethabc" {
+		t.Errorf("HostVeth of a short id: %q", got)
+	}
+}
+
+// An endpoint record whose VTEP, MAC or address cannot be programmed is
+// refused at decode time, whatever network it claims.
+func TestEndpointCheckRefusesUnprogrammableRecords(t *testing.T) {
+	n := testNet("n", testID("n"), 256, "10.0.0.0/24")
+	if err := testEP(n, "e", "h", "10.0.0.2", "192.168.0.1").check(); err != nil {
+		t.Fatalf("good endpoint refused: %v", err)
+	}
+	cases := map[string]func(e *Endpoint){
+		"vtep 0.0.0.0":         func(e *Endpoint) { e.VTEP = netip.IPv4Unspecified() },
+		"vtep multicast":       func(e *Endpoint) { e.VTEP = netip.MustParseAddr("239.1.1.1") },
+		"vtep broadcast":       func(e *Endpoint) { e.VTEP = netip.MustParseAddr("255.255.255.255") },
+		"vtep missing":         func(e *Endpoint) { e.VTEP = netip.Addr{} },
+		"vtep ipv6":            func(e *Endpoint) { e.VTEP = netip.MustParseAddr("2001:db8::1") },
+		"vtep 4in6":            func(e *Endpoint) { e.VTEP = netip.MustParseAddr("::ffff:192.168.0.1") },
+		"ip 0.0.0.0":           func(e *Endpoint) { e.IP, e.MAC = netip.IPv4Unspecified(), HardwareAddr{2, 0x42, 0, 0, 0, 0} },
+		"ip multicast":         func(e *Endpoint) { e.IP, e.MAC = netip.MustParseAddr("224.0.0.1"), HardwareAddr{2, 0x42, 224, 0, 0, 1} },
+		"mac multicast":        func(e *Endpoint) { e.MAC = HardwareAddr{3, 0x42, 10, 0, 0, 2} },
+		"mac zero":             func(e *Endpoint) { e.MAC = HardwareAddr{0, 0, 0, 0, 0, 0} },
+		"mac short":            func(e *Endpoint) { e.MAC = HardwareAddr{2, 0x42, 10, 0, 0} },
+		"mac not of the ip":    func(e *Endpoint) { e.MAC = HardwareAddr{2, 0x42, 10, 0, 0, 3} },
+		"network id not hex":   func(e *Endpoint) { e.NetworkID = "n" },
+		"version":              func(e *Endpoint) { e.Version = 2 },
+		"no node":              func(e *Endpoint) { e.Node = "" },
+		"mac of another range": func(e *Endpoint) { e.MAC = HardwareAddr{2, 0x43, 10, 0, 0, 2} },
+	}
+	for what, spoil := range cases {
+		e := testEP(n, "e", "h", "10.0.0.2", "192.168.0.1")
+		spoil(e)
+		if err := e.check(); err == nil {
+			t.Errorf("%s: accepted %+v", what, e)
+		}
+		data, _ := json.Marshal(e)
+		var d Endpoint
+		if err := decodeRecord("endpoints/n/e", data, &d); err == nil {
+			t.Errorf("%s: decoded %s", what, data)
+		}
+	}
+}
+
+// One bad record costs only itself: the other peers of its network are
+// still programmed, and the bad ones are listed with the reason.
+func TestDesiredStateDropsBadPeersOnly(t *testing.T) {
+	n := testNet("n", testID("n"), 256, "10.0.0.0/24")
+	other := testNet("o", testID("o"), 257, "10.0.1.0/24")
+	l := &localEndpoint{Phase: phaseAttached, Endpoint: *testEP(n, "me", "me", "10.0.0.2", "192.168.0.1"), Net: n}
+	eps := map[string]*Endpoint{
+		"n/me": &l.Endpoint,
+		"n/a":  testEP(n, "a", "h2", "10.0.0.3", "192.168.0.2"),
+		"n/b":  testEP(n, "b", "h3", "10.0.0.4", "192.168.0.3"),
+		"n/c":  testEP(n, "c", "h3", "10.0.0.5", "192.168.0.3"),
+	}
+	// moveTo gives a record another address and its matching MAC, so
+	// that only the address is wrong.
+	moveTo := func(ip string) func(e *Endpoint) {
+		return func(e *Endpoint) {
+			e.IP = netip.MustParseAddr(ip)
+			e.MAC = HardwareAddr(ipam.MACFromIP(e.IP))
+		}
+	}
+	bad := map[string]func(e *Endpoint){
+		"outside":   moveTo("10.9.0.7"),
+		"gateway":   moveTo(n.Gateway.String()),
+		"netaddr":   moveTo("10.0.0.0"),
+		"broadcast": moveTo("10.0.0.255"),
+		"ours":      moveTo(l.Endpoint.IP.String()),
+		"vtep0":     func(e *Endpoint) { e.VTEP = netip.IPv4Unspecified() },
+		"mcastmac":  func(e *Endpoint) { e.MAC = HardwareAddr{1, 0, 0x5e, 0, 0, 1} },
+		"zeromac":   func(e *Endpoint) { e.MAC = HardwareAddr{0, 0, 0, 0, 0, 0} },
+		"wrongmac":  func(e *Endpoint) { e.MAC = HardwareAddr{2, 0x42, 10, 0, 0, 99} },
+		"shortid":   func(e *Endpoint) { e.ID = "x" },
+	}
+	for name, spoil := range bad {
+		e := testEP(n, name, "h4", "10.0.0.50", "192.168.0.4")
+		spoil(e)
+		eps["n/"+name] = e
+	}
+	// An endpoint of a network this host does not have is no peer, and
+	// no reason either.
+	eps["o/x"] = testEP(other, "x", "h2", "10.9.0.7", "192.168.0.2")
+
+	p := desiredState("me", eps, map[string]*localEndpoint{"n/me": l}, 1450)[n.NamespaceName()]
+	if p == nil {
+		t.Fatal("no plan for the network")
+	}
+	var got []string
+	for _, peer := range p.Peers {
+		got = append(got, peer.IP.String())
+	}
+	if want := []string{"10.0.0.3", "10.0.0.4", "10.0.0.5"}; !slices.Equal(got, want) {
+		t.Errorf("peers %v, want the good ones %v", got, want)
+	}
+	if len(p.Dropped) != len(bad) {
+		t.Errorf("dropped %d records, want %d: %v", len(p.Dropped), len(bad), p.Dropped)
+	}
+	for name := range bad {
+		if !slices.ContainsFunc(p.Dropped, func(err error) bool { return strings.Contains(err.Error(), "n/"+name+" ") }) {
+			t.Errorf("%s not reported in %v", name, p.Dropped)
+		}
+	}
+	// What is programmed is what the datapath accepts.
+	for _, peer := range p.Peers {
+		if len(peer.MAC) != 6 || peer.MAC[0]&1 != 0 || !peer.VTEP.Is4() || peer.VTEP.IsUnspecified() {
+			t.Errorf("unprogrammable peer %+v", peer)
+		}
+	}
+}
+
+func TestLastAddr(t *testing.T) {
+	for in, want := range map[string]string{"10.0.0.0/24": "10.0.0.255", "10.0.0.7/30": "10.0.0.7", "10.0.0.0/8": "10.255.255.255",
+		"0.0.0.0/0": "255.255.255.255", "10.1.2.3/32": "10.1.2.3"} {
+		if got := lastAddr(netip.MustParsePrefix(in)).String(); got != want {
+			t.Errorf("lastAddr(%s) = %s, want %s", in, got, want)
+		}
 	}
 }
 
@@ -114,14 +282,93 @@ func TestSanitizeNetnsName(t *testing.T) {
 	}
 }
 
+// FuzzDecodeEndpoint: a record that decodes is usable all the way: its
+// names do not panic, and as a peer it is either programmed in a form the
+// datapath accepts or dropped, never fatal for the others.
 func FuzzDecodeEndpoint(f *testing.F) {
-	f.Add([]byte(`{"version":1,"name":"a","network":"n","node":"h","ip":"10.0.0.2","vtep":"1.2.3.4","mac":"02:42:0a:00:00:02"}`))
+	id, nid := testID("a"), testID("n")
+	f.Add([]byte(`{"version":1,"id":"` + id + `","name":"a","network":"n","network_id":"` + nid + `","node":"h","ip":"10.0.0.2","vtep":"1.2.3.4","mac":"02:42:0a:00:00:02"}`))
+	f.Add([]byte(`{"version":1,"id":"` + id + `","name":"a","network":"n","network_id":"` + nid + `","node":"h","ip":"10.7.0.2","vtep":"1.2.3.4","mac":"02:42:0a:07:00:02"}`))
+	f.Add([]byte(`{"version":1,"id":"x","name":"a","network":"n","network_id":"y","node":"h","ip":"10.0.0.2","vtep":"0.0.0.0","mac":"02:42:0a:00:00:02"}`))
 	f.Add([]byte(`{"version":1,"mac":"zz"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var e Endpoint
-		if decodeRecord("endpoints/n/a", data, &e) == nil {
-			if !e.IP.Is4() || len(e.MAC) != 6 || e.Name == "" {
-				t.Fatalf("accepted an unusable endpoint: %+v", e)
+		if decodeRecord("endpoints/n/a", data, &e) != nil {
+			return
+		}
+		if !e.IP.Is4() || len(e.MAC) != 6 || e.Name == "" || !validID(e.ID) {
+			t.Fatalf("accepted an unusable endpoint: %+v", e)
+		}
+		if v := e.HostVeth(); len(v) != len("veth")+7 {
+			t.Fatalf("host veth %q", v)
+		}
+		// A network of this host with the id the record claims, and one
+		// good peer next to it.
+		n := testNet("n", e.NetworkID, 256, "10.0.0.0/24")
+		l := &localEndpoint{Phase: phaseAttached, Endpoint: *testEP(n, "me", "me", "10.0.0.200", "192.168.0.1"), Net: n}
+		good := testEP(n, "good", "other", "10.0.0.201", "192.168.0.2")
+		eps := map[string]*Endpoint{"n/me": &l.Endpoint, "n/good": good, "n/a": &e}
+		p := desiredState("me", eps, map[string]*localEndpoint{"n/me": l}, 1450)[n.NamespaceName()]
+		want := 2 // the good peer and the record, as peer or dropped
+		if e.Node == "me" {
+			want = 1 // our own endpoint is no peer
+		}
+		if p == nil || len(p.Peers)+len(p.Dropped) != want {
+			t.Fatalf("plan %+v", p)
+		}
+		if !slices.ContainsFunc(p.Peers, func(peer vtep.Peer) bool { return peer.IP == good.IP }) {
+			t.Fatalf("the good peer was lost next to %+v: %+v", e, p)
+		}
+		for _, peer := range p.Peers {
+			if len(peer.MAC) != 6 || peer.MAC[0]&1 != 0 || !peer.VTEP.Is4() || peer.VTEP.IsUnspecified() || !n.Subnet.Contains(peer.IP) {
+				t.Fatalf("unprogrammable peer %+v from %s", peer, data)
+			}
+		}
+	})
+}
+
+// FuzzDecodeNetwork: a network record that decodes can be given a
+// namespace name and planned with endpoints on it, without a panic.
+func FuzzDecodeNetwork(f *testing.F) {
+	id := testID("n")
+	f.Add([]byte(`{"version":1,"id":"` + id + `","name":"n","vni":256,"subnet":"10.0.0.0/24","gateway":"10.0.0.1","mtu":1400}`))
+	f.Add([]byte(`{"version":1,"id":"` + id + `","name":"n","vni":5,"subnet":"10.0.0.7/32","gateway":"10.0.0.7"}`))
+	f.Add([]byte(`{"version":1,"id":"` + id + `","name":"n","vni":5,"subnet":"2001:db8::/64","gateway":"2001:db8::1"}`))
+	f.Add([]byte(`{"version":1,"id":"x","name":"n","vni":5,"subnet":"10.0.0.0/24","gateway":"10.0.0.1"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var n Network
+		if decodeRecord("networks/n", data, &n) != nil {
+			return
+		}
+		if ns := n.NamespaceName(); len(ns) != len("1-")+10 {
+			t.Fatalf("namespace name %q", ns)
+		}
+		// Endpoints at the gateway and the next addresses: in the subnet
+		// or not, depending on its size and family.
+		ip := n.Gateway
+		if !ip.Is4() {
+			ip = netip.MustParseAddr("10.0.0.2")
+		}
+		near := ip.Next()
+		if !near.IsValid() {
+			near = ip.Prev()
+		}
+		l := &localEndpoint{Phase: phaseAttached, Endpoint: *testEP(n, "me", "me", near.String(), "192.168.0.1"), Net: n}
+		eps := map[string]*Endpoint{"n/me": &l.Endpoint}
+		for i, a := 0, ip; i < 4 && a.IsValid(); i, a = i+1, a.Next() {
+			e := testEP(n, fmt.Sprint("p", i), "other", a.String(), "192.168.0.2")
+			eps["n/"+e.Name] = e
+		}
+		p := desiredState("me", eps, map[string]*localEndpoint{"n/me": l}, 1450)[n.NamespaceName()]
+		if p == nil {
+			t.Fatal("no plan for a network with a local endpoint")
+		}
+		if len(p.Peers)+len(p.Dropped) != len(eps)-1 {
+			t.Fatalf("%d peers + %d dropped of %d records", len(p.Peers), len(p.Dropped), len(eps)-1)
+		}
+		for _, peer := range p.Peers {
+			if !n.Subnet.Contains(peer.IP) || peer.IP == n.Gateway {
+				t.Fatalf("peer %s on %s (gateway %s)", peer.IP, n.Subnet, n.Gateway)
 			}
 		}
 	})

@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/ipam"
 )
 
 // Store key layout (relative to the store prefix, default "vxnet/"); every
@@ -107,8 +109,12 @@ func (n *Network) check() error {
 	switch {
 	case n.Version != recordVersion:
 		return fmt.Errorf("unsupported record version %d", n.Version)
-	case n.ID == "" || n.Name == "":
-		return errors.New("missing id or name")
+	case n.Name == "":
+		return errors.New("missing name")
+	case !validID(n.ID):
+		// Names of kernel objects are cut from the id (NamespaceName): a
+		// foreign or truncated id must be refused here, not met there.
+		return fmt.Errorf("id %q is not 64 lowercase hex characters", n.ID)
 	case !n.Subnet.IsValid() || !n.Gateway.IsValid() || !n.Subnet.Contains(n.Gateway):
 		return errors.New("bad subnet or gateway")
 	case n.VNI == 0 || n.VNI > 1<<24-1:
@@ -123,12 +129,44 @@ func (e *Endpoint) check() error {
 		return fmt.Errorf("unsupported record version %d", e.Version)
 	case e.Name == "" || e.Network == "" || e.Node == "":
 		return errors.New("missing name, network or node")
-	case !e.IP.Is4() || !e.VTEP.Is4():
-		return errors.New("bad ip or vtep address")
-	case len(e.MAC) != 6:
-		return errors.New("bad mac")
+	case !validID(e.ID):
+		return fmt.Errorf("id %q is not 64 lowercase hex characters", e.ID)
+	case !validID(e.NetworkID):
+		return fmt.Errorf("network id %q is not 64 lowercase hex characters", e.NetworkID)
+	case !unicast4(e.IP):
+		return fmt.Errorf("ip %s is not a unicast IPv4 address", e.IP)
+	case !unicast4(e.VTEP):
+		// Peers send this endpoint's traffic there: 0.0.0.0 or a group
+		// address would make the kernel refuse the whole peer list.
+		return fmt.Errorf("vtep %s is not a unicast IPv4 address", e.VTEP)
+	case len(e.MAC) != 6 || e.MAC[0]&1 != 0 || [6]byte(e.MAC) == [6]byte{}:
+		return fmt.Errorf("mac %s is not a unicast ethernet address", e.MAC)
+	case !bytes.Equal(e.MAC, ipam.MACFromIP(e.IP)):
+		// Every host derives the MAC from the address (attach): a record
+		// that disagrees was not written by an agent.
+		return fmt.Errorf("mac %s is not %s, the mac of ip %s", e.MAC, ipam.MACFromIP(e.IP), e.IP)
 	}
 	return nil
+}
+
+// validID reports whether id is what newID makes: 32 bytes in lowercase
+// hex.
+func validID(id string) bool {
+	if len(id) != 64 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// unicast4 reports whether a is an IPv4 address one host can have: not
+// 0.0.0.0, a multicast group or the limited broadcast address.
+func unicast4(a netip.Addr) bool {
+	return a.Is4() && !a.IsUnspecified() && !a.IsMulticast() && a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
 }
 
 func (n *Node) check() error {
@@ -140,10 +178,20 @@ func (n *Node) check() error {
 
 // NamespaceName is the name of a network's namespace on every host, as in
 // Docker's overlay ("1-" and the first ten characters of the id).
-func (n *Network) NamespaceName() string { return "1-" + n.ID[:10] }
+func (n *Network) NamespaceName() string { return "1-" + idPrefix(n.ID, 10) }
 
 // HostVeth is the br0 side of an endpoint's veth pair.
-func (e *Endpoint) HostVeth() string { return "veth" + e.ID[:7] }
+func (e *Endpoint) HostVeth() string { return "veth" + idPrefix(e.ID, 7) }
+
+// idPrefix is s cut to at most n bytes. check() refuses short ids in the
+// store, but local records of an interrupted attach are not checked, and a
+// name is no reason to crash the agent.
+func idPrefix(s string, n int) string {
+	if len(s) < n {
+		return s
+	}
+	return s[:n]
+}
 
 var nameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`)
 

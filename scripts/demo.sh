@@ -18,6 +18,8 @@ run() { printf '\033[36m$ %s\033[0m\n' "$*"; "$@"; }
 
 cleanup() {
   set +e
+  # A second Ctrl-C must not cut the removal short and leave namespaces behind.
+  trap '' INT TERM
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
   wait 2>/dev/null
   for h in "${hosts[@]}"; do
@@ -26,7 +28,12 @@ cleanup() {
   for ns in $(ip netns list | awk '{print $1}' | grep "^$p-"); do ip netns del "$ns"; done
   rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+# cleanup only on EXIT: as a handler of INT or TERM too it would run and
+# then the script would go on (and run it again at the end). The signals
+# just exit, with the usual 128+N status, and the EXIT trap cleans up once.
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 bold "Building vxnetd and vxnet"
 go build -o "$work/bin/" ./cmd/vxnetd ./cmd/vxnet

@@ -12,7 +12,7 @@ command -v go >/dev/null || { echo "vxnet: Go 1.26 is required (https://go.dev/d
 
 # command -> Debian package
 declare -A pkgs=([ip]=iproute2 [bridge]=iproute2 [nsenter]=util-linux [ping]=iputils-ping
-  [iptables]=iptables [iperf3]=iperf3 [curl]=curl)
+  [iptables]=iptables [iperf3]=iperf3 [curl]=curl [ethtool]=ethtool)
 missing=()
 for c in "${!pkgs[@]}"; do
   command -v "$c" >/dev/null || missing+=("${pkgs[$c]}")

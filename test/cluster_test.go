@@ -72,12 +72,26 @@ func TestConsulLeaderChange(t *testing.T) {
 			}
 		}()
 	}
-	time.Sleep(300 * time.Millisecond)
+	// Stop the leader once the storm is under way, whatever the speed of
+	// an attach on this machine, so that the election falls inside it.
+	eventually(t, 30*time.Second, "first attaches of the storm", func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(results) < 3 {
+			return fmt.Errorf("%d attaches done", len(results))
+		}
+		return nil
+	})
 	lead.Stop()
 	wg.Wait()
-	if err := follower.WaitLeader(60 * time.Second); err != nil {
-		t.Fatal(err)
-	}
+	// A follower reports the old leader for a while after it died: wait
+	// for another one.
+	eventually(t, 60*time.Second, "a new leader", func() error {
+		if l := follower.Leader(); l == "" || l == leader {
+			return fmt.Errorf("leader %q", l)
+		}
+		return nil
+	})
 
 	failed := 0
 	for _, r := range results {
@@ -93,11 +107,14 @@ func TestConsulLeaderChange(t *testing.T) {
 	for _, r := range results {
 		if r.err != nil {
 			eventually(t, 20*time.Second, "attach after the election", func() error {
-				_, err := r.a.vxnet("attach", "storm", r.ns)
-				if err != nil && strings.Contains(err.Error(), "already attached") {
+				// err is only the exit status: the reason is in the output.
+				// An attach that failed on the client side may still have
+				// been done by the agent.
+				out, err := r.a.vxnet("attach", "storm", r.ns)
+				if err == nil || strings.Contains(out, "already attached") {
 					return nil
 				}
-				return err
+				return fmt.Errorf("%w: %s", err, strings.TrimSpace(out))
 			})
 		}
 	}
@@ -128,16 +145,23 @@ func TestConsulLeaderChange(t *testing.T) {
 			t.Errorf("%s: %d veths for %d endpoints", a.node, got, mine)
 		}
 	}
+	// Attaches cut short by the election may have reserved an address
+	// they could not release then; the agents release it at their next
+	// full reconcile.
+	eventually(t, 20*time.Second, "address reservations match the endpoints", func() error {
+		keys := follower.Keys("vxnet/ipam/addrs/" + nets[0].ID + "/")
+		if len(keys) != len(eps) {
+			return fmt.Errorf("%d addresses reserved for %d endpoints: %v", len(keys), len(eps), keys)
+		}
+		return nil
+	})
 	probe := tn.AddNS("probe")
 	var pe api.Endpoint
 	agents[1].jsonOut(&pe, "attach", "storm", probe)
-	want := ""
-	for i := 2; i < 255 && want == ""; i++ {
-		if ip := fmt.Sprintf("10.8.0.%d", i); seen[ip] == "" {
-			want = ip
-		}
-	}
-	if pe.IP != want {
-		t.Errorf("next address %s, want %s (an address leaked)", pe.IP, want)
+	// Not necessarily the lowest free address: an agent's cache of taken
+	// addresses lags releases made elsewhere, on purpose (fewer store
+	// reads). What matters is that it is not anyone else's.
+	if prev := seen[pe.IP]; prev != "" || pe.IP == "" {
+		t.Errorf("probe got %q, already %s's", pe.IP, prev)
 	}
 }

@@ -5,7 +5,9 @@ package testconsul
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -257,9 +259,16 @@ func (s *Server) get(path string) string {
 		return ""
 	}
 	defer resp.Body.Close()
-	b := make([]byte, 4096)
-	n, _ := resp.Body.Read(b)
-	return string(b[:n])
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// Keys lists the keys under prefix, for tests that check what the agents
+// left in the store. An unreachable server gives none.
+func (s *Server) Keys(prefix string) []string {
+	var keys []string
+	json.Unmarshal([]byte(s.get("/v1/kv/"+prefix+"?keys")), &keys)
+	return keys
 }
 
 // Addr is host:port of the HTTP API.

@@ -74,7 +74,7 @@ type Agent struct {
 	// inflight marks the attaches under way: a reconcile leaves their
 	// records and interfaces alone.
 	inflight map[string]bool
-	applied  map[string]string // namespace -> hash of the peers programmed
+	applied  map[string]appliedPeers // namespace -> the peers programmed last
 
 	cmu           sync.RWMutex
 	networks      map[string]*Network  // store view, by name
@@ -94,6 +94,9 @@ type Agent struct {
 
 	kick    chan struct{}
 	started time.Time
+	// epDecoded is the endpoint watch's own cache of decoded records, by
+	// key; only that goroutine uses it.
+	epDecoded map[string]decodedEndpoint
 }
 
 // New prepares an agent; Run starts it.
@@ -121,7 +124,7 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		ipam:      ipam.New(store, cfg.IPAM),
 		dp:        dp,
 		state:     stateDir{cfg.StateDir},
-		applied:   map[string]string{},
+		applied:   map[string]appliedPeers{},
 		inflight:  map[string]bool{},
 		networks:  map[string]*Network{},
 		endpoints: map[string]*Endpoint{},
@@ -280,18 +283,40 @@ func (a *Agent) applyNetworks(pairs []*kvstore.KV) {
 func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
 	m := make(map[string]*Endpoint, len(pairs))
 	sessions := make(map[string]string, len(pairs))
+	// Every event carries the whole prefix, but between two events only a
+	// few records change: decode those alone (and warn about a bad record
+	// once, not at every event).
+	decoded := make(map[string]decodedEndpoint, len(pairs))
 	for _, kv := range pairs {
-		var e Endpoint
-		if err := decodeRecord(kv.Key, kv.Value, &e); err != nil {
-			a.log.Warn("skipping bad endpoint record", "err", err)
+		d, ok := a.epDecoded[kv.Key]
+		if !ok || d.index != kv.ModifyIndex || kv.ModifyIndex == 0 {
+			d = decodedEndpoint{index: kv.ModifyIndex}
+			var e Endpoint
+			if err := decodeRecord(kv.Key, kv.Value, &e); err != nil {
+				a.log.Warn("skipping bad endpoint record", "err", err)
+			} else {
+				d.e = &e
+			}
+		}
+		decoded[kv.Key] = d
+		if d.e == nil {
 			continue
 		}
-		m[e.Network+"/"+e.Name] = &e
-		sessions[e.Network+"/"+e.Name] = kv.Session
+		m[d.e.Network+"/"+d.e.Name] = d.e
+		sessions[d.e.Network+"/"+d.e.Name] = kv.Session
 	}
+	a.epDecoded = decoded
 	a.cmu.Lock()
 	a.endpoints, a.epSession, a.epSynced = m, sessions, true
 	a.cmu.Unlock()
+}
+
+// decodedEndpoint is an endpoint record as decoded at one modify index
+// (e is nil for a record that does not decode). Records are shared, never
+// changed: a new index means a new record.
+type decodedEndpoint struct {
+	index uint64
+	e     *Endpoint
 }
 
 // registerNode publishes this host, retrying until the store answers, and

@@ -176,7 +176,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		a.cacheEndpoint(&l.Endpoint)
 		// Program the peers known now, so the container can talk as soon
 		// as attach returns rather than at the next watch event.
-		a.syncNetwork(ctx, spec.Name, true)
+		a.syncNetwork(ctx, spec.Name)
 	} else {
 		l.Phase = phaseAttaching
 	}
@@ -199,8 +199,12 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	// Not journaled again until the end: a purge after a crash finds the
 	// address by its owner and the veth by its name.
 	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
-	if _, err := a.dp.EnsureNetwork(ctx, spec); err != nil {
+	changes, err := a.dp.EnsureNetwork(ctx, spec)
+	if err != nil {
 		return "", err
+	}
+	if len(changes) > 0 {
+		delete(a.applied, spec.Name) // a new VTEP has no entries
 	}
 	a.crashPoint("attach-network")
 	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))

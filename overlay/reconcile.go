@@ -48,8 +48,8 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		if full {
 			a.ensurePlan(ctx, p, synced)
 		}
-		if synced && (full || a.applied[ns] != peersHash(p.Peers)) {
-			a.syncPeers(ctx, p)
+		if synced && (full || a.applied[ns].hash != peersHash(p.Peers)) {
+			a.syncPeers(ctx, p, full)
 		}
 	}
 	if full {
@@ -87,25 +87,49 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 }
 
 // syncNetwork programs one network's peers from the current store view.
-func (a *Agent) syncNetwork(ctx context.Context, ns string, force bool) {
+func (a *Agent) syncNetwork(ctx context.Context, ns string) {
 	a.cmu.RLock()
 	endpoints := maps.Clone(a.endpoints)
 	a.cmu.RUnlock()
 	p := desiredState(a.cfg.Node, endpoints, a.locals, a.localMTU())[ns]
-	if p != nil && (force || a.applied[ns] != peersHash(p.Peers)) {
-		a.syncPeers(ctx, p)
+	if p != nil && a.applied[ns].hash != peersHash(p.Peers) {
+		a.syncPeers(ctx, p, false)
 	}
 }
 
-func (a *Agent) syncPeers(ctx context.Context, p *netPlan) {
-	added, removed, err := a.dp.SyncPeers(ctx, p.Spec.Name, p.Peers)
+// appliedPeers is what the last successful sync of a network wrote, so
+// that the next one need only write the difference.
+type appliedPeers struct {
+	hash  string
+	peers []vtep.Peer
+}
+
+// syncPeers programs a network's peers. Passes driven by store events
+// write only what changed since the last sync; full passes compare with
+// the kernel's tables, and what they must fix there is drift: someone else
+// changed our entries.
+func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
+	prev, known := a.applied[p.Spec.Name]
+	hash := peersHash(p.Peers)
+	var added, removed int
+	var err error
+	if full || !known {
+		added, removed, err = a.dp.SyncPeers(ctx, p.Spec.Name, p.Peers)
+	} else {
+		added, removed, err = a.dp.UpdatePeers(ctx, p.Spec.Name, prev.peers, p.Peers)
+	}
 	if err != nil {
 		a.log.Warn("program peers", "network", p.Net.Name, "err", err)
 		delete(a.applied, p.Spec.Name)
 		return
 	}
-	a.applied[p.Spec.Name] = peersHash(p.Peers)
-	if added+removed > 0 {
+	a.applied[p.Spec.Name] = appliedPeers{hash: hash, peers: p.Peers}
+	switch {
+	case added+removed == 0:
+	case full && known && prev.hash == hash:
+		a.log.Warn("peer entries repaired: the kernel's tables differed from what was programmed",
+			"network", p.Net.Name, "rewritten", added, "removed", removed, "peers", len(p.Peers))
+	default:
 		a.log.Info("peers programmed", "network", p.Net.Name, "added", added, "removed", removed, "peers", len(p.Peers))
 	}
 }

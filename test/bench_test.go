@@ -71,6 +71,10 @@ type benchResult struct {
 	setup            time.Duration
 	attach, conv     []time.Duration
 	detach, dconv    []time.Duration
+	soloAttach       []time.Duration
+	soloConv         []time.Duration
+	soloDetach       []time.Duration
+	soloDconv        []time.Duration
 	coldReady        time.Duration
 	coldTables       time.Duration
 	newReady         time.Duration
@@ -84,6 +88,12 @@ type benchResult struct {
 	dp               *datapathResult
 	total            time.Duration
 }
+
+// soloAttaches is how many attaches the one-at-a-time figures are from.
+const soloAttaches = 20
+
+// soloGap lets the peers finish one change before the next begins.
+const soloGap = 50 * time.Millisecond
 
 // TestBenchmarkMesh is the cluster benchmark behind scripts/bench.sh: N
 // simulated hosts with an agent each and a real Consul, E endpoints per
@@ -170,7 +180,7 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	for _, e := range eps {
 		all = append(all, e...)
 	}
-	r.attach = c.storm(t, eps, cfg.parallel, func(a *agent, e *benchEP) error {
+	r.attach = c.storm(t, eps, cfg.parallel, 0, func(a *agent, e *benchEP) error {
 		out, err := a.vxnet("-o", "json", "attach", "bench", e.ns, "--name", e.name)
 		if err != nil {
 			return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
@@ -199,6 +209,44 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	r.blocking = [2]int{int(slices.Min(bq)), int(slices.Max(bq))}
 	r.watches = 2 // networks/ and endpoints/: the prefixes an agent watches
 	logf("idle window measured")
+
+	// One at a time: host1 attaches and detaches alone while the cluster
+	// idles. On this machine every simulated host shares two cores, so
+	// the storm's figures include queueing behind the other hosts' work;
+	// these show what one operation costs.
+	solo := make([]*benchEP, soloAttaches)
+	for i := range solo {
+		solo[i] = &benchEP{host: 0, name: fmt.Sprintf("solo%d", i), ns: c.net.AddNS(fmt.Sprintf("o%d", i))}
+	}
+	for _, w := range watches {
+		w.reset()
+	}
+	r.soloAttach = c.storm(t, [][]*benchEP{solo}, 1, soloGap, func(a *agent, e *benchEP) error {
+		out, err := a.vxnet("-o", "json", "attach", "bench", e.ns, "--name", e.name)
+		if err != nil {
+			return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
+		}
+		e.returned = time.Now()
+		var ep api.Endpoint
+		if err := json.Unmarshal([]byte(out), &ep); err != nil {
+			return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
+		}
+		e.ip, e.mac = ep.IP, ep.MAC
+		return nil
+	})
+	r.soloConv = converge(t, watches, solo, 30*time.Second, (*neighWatch).added)
+	for _, w := range watches {
+		w.reset()
+	}
+	r.soloDetach = c.storm(t, [][]*benchEP{solo}, 1, soloGap, func(a *agent, e *benchEP) error {
+		if out, err := a.vxnet("detach", "bench", e.name); err != nil {
+			return fmt.Errorf("detach %s: %v: %s", e.name, err, out)
+		}
+		e.returned = time.Now()
+		return nil
+	})
+	r.soloDconv = converge(t, watches, solo, 30*time.Second, (*neighWatch).removed)
+	logf("one-at-a-time attaches and detaches measured")
 
 	if cfg.iperf > 0 {
 		r.dp = measureDatapath(t, c, seeds[0], seeds[1], cfg.iperf)
@@ -259,7 +307,7 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	for _, w := range watches {
 		w.reset()
 	}
-	r.detach = c.storm(t, eps, cfg.parallel, func(a *agent, e *benchEP) error {
+	r.detach = c.storm(t, eps, cfg.parallel, 0, func(a *agent, e *benchEP) error {
 		if out, err := a.vxnet("detach", "bench", e.name); err != nil {
 			return fmt.Errorf("detach %s: %v: %s", e.name, err, out)
 		}
@@ -298,8 +346,8 @@ func startBenchAgent(t *testing.T, h *testnet.Host, node string, consul *testcon
 }
 
 // storm runs op for every endpoint, all hosts at once, parallel at a time
-// per host, and returns each op's latency.
-func (c *benchCluster) storm(t *testing.T, eps [][]*benchEP, parallel int, op func(*agent, *benchEP) error) []time.Duration {
+// per host with a pause of gap after each, and returns each op's latency.
+func (c *benchCluster) storm(t *testing.T, eps [][]*benchEP, parallel int, gap time.Duration, op func(*agent, *benchEP) error) []time.Duration {
 	t.Helper()
 	var mu sync.Mutex
 	var lat []time.Duration
@@ -324,6 +372,7 @@ func (c *benchCluster) storm(t *testing.T, eps [][]*benchEP, parallel int, op fu
 						errs = append(errs, err)
 					}
 					mu.Unlock()
+					time.Sleep(gap)
 				}
 			}()
 		}
@@ -524,6 +573,12 @@ func benchTable(cfg benchConfig, rs []*benchResult) string {
 	lat("detach convergence p50 (ms)", func(r *benchResult) []time.Duration { return r.dconv }, 0.5)
 	lat("detach convergence p99 (ms)", func(r *benchResult) []time.Duration { return r.dconv }, 0.99)
 	lat("detach convergence max (ms)", func(r *benchResult) []time.Duration { return r.dconv }, 1)
+	lat("one at a time: attach p50 (ms)", func(r *benchResult) []time.Duration { return r.soloAttach }, 0.5)
+	lat("one at a time: attach p99 (ms)", func(r *benchResult) []time.Duration { return r.soloAttach }, 0.99)
+	lat("one at a time: convergence p50 (ms)", func(r *benchResult) []time.Duration { return r.soloConv }, 0.5)
+	lat("one at a time: convergence p99 (ms)", func(r *benchResult) []time.Duration { return r.soloConv }, 0.99)
+	lat("one at a time: detach p50 (ms)", func(r *benchResult) []time.Duration { return r.soloDetach }, 0.5)
+	lat("one at a time: detach conv. p99 (ms)", func(r *benchResult) []time.Duration { return r.soloDconv }, 0.99)
 	row("cold start: all ready (ms)", func(r *benchResult) string { return ms(r.coldReady) })
 	row("cold start: all tables (ms)", func(r *benchResult) string { return ms(r.coldTables) })
 	row("new host: ready (ms)", func(r *benchResult) string { return ms(r.newReady) })

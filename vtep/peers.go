@@ -97,24 +97,57 @@ func checkPeers(peers []Peer) error {
 // entries without a remote address) are left alone. added counts entries
 // written (new or rewritten), removed entries deleted.
 func (m *Manager) SyncPeers(ctx context.Context, network string, peers []Peer) (added, removed int, err error) {
+	return m.sync(ctx, network, peers, nil, true)
+}
+
+// UpdatePeers is SyncPeers for a caller that knows what it programmed last
+// (prev): it plans against prev instead of dumping the kernel's tables, so
+// one more peer costs one entry written, not a read of every entry. Drift
+// made by others is not seen here; SyncPeers, which reads the kernel,
+// repairs it.
+func (m *Manager) UpdatePeers(ctx context.Context, network string, prev, peers []Peer) (added, removed int, err error) {
+	return m.sync(ctx, network, peers, prev, false)
+}
+
+func (m *Manager) sync(ctx context.Context, network string, peers, prev []Peer, read bool) (added, removed int, err error) {
 	if err := checkPeers(peers); err != nil {
 		return 0, 0, fmt.Errorf("sync peers of %s: %w", network, err)
 	}
-	// netip.Addr compares the zone and the 4-in-6 form too: normalise so
-	// that the plan matches what the kernel reports.
-	norm := make([]Peer, len(peers))
-	for i, p := range peers {
-		norm[i] = Peer{IP: p.IP.Unmap(), MAC: p.MAC, VTEP: p.VTEP.Unmap()}
-	}
 	defer m.nets.lock(network)()
-	added, removed, err = m.syncPeers(ctx, network, norm)
+	added, removed, err = m.syncPeers(ctx, network, normalize(peers), normalize(prev), read)
 	if err != nil {
 		err = fmt.Errorf("sync peers of %s: %w", network, err)
 	}
 	return added, removed, err
 }
 
-func (m *Manager) syncPeers(ctx context.Context, network string, peers []Peer) (added, removed int, err error) {
+// normalize unmaps addresses: netip.Addr compares the zone and the 4-in-6
+// form too, and the plan must match what the kernel reports.
+func normalize(peers []Peer) []Peer {
+	norm := make([]Peer, len(peers))
+	for i, p := range peers {
+		norm[i] = Peer{IP: p.IP.Unmap(), MAC: p.MAC, VTEP: p.VTEP.Unmap()}
+	}
+	return norm
+}
+
+// tables is what a peer list looks like in the kernel: one neighbor entry
+// per IP and one FDB entry per MAC, the first peer winning as in PlanPeers.
+func tables(peers []Peer) (map[netip.Addr]net.HardwareAddr, map[string]netip.Addr) {
+	neigh := make(map[netip.Addr]net.HardwareAddr, len(peers))
+	fdb := make(map[string]netip.Addr, len(peers))
+	for _, p := range peers {
+		if _, dup := neigh[p.IP]; !dup {
+			neigh[p.IP] = p.MAC
+		}
+		if _, dup := fdb[p.MAC.String()]; !dup {
+			fdb[p.MAC.String()] = p.VTEP
+		}
+	}
+	return neigh, fdb
+}
+
+func (m *Manager) syncPeers(ctx context.Context, network string, peers, prev []Peer, read bool) (added, removed int, err error) {
 	h, ns, err := m.nsHandle(network)
 	if err != nil {
 		return 0, 0, err
@@ -126,9 +159,11 @@ func (m *Manager) syncPeers(ctx context.Context, network string, peers []Peer) (
 		return 0, 0, fmt.Errorf("%s: %w", VXLANName, err)
 	}
 	idx := vx.Attrs().Index
-	haveNeigh, haveFDB, err := readPeers(h, idx)
-	if err != nil {
-		return 0, 0, err
+	haveNeigh, haveFDB := tables(prev)
+	if read {
+		if haveNeigh, haveFDB, err = readPeers(h, idx); err != nil {
+			return 0, 0, err
+		}
 	}
 	plan := PlanPeers(peers, haveNeigh, haveFDB)
 	// Delete first, so that an address or MAC that moved to another

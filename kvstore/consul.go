@@ -92,6 +92,11 @@ func NewConsul(cfg ConsulConfig) (Store, error) {
 	transport.TLSClientConfig = tr
 	transport.ResponseHeaderTimeout = watchWait + 15*time.Second
 	transport.MaxIdleConnsPerHost = 16
+	// Every watch event carries the whole prefix. Gzip costs Consul and
+	// every agent CPU per event (measured: a third of the convergence
+	// time at 10 hosts x 50 endpoints) to save bandwidth that a Consul
+	// client agent on the same host, the usual deployment, does not need.
+	transport.DisableCompression = true
 	c.HttpClient = &http.Client{Transport: countingTransport{transport}}
 	client, err := api.NewClient(c)
 	if err != nil {

@@ -251,6 +251,16 @@ func (a *Agent) watch(ctx context.Context, prefix string, apply func([]*kvstore.
 	}
 }
 
+// storeDown reports whether the last request to the store failed for want
+// of an answer: passes then skip their store phase rather than hold the
+// agent's lock through request timeouts that detach and attach would wait
+// behind.
+func (a *Agent) storeDown() bool {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	return a.storeErr != nil
+}
+
 func (a *Agent) setStoreErr(err error) {
 	a.cmu.Lock()
 	defer a.cmu.Unlock()

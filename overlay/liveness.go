@@ -51,7 +51,19 @@ func (a *Agent) keepAlive(ctx context.Context) {
 		a.session = strings.TrimSpace(string(data))
 		a.cmu.Unlock()
 	}
-	repeat(ctx, a.cfg.NodeTTL/3, a.log, "store session", a.renewOrCreate)
+	repeat(ctx, a.cfg.NodeTTL/3, a.log, "store session", func(ctx context.Context) error {
+		err := a.renewOrCreate(ctx)
+		// A renewal is the first request to notice a partition: the
+		// watches' blocking queries may hang for their whole wait time
+		// before they fail. Any answer means the store is reachable.
+		switch {
+		case err == nil:
+			a.setStoreErr(nil)
+		case errors.Is(err, kvstore.ErrUnavailable) && ctx.Err() == nil:
+			a.setStoreErr(err)
+		}
+		return err
+	})
 }
 
 func (a *Agent) renewOrCreate(ctx context.Context) error {

@@ -26,7 +26,8 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	a.mu.Lock()
 	defer a.unlock()
 	synced := a.synced()
-	if synced {
+	storeUp := !a.storeDown()
+	if synced && storeUp {
 		a.finishInterrupted(ctx)
 	}
 	a.cmu.RLock()
@@ -74,7 +75,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			}
 		}
 	}
-	if synced {
+	if synced && storeUp {
 		a.reconcileStore(ctx, endpoints, full)
 	}
 	if ctx.Err() != nil {
@@ -207,6 +208,21 @@ func (a *Agent) finishInterrupted(ctx context.Context) {
 	}
 }
 
+// networkGone asks the store itself whether a local endpoint's network is
+// gone: the watched view may simply not have caught up with a network
+// created moments ago.
+func (a *Agent) networkGone(ctx context.Context, l *localEndpoint) bool {
+	kv, err := a.store.Get(ctx, networkKey(l.Endpoint.Network))
+	if errors.Is(err, kvstore.ErrNotFound) {
+		return true
+	}
+	if err != nil {
+		return false
+	}
+	var n Network
+	return decodeRecord(kv.Key, kv.Value, &n) == nil && n.ID != l.Net.ID
+}
+
 // reconcileStore makes the store agree with this host: our running
 // endpoints are published (a lost record is restored), records that claim
 // to be ours but are not are removed, and on full passes addresses held in
@@ -216,8 +232,24 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 	sessions := maps.Clone(a.epSession)
 	a.cmu.RUnlock()
 	session := a.currentSession()
+	a.cmu.RLock()
+	networks := maps.Clone(a.networks)
+	a.cmu.RUnlock()
 	for key, l := range a.locals {
 		if l.Phase != phaseAttached {
+			continue
+		}
+		if n := networks[l.Endpoint.Network]; (n == nil || n.ID != l.Net.ID) && a.networkGone(ctx, l) {
+			// The network was removed (and maybe made again) while this
+			// host was cut off from the store, which let the removal go
+			// through: publishing would resurrect an endpoint and an
+			// address under a network that no longer has them.
+			a.log.Warn("removing an endpoint whose network was removed while this host was away", "endpoint", key)
+			if err := a.purge(ctx, l); err != nil {
+				a.log.Warn("remove endpoint of a removed network", "endpoint", key, "err", err)
+				continue
+			}
+			a.dropIdleNetwork(ctx, l.Net.NamespaceName())
 			continue
 		}
 		if e := endpoints[key]; e != nil && e.ID == l.Endpoint.ID {
@@ -267,9 +299,6 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 	if !full {
 		return
 	}
-	a.cmu.RLock()
-	networks := maps.Clone(a.networks)
-	a.cmu.RUnlock()
 	for _, n := range networks {
 		addrs, err := a.ipam.Addrs(ctx, n.ID)
 		if err != nil {

@@ -5,13 +5,14 @@
 #
 #   scripts/bench.sh                      # 10 hosts x 50 endpoints
 #   scripts/bench.sh --hosts 2,5,10,20    # one column per cluster size
-#   scripts/bench.sh --endpoints 20 --parallel 2 --out docs/bench-latest.txt
+#   scripts/bench.sh --endpoints 20 --parallel 2 --out /tmp/bench.txt
+#   scripts/bench.sh --hosts 2 --tune "ip netns exec {h1} ethtool -K eth0 gro on"
 #
 # It reports; it does not judge. Everything it makes is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 export VXNET_BENCH=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -20,6 +21,7 @@ while [ $# -gt 0 ]; do
     --parallel) export VXNET_BENCH_PARALLEL="$2"; shift 2 ;;
     --idle) export VXNET_BENCH_IDLE="$2"; shift 2 ;;
     --iperf) export VXNET_BENCH_IPERF="$2"; shift 2 ;;
+    --tune) export VXNET_BENCH_TUNE="$2"; shift 2 ;;
     --trace) export VXNET_BENCH_TRACE=1; shift ;;
     --out) export VXNET_BENCH_OUT="$(realpath -m "$2")"; shift 2 ;;
     -h|--help) usage ;;

@@ -401,8 +401,10 @@ func converge(t *testing.T, watches []*neighWatch, eps []*benchEP, timeout time.
 	for {
 		var out []time.Duration
 		missing := 0
+		var trace strings.Builder
 		for _, e := range eps {
 			var last time.Time
+			fmt.Fprintf(&trace, "  %s:", e.name)
 			for h, w := range watches {
 				if h == e.host {
 					continue
@@ -412,13 +414,18 @@ func converge(t *testing.T, watches []*neighWatch, eps []*benchEP, timeout time.
 					missing++
 					continue
 				}
+				fmt.Fprintf(&trace, " %s", ms(at.Sub(e.returned)))
 				if at.After(last) {
 					last = at
 				}
 			}
+			trace.WriteString("\n")
 			out = append(out, last.Sub(e.returned))
 		}
 		if missing == 0 {
+			if os.Getenv("VXNET_BENCH_TRACE") != "" {
+				fmt.Fprint(os.Stderr, "convergence per host (ms after the CLI returned):\n"+trace.String())
+			}
 			return out
 		}
 		if time.Now().After(deadline) {

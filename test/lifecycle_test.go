@@ -67,6 +67,11 @@ func TestHostDeathAndReturn(t *testing.T) {
 	a1.mustVxnet("attach", "n", c1)
 	var e2 api.Endpoint
 	a2.jsonOut(&e2, "attach", "n", c2)
+	// A network with an endpoint on host2 only: it is removed while host2
+	// is away.
+	a1.mustVxnet("network", "create", "m", "--subnet", "10.4.1.0/29", "--internal")
+	c4 := c.net.AddNS("c4")
+	a2.mustVxnet("attach", "m", c4)
 	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, e2.IP) })
 	ns := func() string {
 		var d []api.NetworkDetail
@@ -115,6 +120,7 @@ func TestHostDeathAndReturn(t *testing.T) {
 	if len(nodes) != 1 {
 		t.Errorf("nodes after node rm: %+v", nodes)
 	}
+	a1.mustVxnet("network", "rm", "m")
 
 	// host2 was not gone after all: it comes back, holds its address again
 	// and republishes its running endpoint.
@@ -122,6 +128,23 @@ func TestHostDeathAndReturn(t *testing.T) {
 	a2.start()
 	eventually(t, 10*time.Second, "host1 programs host2's endpoint again", func() error { return testnet.Ping(c1, e2.IP) })
 	t.Logf("host2's endpoint reachable again %s after its agent restarted", time.Since(back).Round(100*time.Millisecond))
+	// Its endpoint of the network removed meanwhile is not republished
+	// but removed, with its interface and the network's namespace.
+	eventually(t, 10*time.Second, "host2 removes the endpoint of the removed network", func() error {
+		if out, _ := testnet.Exec(c4, "ip", "-o", "link", "show", "eth0"); strings.Contains(out, "eth0") {
+			return fmt.Errorf("c4 still has eth0: %s", out)
+		}
+		if nss := a2.overlayNamespaces(); len(nss) != 1 {
+			return fmt.Errorf("host2's overlay namespaces: %v", nss)
+		}
+		return nil
+	})
+	a1.jsonOut(&eps, "endpoint", "ls")
+	for _, e := range eps {
+		if e.Network == "m" {
+			t.Errorf("endpoint of the removed network republished: %+v", e)
+		}
+	}
 	a1.jsonOut(&nodes, "node", "ls")
 	for _, n := range nodes {
 		if n.State != "up" {

@@ -131,7 +131,7 @@ func TestHostDeathAndReturn(t *testing.T) {
 	// Its endpoint of the network removed meanwhile is not republished
 	// but removed, with its interface and the network's namespace.
 	eventually(t, 10*time.Second, "host2 removes the endpoint of the removed network", func() error {
-		if out, _ := testnet.Exec(c4, "ip", "-o", "link", "show", "eth0"); strings.Contains(out, "eth0") {
+		if out, err := testnet.Exec(c4, "ip", "-o", "link", "show", "eth0"); err == nil {
 			return fmt.Errorf("c4 still has eth0: %s", out)
 		}
 		if nss := a2.overlayNamespaces(); len(nss) != 1 {
@@ -139,6 +139,9 @@ func TestHostDeathAndReturn(t *testing.T) {
 		}
 		return nil
 	})
+	if !strings.Contains(a2.log(), "network was removed while this host was away") {
+		t.Error("host2 did not say why it removed the endpoint")
+	}
 	a1.jsonOut(&eps, "endpoint", "ls")
 	for _, e := range eps {
 		if e.Network == "m" {
@@ -375,4 +378,92 @@ func TestStoreOutage(t *testing.T) {
 	var e3 api.Endpoint
 	a2.jsonOut(&e3, "attach", "n", c3)
 	eventually(t, 5*time.Second, "c1 reaches a container attached after the outage", func() error { return testnet.Ping(c1, e3.IP) })
+}
+
+// A host cut off from Consul (its packets dropped, not refused: the
+// blocking queries hang as in a real partition) is noticed by itself within
+// a session renewal and by its peers once its session expires; when the
+// partition heals it registers again and republishes its endpoints.
+func TestPartitionAndHeal(t *testing.T) {
+	c := newCluster(t, 2)
+	a1, a2 := c.agents[0], c.agents[1]
+	a1.mustVxnet("network", "create", "p", "--subnet", "10.5.0.0/29", "--internal")
+	c1, c2 := c.net.AddNS("c1"), c.net.AddNS("c2")
+	a1.mustVxnet("attach", "p", c1)
+	var e2 api.Endpoint
+	a2.jsonOut(&e2, "attach", "p", c2)
+	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, e2.IP) })
+	var d []api.NetworkDetail
+	a1.jsonOut(&d, "network", "inspect", "p")
+	ns := nsName(d[0].ID)
+
+	_, port, _ := strings.Cut(c.consul.Addr(), ":")
+	rule := []string{"OUTPUT", "-d", c.net.SwitchAddr().String(), "-p", "tcp", "--dport", port, "-j", "DROP"}
+	iptables := func(op string) {
+		t.Helper()
+		if out, err := testnet.Exec(c.hosts[1].Name, append([]string{"iptables", op}, rule...)...); err != nil {
+			t.Fatalf("iptables %s: %v: %s", op, err, out)
+		}
+	}
+	iptables("-I")
+	cut := time.Now()
+	healed := false
+	defer func() {
+		if !healed {
+			iptables("-D")
+		}
+	}()
+
+	// The cut-off host says so within a renewal (TTL/3) and a request
+	// timeout, and refuses changes within a request timeout.
+	eventually(t, 15*time.Second, "host2 reports the store unreachable", func() error {
+		var s api.Status
+		a2.jsonOut(&s, "status")
+		if s.StoreReachable {
+			return fmt.Errorf("status: %+v", s)
+		}
+		return nil
+	})
+	t.Logf("host2 reported the store unreachable %s after the cut", time.Since(cut).Round(100*time.Millisecond))
+	start := time.Now()
+	if out, err := a2.vxnet("network", "create", "q"); err == nil {
+		t.Errorf("create while cut off succeeded: %s", out)
+	}
+	if d := time.Since(start); d > 8*time.Second {
+		t.Errorf("create while cut off took %s", d)
+	}
+
+	// Its peers drop its entries once its session expires (<= 2 x TTL).
+	eventually(t, 30*time.Second, "host1 drops host2's entries", func() error {
+		if out, _ := a1.inNS(ns, "ip", "neigh", "show", "dev", "vxlan1"); strings.Contains(out, e2.IP+" ") {
+			return fmt.Errorf("still there: %s", out)
+		}
+		return nil
+	})
+	t.Logf("host1 dropped host2's entries %s after the cut", time.Since(cut).Round(100*time.Millisecond))
+	// Its own datapath is untouched: the container keeps its interface.
+	if out, err := testnet.Exec(c2, "ip", "-o", "addr", "show", "eth0"); err != nil || !strings.Contains(out, e2.IP) {
+		t.Errorf("host2's container lost its interface while cut off: %v %s", err, out)
+	}
+
+	iptables("-D")
+	healed = true
+	back := time.Now()
+	eventually(t, 20*time.Second, "c1 reaches c2 after the partition healed", func() error { return testnet.Ping(c1, e2.IP) })
+	t.Logf("host2's endpoint reachable again %s after the partition healed", time.Since(back).Round(100*time.Millisecond))
+	eventually(t, 10*time.Second, "host2 reports the store reachable", func() error {
+		var s api.Status
+		a2.jsonOut(&s, "status")
+		if !s.StoreReachable {
+			return fmt.Errorf("status: %+v", s)
+		}
+		return nil
+	})
+	var nodes []api.Node
+	a1.jsonOut(&nodes, "node", "ls")
+	for _, n := range nodes {
+		if n.State != "up" {
+			t.Errorf("node %s is %s after the partition healed", n.Name, n.State)
+		}
+	}
 }

@@ -94,6 +94,12 @@ type Allocator struct {
 	// the create-only write decides.
 	mu    sync.Mutex
 	known map[string]map[netip.Addr]bool
+	// hot remembers, per network, how contended its last allocation was:
+	// while other allocators are busy in the same network, every lowest
+	// free address this one knows of has just been taken by one of them,
+	// so starting there again costs a conflict per allocation. It decays
+	// to zero (lowest first) once the network is quiet.
+	hot map[string]int
 }
 
 // New makes an allocator.
@@ -345,7 +351,22 @@ func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLea
 		}
 		return want, nil
 	}
+	a.mu.Lock()
+	hot := a.hot[netID]
+	a.mu.Unlock()
 	conflicts := 0
+	defer func() {
+		a.mu.Lock()
+		if a.hot == nil {
+			a.hot = map[string]int{}
+		}
+		if conflicts > 0 {
+			a.hot[netID] = min(max(conflicts, (hot+conflicts+1)/2), 64)
+		} else if hot > 0 {
+			a.hot[netID] = hot / 2
+		}
+		a.mu.Unlock()
+	}()
 	for try := 0; try < 4*maxRetries; try++ {
 		a.mu.Lock()
 		taken := maps.Clone(a.known[netID])
@@ -361,8 +382,8 @@ func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLea
 			}
 		}
 		skip := 0
-		if conflicts > 0 {
-			skip = rand.IntN(2 * conflicts * conflicts)
+		if c := conflicts + hot; c > 0 {
+			skip = rand.IntN(2 * c * c)
 		}
 		ip, ok := pickAddr(l, taken, skip)
 		if !ok {

@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -282,9 +284,19 @@ func TestAttachRefusals(t *testing.T) {
 func TestEmbeddedStoreSingleHost(t *testing.T) {
 	tn := testnet.New(t)
 	h := tn.AddHost("solo")
-	a := startAgent(t, h, "solo", "")
-	if st, err := os.Stat(a.socket); err != nil || st.Mode().Perm() != 0o660 {
-		t.Errorf("API socket mode: %v %v, want 0660", st.Mode(), err)
+	// The socket is root's and --socket-group's, mode 0660: no one else
+	// may drive the agent.
+	grp, err := user.LookupGroup("nogroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := startAgent(t, h, "solo", "", "--socket-group", "nogroup")
+	st, err := os.Stat(a.socket)
+	if err != nil || st.Mode().Perm() != 0o660 {
+		t.Fatalf("API socket mode: %v %v, want 0660", st.Mode(), err)
+	}
+	if sys := st.Sys().(*syscall.Stat_t); strconv.Itoa(int(sys.Gid)) != grp.Gid || sys.Uid != 0 {
+		t.Errorf("API socket owned by %d:%d, want 0:%s", sys.Uid, sys.Gid, grp.Gid)
 	}
 	a.mustVxnet("network", "create", "local")
 	c1, c2 := tn.AddNS("l1"), tn.AddNS("l2")

@@ -54,6 +54,7 @@ type Endpoint struct {
 	MAC       string    `json:"mac"`
 	Interface string    `json:"interface"`
 	VTEP      string    `json:"vtep"`
+	Ports     []string  `json:"ports,omitempty"` // published: HOSTPORT:CONTAINERPORT/PROTO
 	Netns     string    `json:"netns,omitempty"`
 	Created   time.Time `json:"created"`
 }
@@ -104,6 +105,10 @@ type AttachRequest struct {
 	Name string `json:"name,omitempty"`
 	// IP requested inside the network's subnet; default: the next free one.
 	IP string `json:"ip,omitempty"`
+	// Publish forwards ports of the host's addresses to the container:
+	// "HOSTPORT:CONTAINERPORT[/tcp|udp]" (tcp by default). Needs a network
+	// that is not internal.
+	Publish []string `json:"publish,omitempty"`
 }
 
 // Error is the body of every non-2xx response.

@@ -1,10 +1,13 @@
 package nat
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -106,6 +109,30 @@ func (c Config) GatewayAddr() netip.Addr {
 func (c Config) postroutingChain() string { return c.ChainPrefix + "-POSTROUTING" }
 func (c Config) forwardChain() string     { return c.ChainPrefix + "-FORWARD" }
 func (c Config) isolationChain() string   { return c.ChainPrefix + "-ISOLATION" }
+func (c Config) dnatChain() string        { return c.ChainPrefix + "-DNAT" }
+func (c Config) publishChain() string     { return c.ChainPrefix + "-PUBLISH" }
+
+// Publish is a port of the host's addresses forwarded to a container's
+// gateway address (vxnet attach --publish).
+type Publish struct {
+	Proto         string // "tcp" or "udp"
+	HostPort      uint16
+	Addr          netip.Addr // the container's address on the gateway bridge
+	ContainerPort uint16
+}
+
+func (p Publish) String() string {
+	return fmt.Sprintf("%d->%s:%d/%s", p.HostPort, p.Addr, p.ContainerPort, p.Proto)
+}
+
+// SortPublished orders published ports the way their rules are written, so
+// that the same set always makes the same chains.
+func SortPublished(ps []Publish) {
+	slices.SortFunc(ps, func(a, b Publish) int {
+		return cmp.Or(cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.HostPort, b.HostPort),
+			a.Addr.Compare(b.Addr), cmp.Compare(a.ContainerPort, b.ContainerPort))
+	})
+}
 
 // Chains lists the manager's own chains in the order they must be filled:
 // a chain is filled before any chain that jumps to it.
@@ -113,7 +140,9 @@ func (c Config) Chains() []Chain {
 	c = c.withDefaults()
 	return []Chain{
 		{"nat", c.postroutingChain()},
+		{"nat", c.dnatChain()},
 		{"filter", c.isolationChain()},
+		{"filter", c.publishChain()},
 		{"filter", c.forwardChain()},
 	}
 }
@@ -129,6 +158,7 @@ func (c Config) Rules() []Rule {
 		{"nat", c.postroutingChain(), []string{"-s", sub, "!", "-o", br, "-j", "MASQUERADE"}},
 		{"filter", c.isolationChain(), []string{"-j", "RETURN"}},
 		{"filter", fwd, []string{"-j", c.isolationChain()}},
+		{"filter", fwd, []string{"-j", c.publishChain()}},
 		{"filter", fwd, []string{"-i", br, "-o", br, "-j", "DROP"}},
 		{"filter", fwd, []string{"-i", br, "!", "-o", br, "-j", "ACCEPT"}},
 		{"filter", fwd, []string{"-o", br, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"}},
@@ -136,12 +166,36 @@ func (c Config) Rules() []Rule {
 	}
 }
 
+// PublishRules returns the content of the DNAT and PUBLISH chains for the
+// given published ports (sorted with SortPublished): a DNAT of the host
+// port to the container for traffic that did not come from the bridge,
+// and a FORWARD exception for exactly that traffic, since the FORWARD chain
+// otherwise lets only replies into the bridge.
+func (c Config) PublishRules(ps []Publish) []Rule {
+	c = c.withDefaults()
+	br := c.Bridge
+	var dnat, accept []Rule
+	for _, p := range ps {
+		dnat = append(dnat, Rule{"nat", c.dnatChain(), []string{"!", "-i", br, "-p", p.Proto, "-m", p.Proto,
+			"--dport", strconv.Itoa(int(p.HostPort)), "-j", "DNAT", "--to-destination",
+			netip.AddrPortFrom(p.Addr, p.ContainerPort).String()}})
+		accept = append(accept, Rule{"filter", c.publishChain(), []string{"-d", p.Addr.String() + "/32", "!", "-i", br, "-o", br,
+			"-p", p.Proto, "-m", p.Proto, "--dport", strconv.Itoa(int(p.ContainerPort)), "-j", "ACCEPT"}})
+	}
+	return append(dnat, accept...)
+}
+
 // Jumps returns the rules that hook the manager's chains into built-in
-// chains. Each must exist exactly once.
+// chains. Each must exist exactly once. Published ports are reached on any
+// local address, from outside (PREROUTING) and from the host itself
+// (OUTPUT; not through 127.0.0.0/8, which the kernel does not route to
+// another interface).
 func (c Config) Jumps() []Rule {
 	c = c.withDefaults()
 	return []Rule{
 		{"nat", "POSTROUTING", []string{"-j", c.postroutingChain()}},
+		{"nat", "PREROUTING", []string{"-m", "addrtype", "--dst-type", "LOCAL", "-j", c.dnatChain()}},
+		{"nat", "OUTPUT", []string{"!", "-d", "127.0.0.0/8", "-m", "addrtype", "--dst-type", "LOCAL", "-j", c.dnatChain()}},
 		{"filter", "FORWARD", []string{"-j", c.forwardChain()}},
 	}
 }

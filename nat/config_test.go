@@ -21,6 +21,7 @@ func TestRulesDefaults(t *testing.T) {
 		"nat -A VXNET-POSTROUTING -s 172.18.0.0/16 ! -o vxnet_gwbridge -j MASQUERADE",
 		"filter -A VXNET-ISOLATION -j RETURN",
 		"filter -A VXNET-FORWARD -j VXNET-ISOLATION",
+		"filter -A VXNET-FORWARD -j VXNET-PUBLISH",
 		"filter -A VXNET-FORWARD -i vxnet_gwbridge -o vxnet_gwbridge -j DROP",
 		"filter -A VXNET-FORWARD -i vxnet_gwbridge ! -o vxnet_gwbridge -j ACCEPT",
 		"filter -A VXNET-FORWARD -o vxnet_gwbridge -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -32,6 +33,8 @@ func TestRulesDefaults(t *testing.T) {
 	gotJ := ruleStrings(Config{}.Jumps())
 	wantJ := []string{
 		"nat -A POSTROUTING -j VXNET-POSTROUTING",
+		"nat -A PREROUTING -m addrtype --dst-type LOCAL -j VXNET-DNAT",
+		"nat -A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j VXNET-DNAT",
 		"filter -A FORWARD -j VXNET-FORWARD",
 	}
 	if !slices.Equal(gotJ, wantJ) {
@@ -46,6 +49,7 @@ func TestRulesCustom(t *testing.T) {
 		"nat -A T1-POSTROUTING -s 10.200.3.0/24 ! -o gwb0 -j MASQUERADE",
 		"filter -A T1-ISOLATION -j RETURN",
 		"filter -A T1-FORWARD -j T1-ISOLATION",
+		"filter -A T1-FORWARD -j T1-PUBLISH",
 		"filter -A T1-FORWARD -i gwb0 -o gwb0 -j DROP",
 		"filter -A T1-FORWARD -i gwb0 ! -o gwb0 -j ACCEPT",
 		"filter -A T1-FORWARD -o gwb0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -74,9 +78,33 @@ func TestRulesCustom(t *testing.T) {
 		}
 	}
 	for _, j := range c.Jumps() {
-		if _, ok := pos[j.Spec[1]]; !ok {
+		if _, ok := pos[j.Spec[len(j.Spec)-1]]; !ok {
 			t.Fatalf("jump %q to undeclared chain", j.String())
 		}
+	}
+}
+
+// Published ports: written in the form iptables -S prints them, so that an
+// unchanged set is recognised and never rewritten.
+func TestPublishRules(t *testing.T) {
+	c := Config{Bridge: "gwb0", ChainPrefix: "T1"}
+	ps := []Publish{
+		{Proto: "udp", HostPort: 5353, Addr: netip.MustParseAddr("10.200.3.9"), ContainerPort: 53},
+		{Proto: "tcp", HostPort: 8080, Addr: netip.MustParseAddr("10.200.3.2"), ContainerPort: 80},
+	}
+	SortPublished(ps)
+	got := ruleStrings(c.PublishRules(ps))
+	want := []string{
+		"nat -A T1-DNAT ! -i gwb0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.200.3.2:80",
+		"nat -A T1-DNAT ! -i gwb0 -p udp -m udp --dport 5353 -j DNAT --to-destination 10.200.3.9:53",
+		"filter -A T1-PUBLISH -d 10.200.3.2/32 ! -i gwb0 -o gwb0 -p tcp -m tcp --dport 80 -j ACCEPT",
+		"filter -A T1-PUBLISH -d 10.200.3.9/32 ! -i gwb0 -o gwb0 -p udp -m udp --dport 53 -j ACCEPT",
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("PublishRules():\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if len(c.PublishRules(nil)) != 0 {
+		t.Fatal("rules without published ports")
 	}
 }
 

@@ -17,6 +17,7 @@
 // rules. Built-in chains only get one jump each:
 //
 //	nat    POSTROUTING -j VXNET-POSTROUTING
+//	nat    PREROUTING and OUTPUT -j VXNET-DNAT (see published ports below)
 //	filter FORWARD     -j VXNET-FORWARD      (inserted at position 1)
 //
 // The FORWARD jump goes first because other software (a firewall, Docker
@@ -39,6 +40,7 @@
 // filter VXNET-FORWARD:
 //
 //	-j VXNET-ISOLATION
+//	-j VXNET-PUBLISH
 //	-i <bridge> -o <bridge> -j DROP
 //	-i <bridge> ! -o <bridge> -j ACCEPT
 //	-o <bridge> -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
@@ -56,6 +58,22 @@
 // world cannot open connections to containers. The final RETURN hands
 // everything else back to FORWARD and its policy; it is explicit so that the
 // chain's intent is visible in iptables-save.
+//
+// Published ports (vxnet attach --publish) add two chains:
+//
+//	nat    PREROUTING -m addrtype --dst-type LOCAL -j VXNET-DNAT
+//	nat    OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j VXNET-DNAT
+//	nat    VXNET-DNAT:    ! -i <bridge> -p P -m P --dport HOST -j DNAT --to-destination ADDR:PORT
+//	filter VXNET-PUBLISH: -d ADDR/32 ! -i <bridge> -o <bridge> -p P -m P --dport PORT -j ACCEPT
+//
+// DNAT applies to any local destination address, so a published port works
+// on every address of the host, and from the host itself (OUTPUT); not
+// through loopback, which the kernel will not route to another interface.
+// Traffic coming from the bridge is left alone: containers reach each other
+// over their overlays, not by hairpinning through the host. VXNET-PUBLISH is
+// jumped to from VXNET-FORWARD before its DROP and reply-only ACCEPT, and it
+// opens exactly the forwarded port of exactly that container. No MASQUERADE
+// is added: the container sees the real client address.
 //
 // filter VXNET-ISOLATION:
 //

@@ -39,6 +39,22 @@ type Manager struct {
 	// chain is not rewritten forever on an iptables version that prints a
 	// rule differently from the way we spell it.
 	applied map[Chain][]string
+	// published are the ports the DNAT and PUBLISH chains forward.
+	published []Publish
+}
+
+// SetPublished replaces the set of published ports; the next Ensure writes
+// it. It reports whether the set changed.
+func (m *Manager) SetPublished(ps []Publish) bool {
+	ps = slices.Clone(ps)
+	SortPublished(ps)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if slices.Equal(ps, m.published) {
+		return false
+	}
+	m.published = ps
+	return true
 }
 
 // New validates cfg (after applying defaults), opens the manager's namespace
@@ -225,7 +241,7 @@ func (m *Manager) ensureForwarding() ([]string, error) {
 
 func (m *Manager) ensureIPTables() ([]string, error) {
 	var changes []string
-	rules := m.cfg.Rules()
+	rules := append(m.cfg.Rules(), m.cfg.PublishRules(m.published)...)
 	err := m.inNS(func() error {
 		chains := m.cfg.Chains()
 		// Create every chain before filling any: FORWARD's rules jump to

@@ -87,6 +87,15 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	if err := ValidateName("endpoint", name); err != nil {
 		return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
+	ports, err := parsePublish(req.Publish)
+	switch {
+	case err != nil:
+		return nil, invalidf("%v", err)
+	case len(ports) > 0 && n.Internal:
+		return nil, invalidf("--publish: network %q is internal: its containers have no way in or out", network)
+	case len(ports) > 0 && a.egress == nil:
+		return nil, invalidf("--publish: this agent runs without egress (--no-egress)")
+	}
 
 	if kv, err := a.store.Get(ctx, endpointKey(network, name)); err == nil {
 		var e Endpoint
@@ -111,11 +120,21 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		a.mu.Unlock()
 		return nil, conflictf("endpoint %q already exists on network %q", name, network)
 	}
+	inUse := a.portsInUse()
+	var portSpecs []string
+	for _, p := range ports {
+		key := fmt.Sprintf("%d/%s", p.Host, p.Proto)
+		if owner, ok := inUse[key]; ok {
+			a.mu.Unlock()
+			return nil, conflictf("host port %s is already published by endpoint %q", key, owner)
+		}
+		portSpecs = append(portSpecs, p.String())
+	}
 	l := &localEndpoint{
 		Phase: phaseAttaching,
 		Endpoint: Endpoint{
 			Version: recordVersion, ID: id, Name: name, Network: network, NetworkID: n.ID,
-			Node: a.cfg.Node, VTEP: a.cfg.Advertise, Created: time.Now().UTC().Truncate(time.Second),
+			Node: a.cfg.Node, VTEP: a.cfg.Advertise, Ports: portSpecs, Created: time.Now().UTC().Truncate(time.Second),
 		},
 		Net: *n, Netns: path, NetnsID: nsid, MTU: networkMTU(n, a.localMTU()),
 	}
@@ -217,6 +236,11 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	// of the container needs it then.
 	if _, err := a.ensureGateway(ctx, l); err != nil {
 		return "", err
+	}
+	if len(l.Endpoint.Ports) > 0 {
+		if err := a.syncPublished(ctx); err != nil {
+			return "", err
+		}
 	}
 	a.crashPoint("attach-gateway")
 	return ifName, nil
@@ -337,6 +361,12 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 	}
 	delete(a.locals, l.key())
 	a.dropIdleGateway(ctx, l.NetnsID)
+	if len(e.Ports) > 0 {
+		if err := a.syncPublished(ctx); err != nil {
+			// The endpoint is gone; a full pass removes the forward.
+			a.log.Warn("remove published ports", "endpoint", e.Name, "err", err)
+		}
+	}
 	return nil
 }
 

@@ -127,7 +127,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 		return
 	}
 	want := wantGateways(a.locals)
-	if len(want) > 0 {
+	if changed := a.egress.SetPublished(a.published()); len(want) > 0 || changed {
 		a.egressReady = false
 		if changes, err := a.egress.Ensure(ctx); err != nil {
 			a.log.Error("gateway bridge and NAT rules", "err", err)

@@ -60,7 +60,9 @@ type Endpoint struct {
 	IP        netip.Addr   `json:"ip"`
 	MAC       HardwareAddr `json:"mac"`
 	Interface string       `json:"interface"`
-	Created   time.Time    `json:"created"`
+	// Ports published on the endpoint's host (HOSTPORT:CONTAINERPORT/PROTO).
+	Ports   []string  `json:"ports,omitempty"`
+	Created time.Time `json:"created"`
 }
 
 // Node is the stored record of a host.
@@ -223,7 +225,7 @@ func (n *Network) apiView(localMTU int) api.Network {
 func (e *Endpoint) apiView() api.Endpoint {
 	return api.Endpoint{
 		Name: e.Name, ID: e.ID, Network: e.Network, Node: e.Node, IP: e.IP.String(),
-		MAC: e.MAC.String(), Interface: e.Interface, VTEP: e.VTEP.String(), Created: e.Created,
+		MAC: e.MAC.String(), Interface: e.Interface, VTEP: e.VTEP.String(), Ports: e.Ports, Created: e.Created,
 	}
 }
 

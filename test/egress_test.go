@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,10 +22,16 @@ import (
 // with the remote address it sees, and returns its address.
 func startEchoAddr(t *testing.T, nsPath, ip string) string {
 	t.Helper()
+	return startEcho(t, nsPath, ip+":0")
+}
+
+// startEcho is startEchoAddr on a given listen address.
+func startEcho(t *testing.T, nsPath, listen string) string {
+	t.Helper()
 	var ln net.Listener
 	err := vtep.WithNetNS(nsPath, func() error {
 		var err error
-		ln, err = net.Listen("tcp", ip+":0")
+		ln, err = net.Listen("tcp", listen)
 		return err
 	})
 	if err != nil {
@@ -266,5 +273,86 @@ func TestEgress(t *testing.T) {
 	}
 	if out, _ := exec.Command("ip", "-n", c.hosts[0].Name, "link").CombinedOutput(); strings.Contains(string(out), "vxnet_gwbridge") {
 		t.Errorf("gateway bridge left after --cleanup")
+	}
+}
+
+// Published ports: the outside world and the host itself reach a
+// container's port through the host's address; a restart keeps the rules
+// as they are, a detach removes them, and what cannot work is refused
+// without a trace.
+func TestPublish(t *testing.T) {
+	c := newCluster(t, 1)
+	a, h := c.agents[0], c.hosts[0]
+	outside := c.net.AddHost("out")
+	a.mustVxnet("network", "create", "web")
+	a.mustVxnet("network", "create", "priv", "--internal")
+	c1, c2 := c.net.AddNS("c1"), c.net.AddNS("c2")
+	var e api.Endpoint
+	a.jsonOut(&e, "attach", "web", c1, "--publish", "8080:7000", "-p", "8081:7001/udp")
+	if !slices.Equal(e.Ports, []string{"8080:7000/tcp", "8081:7001/udp"}) {
+		t.Errorf("attach: ports %q", e.Ports)
+	}
+	startEcho(t, "/var/run/netns/"+c1, "0.0.0.0:7000")
+	published := net.JoinHostPort(h.Addr.String(), "8080")
+
+	// From outside: DNAT to the container, which sees the real client.
+	seen, err := dialFrom(outside.Path, published)
+	if err != nil || seen != outside.Addr.String() {
+		t.Fatalf("outside -> %s: saw %q, err %v (want %s)", published, seen, err, outside.Addr)
+	}
+	// From the host itself, through its own address.
+	if _, err := dialFrom(h.Path, published); err != nil {
+		t.Errorf("host -> %s: %v", published, err)
+	}
+
+	// Refusals change nothing.
+	for _, args := range [][]string{
+		{"attach", "web", c2, "-p", "8080:80"},              // taken
+		{"attach", "web", c2, "-p", "80"},                   // malformed
+		{"attach", "web", c2, "-p", "0:80"},                 // out of range
+		{"attach", "web", c2, "-p", "99:80/sctp"},           // protocol
+		{"attach", "web", c2, "-p", "99:80", "-p", "99:81"}, // twice
+		{"attach", "priv", c2, "-p", "99:80"},               // internal
+	} {
+		if out, err := a.vxnet(args...); err == nil {
+			t.Errorf("vxnet %s: accepted: %s", strings.Join(args, " "), out)
+		}
+	}
+	if out, err := testnet.Exec(c2, "ip", "-o", "link"); err != nil || strings.Contains(out, "eth") {
+		t.Errorf("a refused attach left an interface: %v %s", err, out)
+	}
+
+	// A restart neither duplicates nor drops a rule.
+	rules := func() string {
+		out, _ := testnet.Exec(h.Name, "iptables-save")
+		var keep []string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "-A ") {
+				keep = append(keep, l)
+			}
+		}
+		return strings.Join(keep, "\n")
+	}
+	before := rules()
+	if !strings.Contains(before, "--to-destination") {
+		t.Fatalf("no DNAT rule:\n%s", before)
+	}
+	a.stop(syscall.SIGTERM)
+	a.start()
+	time.Sleep(2500 * time.Millisecond) // a full reconcile
+	if after := rules(); after != before {
+		t.Errorf("rules changed across a restart:\n%s\nwant:\n%s", after, before)
+	}
+	if _, err := dialFrom(outside.Path, published); err != nil {
+		t.Errorf("after restart: %v", err)
+	}
+
+	// Detach takes the forward away.
+	a.mustVxnet("detach", "web", c1)
+	if _, err := dialFrom(outside.Path, published); err == nil {
+		t.Error("published port still reachable after detach")
+	}
+	if strings.Contains(rules(), "--to-destination") {
+		t.Errorf("DNAT rule left after detach:\n%s", rules())
 	}
 }

@@ -210,9 +210,13 @@ func (c *cli) printEndpoints(eps []api.Endpoint) error {
 	}
 	rows := make([][]string, 0, len(eps))
 	for _, e := range eps {
-		rows = append(rows, []string{e.Name, e.Network, e.Node, e.IP, e.MAC, e.Interface, e.VTEP})
+		ports := strings.Join(e.Ports, ",")
+		if ports == "" {
+			ports = "-"
+		}
+		rows = append(rows, []string{e.Name, e.Network, e.Node, e.IP, e.MAC, e.Interface, e.VTEP, ports})
 	}
-	c.table("NAME\tNETWORK\tNODE\tIP\tMAC\tINTERFACE\tVTEP", rows)
+	c.table("NAME\tNETWORK\tNODE\tIP\tMAC\tINTERFACE\tVTEP\tPORTS", rows)
 	return nil
 }
 
@@ -238,6 +242,8 @@ func (c *cli) attach() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&req.Name, "name", "", "endpoint name (default: the namespace's name)")
 	cmd.Flags().StringVar(&req.IP, "ip", "", "address inside the network's subnet (default: the next free one)")
+	cmd.Flags().StringArrayVarP(&req.Publish, "publish", "p", nil,
+		"forward HOSTPORT:CONTAINERPORT[/tcp|udp] of the host's addresses to the container (repeatable)")
 	return cmd
 }
 

@@ -139,6 +139,16 @@ run ip netns exec "$p-h1" iptables -t nat -S VXNET-POSTROUTING
 bold "net1c1 reaches the outside (the switch, 192.168.77.254) through h1's NAT"
 run ip netns exec "$p-net1c1" ping -c 2 -i 0.2 192.168.77.254
 
+bold "Published port: a web container on h1 with -p 8080:5201, reached from the switch at h1's address"
+ip netns add "$p-web"
+on h1 attach net1 "$p-web" --name web -p 8080:5201
+ip netns exec "$p-web" iperf3 -s -1 >/dev/null 2>&1 &
+pids+=($!)
+sleep 0.3
+run ip netns exec "$p-h1" iptables -t nat -S VXNET-DNAT
+run ip netns exec "$sw" iperf3 -c 192.168.77.1 -p 8080 -t 1 -f m
+on h1 detach net1 web
+
 bold "Detach net1c2; h1 drops its entries"
 on h2 detach net1 net1c2
 sleep 0.5

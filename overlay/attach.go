@@ -111,14 +111,25 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	// undoes it nor takes its interfaces for leaks.
 	a.mu.Lock()
 	for _, l := range a.locals {
-		if l.Endpoint.Network == network && l.NetnsID == nsid {
-			a.mu.Unlock()
-			return nil, conflictf("netns %q is already attached to network %q as endpoint %q", req.Netns, network, l.Endpoint.Name)
+		if l.Endpoint.Network != network || (l.NetnsID != nsid && l.Endpoint.Name != name) {
+			continue
 		}
-	}
-	if l := a.locals[network+"/"+name]; l != nil {
+		// What is left of an attach or detach that failed when the store
+		// went away is undone at the next pass with the store back; a retry
+		// of the same attach must not wait for that pass, nor be told that
+		// the namespace is attached when it is not.
+		if l.Phase != phaseAttached && !a.inflight[l.key()] {
+			if err := a.purge(ctx, l); err != nil {
+				a.mu.Unlock()
+				return nil, fmt.Errorf("attach %s: undo the earlier failed operation on endpoint %q first: %w", name, l.Endpoint.Name, err)
+			}
+			continue
+		}
 		a.mu.Unlock()
-		return nil, conflictf("endpoint %q already exists on network %q", name, network)
+		if l.Endpoint.Name == name {
+			return nil, conflictf("endpoint %q already exists on network %q", name, network)
+		}
+		return nil, conflictf("netns %q is already attached to network %q as endpoint %q", req.Netns, network, l.Endpoint.Name)
 	}
 	inUse := a.portsInUse()
 	var portSpecs []string

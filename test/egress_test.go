@@ -204,6 +204,18 @@ func TestEgress(t *testing.T) {
 	if out, err := bad.CombinedOutput(); err == nil || !strings.Contains(string(out), "overlaps network") {
 		t.Errorf("overlapping --gateway-subnet: %v\n%s", err, out)
 	}
+	// So is one that a route of the host already covers.
+	rt := c.net.AddHost("rt")
+	for _, args := range [][]string{{"link", "add", "lan0", "type", "veth", "peer", "name", "lan1"}, {"addr", "add", "172.18.9.1/24", "dev", "lan0"}, {"link", "set", "lan0", "up"}} {
+		if out, err := exec.Command("ip", append([]string{"-n", rt.Name}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	bad = exec.Command("nsenter", "--net="+rt.Path, binDir+"/vxnetd", "--store", "file://"+dir+"/rt.db",
+		"--advertise", rt.Addr.String(), "--state-dir", dir+"/rs", "--run-dir", dir+"/rr", "--socket", dir+"/rsock")
+	if out, err := bad.CombinedOutput(); err == nil || !strings.Contains(string(out), "overlaps the host's route") {
+		t.Errorf("--gateway-subnet overlapping a route: %v\n%s", err, out)
+	}
 	if out, _ := a1.vxnet("network", "create", "clash", "--subnet", "172.18.5.0/24"); !strings.Contains(out, "gateway subnet") {
 		t.Errorf("network overlapping the gateway subnet: %s", out)
 	}

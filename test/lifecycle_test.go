@@ -187,6 +187,7 @@ func TestDriftRepair(t *testing.T) {
 		{"fdb entry", []string{"bridge", "fdb", "del", "02:42:0a:05:00:14", "dev", "vxlan1", "dst", "192.168.77.2", "self"}},
 		{"br0 address", []string{"ip", "addr", "flush", "dev", "br0"}},
 		{"vxlan device", []string{"ip", "link", "del", "vxlan1"}},
+		{"bridge", []string{"ip", "link", "del", "br0"}},
 		{"endpoint veth", []string{"ip", "link", "del", veth}},
 		{"NAT rule", []string{"host:", "iptables", "-t", "nat", "-F", "VXNET-POSTROUTING"}},
 		{"gateway interface", []string{"host:", "sh", "-c", "ip -o link show master vxnet_gwbridge | cut -d: -f2 | cut -d@ -f1 | xargs -n1 ip link del"}},

@@ -180,19 +180,7 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	for _, e := range eps {
 		all = append(all, e...)
 	}
-	r.attach = c.storm(t, eps, cfg.parallel, 0, func(a *agent, e *benchEP) error {
-		out, err := a.vxnet("-o", "json", "attach", "bench", e.ns, "--name", e.name)
-		if err != nil {
-			return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
-		}
-		e.returned = time.Now()
-		var ep api.Endpoint
-		if err := json.Unmarshal([]byte(out), &ep); err != nil {
-			return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
-		}
-		e.ip, e.mac = ep.IP, ep.MAC
-		return nil
-	})
+	r.attach = c.storm(t, eps, cfg.parallel, 0, benchAttach)
 	r.conv = converge(t, watches, all, 120*time.Second, (*neighWatch).added)
 	r.runCPU = mean(sub(c.cpu(t), cpu0))
 	r.runRSS = c.rss(t, "VmHWM")
@@ -221,30 +209,12 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	for _, w := range watches {
 		w.reset()
 	}
-	r.soloAttach = c.storm(t, [][]*benchEP{solo}, 1, soloGap, func(a *agent, e *benchEP) error {
-		out, err := a.vxnet("-o", "json", "attach", "bench", e.ns, "--name", e.name)
-		if err != nil {
-			return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
-		}
-		e.returned = time.Now()
-		var ep api.Endpoint
-		if err := json.Unmarshal([]byte(out), &ep); err != nil {
-			return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
-		}
-		e.ip, e.mac = ep.IP, ep.MAC
-		return nil
-	})
+	r.soloAttach = c.storm(t, [][]*benchEP{solo}, 1, soloGap, benchAttach)
 	r.soloConv = converge(t, watches, solo, 30*time.Second, (*neighWatch).added)
 	for _, w := range watches {
 		w.reset()
 	}
-	r.soloDetach = c.storm(t, [][]*benchEP{solo}, 1, soloGap, func(a *agent, e *benchEP) error {
-		if out, err := a.vxnet("detach", "bench", e.name); err != nil {
-			return fmt.Errorf("detach %s: %v: %s", e.name, err, out)
-		}
-		e.returned = time.Now()
-		return nil
-	})
+	r.soloDetach = c.storm(t, [][]*benchEP{solo}, 1, soloGap, benchDetach)
 	r.soloDconv = converge(t, watches, solo, 30*time.Second, (*neighWatch).removed)
 	logf("one-at-a-time attaches and detaches measured")
 
@@ -307,17 +277,36 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	for _, w := range watches {
 		w.reset()
 	}
-	r.detach = c.storm(t, eps, cfg.parallel, 0, func(a *agent, e *benchEP) error {
-		if out, err := a.vxnet("detach", "bench", e.name); err != nil {
-			return fmt.Errorf("detach %s: %v: %s", e.name, err, out)
-		}
-		e.returned = time.Now()
-		return nil
-	})
+	r.detach = c.storm(t, eps, cfg.parallel, 0, benchDetach)
 	r.dconv = converge(t, watches, all, 120*time.Second, (*neighWatch).removed)
 	logf("detach storm done")
 	r.total = time.Since(start)
 	return r
+}
+
+// benchAttach attaches e through the CLI and records when the CLI returned
+// and what the endpoint got.
+func benchAttach(a *agent, e *benchEP) error {
+	out, err := a.vxnet("-o", "json", "attach", "bench", e.ns, "--name", e.name)
+	if err != nil {
+		return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
+	}
+	e.returned = time.Now()
+	var ep api.Endpoint
+	if err := json.Unmarshal([]byte(out), &ep); err != nil {
+		return fmt.Errorf("attach %s: %v: %s", e.name, err, out)
+	}
+	e.ip, e.mac = ep.IP, ep.MAC
+	return nil
+}
+
+// benchDetach detaches e through the CLI.
+func benchDetach(a *agent, e *benchEP) error {
+	if out, err := a.vxnet("detach", "bench", e.name); err != nil {
+		return fmt.Errorf("detach %s: %v: %s", e.name, err, out)
+	}
+	e.returned = time.Now()
+	return nil
 }
 
 // benchCluster is newCluster with production settings: a 30 s resync,

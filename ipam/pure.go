@@ -75,6 +75,9 @@ func validateAddr(l NetworkLease, ip netip.Addr) error {
 // firstFreeSubnet walks the pool in steps of the subnet size and returns
 // the first subnet that overlaps none of taken.
 func firstFreeSubnet(pool netip.Prefix, bits int, taken []netip.Prefix) (netip.Prefix, error) {
+	if !pool.Addr().Is4() {
+		return netip.Prefix{}, fmt.Errorf("pool %s is not IPv4: %w", pool, ErrInvalid)
+	}
 	if bits < pool.Bits() || bits > 30 {
 		return netip.Prefix{}, fmt.Errorf("subnet size /%d does not fit pool %s: %w", bits, pool, ErrInvalid)
 	}

@@ -296,18 +296,15 @@ func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
 				continue
 			}
 			backoff = 100 * time.Millisecond
-			last := meta.LastIndex
-			// An index that went backwards means Consul lost or reset its
-			// state: start over from a full read.
-			changed := failing || index == 0 || last != index
-			if last < index {
-				last = 0
-			}
+			// A blocking query needs an index above zero; compare after
+			// clamping, or an index of 0 would count as a change at every
+			// wait timeout. An index that went backwards means Consul lost
+			// or reset its state: the list just read is the whole new
+			// state, so it is delivered and watching resumes from there.
+			next := max(meta.LastIndex, 1)
+			changed := failing || index == 0 || next != index
 			failing = false
-			if last == 0 {
-				last = 1
-			}
-			index = last
+			index = next
 			if !changed {
 				continue
 			}

@@ -160,6 +160,9 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("--pool %q: %w", o.pool, err)
 	}
+	if !pool.Addr().Is4() || pool.Bits() > 30 {
+		return fmt.Errorf("--pool %s: want an IPv4 prefix of /30 or larger", o.pool)
+	}
 	if o.nodeTTL < 10*time.Second {
 		return fmt.Errorf("--node-ttl %s is below Consul's minimum of 10s", o.nodeTTL)
 	}
@@ -297,8 +300,13 @@ func cleanup(cfg nat.Config, stateDir string) error {
 func advertiseAddr(v string) (netip.Addr, error) {
 	if v != "" {
 		if a, err := netip.ParseAddr(v); err == nil {
-			if !a.Is4() {
+			switch {
+			case !a.Is4():
 				return netip.Addr{}, fmt.Errorf("%s: only IPv4 underlays are supported", v)
+			case a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+				// Peers send this host's traffic there, and refuse such
+				// a VTEP in its endpoint records.
+				return netip.Addr{}, fmt.Errorf("%s: not an address of this host", v)
 			}
 			return a, nil
 		}

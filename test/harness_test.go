@@ -79,13 +79,21 @@ func (a *agent) log() string {
 
 func startAgent(t *testing.T, host *testnet.Host, node, store string, extra ...string) *agent {
 	t.Helper()
+	a := newAgent(t, host, node, store, extra...)
+	a.start()
+	return a
+}
+
+// newAgent prepares an agent without starting it, for tests that set its
+// environment first.
+func newAgent(t *testing.T, host *testnet.Host, node, store string, extra ...string) *agent {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "vxnet-agent-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	a := &agent{t: t, host: host, node: node, dir: dir, socket: filepath.Join(dir, "vxnet.sock"), store: store, args: extra}
 	t.Cleanup(a.cleanup)
-	a.start()
 	return a
 }
 

@@ -380,3 +380,43 @@ func TestConcurrentAttaches(t *testing.T) {
 		t.Errorf("%d gateway interfaces, want %d", got, n/2)
 	}
 }
+
+// With Consul's ACLs on, the token comes from CONSUL_HTTP_TOKEN; a wrong
+// one is reported as a permission problem, not an outage; and no token
+// ever reaches a log, even at debug level (the test agents' level).
+func TestConsulACLToken(t *testing.T) {
+	const token = "3f1c2b8e-5d4a-4e6f-9a7b-1c2d3e4f5a6b"
+	const wrong = "0a0b0c0d-1e1f-4a4b-8c8d-9e9f0a0b0c0d"
+	c := newCluster(t, 0, testconsul.WithACL(token))
+	good := newAgent(t, c.net.AddHost("h1"), "host1", c.consul.URL("vxnet/"))
+	good.env = []string{"CONSUL_HTTP_TOKEN=" + token}
+	good.start()
+	good.mustVxnet("network", "create", "acl", "--subnet", "10.9.0.0/24")
+	good.mustVxnet("attach", "acl", c.net.AddNS("c1"))
+
+	// A wrong token stops the agent at start with a message that says
+	// what to fix (systemd shows it); the datapath is not touched.
+	bad := newAgent(t, c.net.AddHost("h2"), "host2", c.consul.URL("vxnet/"))
+	bad.env = []string{"CONSUL_HTTP_TOKEN=" + wrong}
+	bad.launch()
+	select {
+	case <-bad.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("an agent with a wrong token kept running")
+	}
+	if !strings.Contains(bad.log(), "check the ACL token (CONSUL_HTTP_TOKEN)") {
+		t.Errorf("wrong token: %s", bad.log())
+	}
+	// The good agent's own requests carry the token; a failing one is
+	// logged without it.
+	if out, err := good.vxnet("network", "create", "acl", "--subnet", "10.9.1.0/24"); err == nil {
+		t.Errorf("duplicate create: %s", out)
+	}
+	for _, a := range []*agent{good, bad} {
+		for _, secret := range []string{token, wrong} {
+			if strings.Contains(a.log(), secret) {
+				t.Errorf("%s logged a token", a.node)
+			}
+		}
+	}
+}

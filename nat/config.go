@@ -41,8 +41,13 @@ type Config struct {
 	// "host"). Empty means the namespace of the thread that calls New, which
 	// for the agent is the root namespace. Tests use it to run a whole host
 	// inside a throwaway namespace.
-	NetNS  string
-	Logger *slog.Logger
+	NetNS string
+	// IPTables is the iptables program to drive: "iptables-nft" or
+	// "iptables-legacy" (a name on PATH or a path). Empty: "iptables", the
+	// distribution's choice, which is also what other tools on the host
+	// use; rules of the two backends must not be mixed.
+	IPTables string
+	Logger   *slog.Logger
 }
 
 // Rule is one iptables rule: Spec is what follows "-A <Chain>".

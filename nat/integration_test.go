@@ -569,3 +569,66 @@ func TestNewInCurrentNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The legacy iptables backend (x_tables) gets the same rules, published
+// ports included, is left alone when nothing changed, and is cleaned to
+// what it was. Hosts pick one backend; the agent follows --iptables.
+func TestLegacyBackend(t *testing.T) {
+	requireRoot(t)
+	if _, err := exec.LookPath("iptables-legacy"); err != nil {
+		t.Skip("no iptables-legacy on this machine")
+	}
+	ctx := testCtx(t)
+	host, hostPath := newNS(t, "lg")
+	save := func() string {
+		out, err := exec.Command("ip", "netns", "exec", host, "iptables-legacy-save").Output()
+		if err != nil {
+			t.Fatalf("iptables-legacy-save: %v", err)
+		}
+		// Legacy tables appear once anything has used them, with their
+		// built-in chains: a table of only built-in chains with policy
+		// ACCEPT is the same as none. Rules, our chains' declarations and
+		// any other policy count.
+		var keep []string
+		for _, l := range strings.Split(string(out), "\n") {
+			f := strings.Fields(l)
+			switch {
+			case strings.HasPrefix(l, "-A "):
+				keep = append(keep, l)
+			case strings.HasPrefix(l, ":") && len(f) > 1 && f[1] != "ACCEPT":
+				keep = append(keep, f[0]+" "+f[1])
+			}
+		}
+		return strings.Join(keep, "\n")
+	}
+	empty := save()
+	m, err := New(Config{NetNS: hostPath, Bridge: "gwb" + randHex(4), Subnet: netip.MustParsePrefix("10.78.0.0/24"),
+		ChainPrefix: "VXL", IPTables: "iptables-legacy", Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	m.SetPublished([]Publish{{Proto: "tcp", HostPort: 8080, Addr: netip.MustParseAddr("10.78.0.9"), ContainerPort: 80}})
+	if _, err := m.Ensure(ctx); err != nil {
+		t.Fatal(err)
+	}
+	saved := save()
+	for _, want := range []string{
+		"-A VXL-POSTROUTING -s 10.78.0.0/24 ! -o " + m.Config().Bridge + " -j MASQUERADE",
+		"--dport 8080 -j DNAT --to-destination 10.78.0.9:80",
+		"-A PREROUTING -m addrtype --dst-type LOCAL -j VXL-DNAT",
+	} {
+		if !strings.Contains(saved, want) {
+			t.Fatalf("legacy ruleset lacks %q:\n%s", want, saved)
+		}
+	}
+	if ch, err := m.Ensure(ctx); err != nil || len(ch) > 0 {
+		t.Fatalf("second Ensure = %q, %v; want no change", ch, err)
+	}
+	if err := m.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := save(); got != empty {
+		t.Fatalf("Cleanup left in the legacy ruleset:\n%s\nwant:\n%s", got, empty)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"regexp"
 	"slices"
 	"strings"
@@ -82,7 +83,15 @@ func New(cfg Config) (*Manager, error) {
 		ns.Close()
 		return nil, fmt.Errorf("nat: netlink handle in namespace %q: %w", cfg.NetNS, err)
 	}
-	ipt, err := iptables.New()
+	var ipt *iptables.IPTables
+	if cfg.IPTables == "" {
+		ipt, err = iptables.New()
+	} else {
+		var path string
+		if path, err = exec.LookPath(cfg.IPTables); err == nil {
+			ipt, err = iptables.New(iptables.Path(path))
+		}
+	}
 	if err != nil {
 		nl.Close()
 		ns.Close()

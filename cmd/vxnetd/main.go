@@ -36,7 +36,7 @@ import (
 type options struct {
 	store, advertise, node, stateDir, runDir, socket, socketGroup string
 	logLevel, pool                                                string
-	gwBridge, gwSubnet, chainPrefix                               string
+	gwBridge, gwSubnet, chainPrefix, iptables                     string
 	noEgress, cleanup                                             bool
 	debugAddr                                                     string
 	vxlanPort                                                     int
@@ -70,6 +70,7 @@ func parseFlags() (*options, error) {
 	fs.StringVar(&o.gwBridge, "gateway-bridge", nat.DefaultBridge, "host bridge that gives containers their way out (eth1 and the default route)")
 	fs.StringVar(&o.gwSubnet, "gateway-subnet", nat.DefaultSubnet.String(), "subnet of the gateway bridge; the bridge holds its first address")
 	fs.StringVar(&o.chainPrefix, "chain-prefix", nat.DefaultChainPrefix, "prefix of this agent's iptables chains")
+	fs.StringVar(&o.iptables, "iptables", "", "iptables program: iptables-nft or iptables-legacy (default: iptables, the distribution's choice)")
 	fs.BoolVar(&o.noEgress, "no-egress", false, "give containers no gateway interface and program no NAT")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove the gateway bridge, its interfaces and every iptables rule and chain this agent made, then exit (overlay namespaces and containers' overlay interfaces stay)")
 	fs.StringVar(&o.caFile, "store-ca-file", "", "CA certificate for the store's TLS (env CONSUL_CACERT)")
@@ -134,7 +135,7 @@ func run() error {
 		if err != nil {
 			return fmt.Errorf("--gateway-subnet %q: %w", o.gwSubnet, err)
 		}
-		egress = &nat.Config{Bridge: o.gwBridge, Subnet: sub, ChainPrefix: o.chainPrefix, Logger: log}
+		egress = &nat.Config{Bridge: o.gwBridge, Subnet: sub, ChainPrefix: o.chainPrefix, IPTables: o.iptables, Logger: log}
 	}
 	if o.cleanup {
 		return cleanup(*egress, o.stateDir)

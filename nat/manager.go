@@ -39,23 +39,72 @@ type Manager struct {
 	// applied remembers each chain's listing right after we filled it, so a
 	// chain is not rewritten forever on an iptables version that prints a
 	// rule differently from the way we spell it.
-	applied map[Chain][]string
-	// published are the ports the DNAT and PUBLISH chains forward.
-	published []Publish
+	applied map[Chain]appliedChain
+	// published are the ports the DNAT and PUBLISH chains forward;
+	// publishedDirty says they may differ from the kernel's (changed, or
+	// never written since start, or the last write failed).
+	published      []Publish
+	publishedDirty bool
 }
 
-// SetPublished replaces the set of published ports; the next Ensure writes
-// it. It reports whether the set changed.
+// appliedChain is a chain's wanted rules and iptables' listing of them
+// right after they were written.
+type appliedChain struct {
+	want, listing []string
+}
+
+// SetPublished replaces the set of published ports, which Ensure or
+// SyncPublished then write. It reports whether they still have to be
+// written: the set changed, or it was not written successfully since the
+// manager started.
 func (m *Manager) SetPublished(ps []Publish) bool {
 	ps = slices.Clone(ps)
 	SortPublished(ps)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if slices.Equal(ps, m.published) {
-		return false
+	if !slices.Equal(ps, m.published) {
+		m.published = ps
+		m.publishedDirty = true
 	}
-	m.published = ps
-	return true
+	return m.publishedDirty
+}
+
+// SyncPublished writes the published ports into the DNAT and PUBLISH
+// chains where they exist, without creating anything: enough to withdraw
+// forwards on a host that has no gateway to set up. Ensure does the rest.
+func (m *Manager) SyncPublished(ctx context.Context) ([]string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("nat: sync published ports: %w", err)
+	}
+	rules := m.cfg.PublishRules(m.published)
+	var changes []string
+	err := m.inNS(func() error {
+		for _, ch := range []Chain{{"nat", m.cfg.dnatChain()}, {"filter", m.cfg.publishChain()}} {
+			ok, err := m.ipt.ChainExists(ch.Table, ch.Name)
+			if err != nil {
+				return fmt.Errorf("check chain %s/%s: %w", ch.Table, ch.Name, err)
+			}
+			if !ok {
+				if len(rulesOf(rules, ch)) > 0 {
+					return fmt.Errorf("chain %s/%s is missing", ch.Table, ch.Name)
+				}
+				continue
+			}
+			c, err := m.syncChain(ch, rulesOf(rules, ch))
+			changes = append(changes, c...)
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return changes, fmt.Errorf("nat: sync published ports: %w", err)
+	}
+	m.publishedDirty = false
+	return changes, nil
 }
 
 // New validates cfg (after applying defaults), opens the manager's namespace
@@ -103,7 +152,9 @@ func New(cfg Config) (*Manager, error) {
 		ns:      ns,
 		nl:      nl,
 		ipt:     ipt,
-		applied: map[Chain][]string{},
+		applied: map[Chain]appliedChain{},
+		// Forwards a previous run left may be stale: write them once.
+		publishedDirty: true,
 	}, nil
 }
 
@@ -285,6 +336,9 @@ func (m *Manager) ensureIPTables() ([]string, error) {
 		}
 		return nil
 	})
+	if err == nil {
+		m.publishedDirty = false
+	}
 	return changes, err
 }
 
@@ -298,7 +352,9 @@ func (m *Manager) syncChain(ch Chain, want []Rule) ([]string, error) {
 	for i, r := range want {
 		wantS[i] = r.String()
 	}
-	if slices.Equal(have, wantS) || (m.applied[ch] != nil && slices.Equal(have, m.applied[ch])) {
+	// The listing shortcut holds only for the rules it was taken of: the
+	// DNAT and PUBLISH chains change with the published ports.
+	if prev, ok := m.applied[ch]; slices.Equal(have, wantS) || (ok && slices.Equal(prev.want, wantS) && slices.Equal(have, prev.listing)) {
 		return nil, nil
 	}
 	missing, extra := diff(wantS, have)
@@ -330,7 +386,7 @@ func (m *Manager) syncChain(ch Chain, want []Rule) ([]string, error) {
 		m.log.Warn("iptables prints rules differently than they were written; comparing against its own listing from now on",
 			"table", ch.Table, "chain", ch.Name, "listing", after, "written", wantS)
 	}
-	m.applied[ch] = after
+	m.applied[ch] = appliedChain{want: wantS, listing: after}
 	return []string{desc}, nil
 }
 

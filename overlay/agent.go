@@ -8,6 +8,7 @@
 package overlay
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -299,8 +300,10 @@ func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
 	decoded := make(map[string]decodedEndpoint, len(pairs))
 	for _, kv := range pairs {
 		d, ok := a.epDecoded[kv.Key]
-		if !ok || d.index != kv.ModifyIndex || kv.ModifyIndex == 0 {
-			d = decodedEndpoint{index: kv.ModifyIndex}
+		// The value is compared too: after Consul loses its state a key
+		// can come back at an index it had before, with another value.
+		if !ok || d.index != kv.ModifyIndex || kv.ModifyIndex == 0 || !bytes.Equal(d.raw, kv.Value) {
+			d = decodedEndpoint{index: kv.ModifyIndex, raw: kv.Value}
 			var e Endpoint
 			if err := decodeRecord(kv.Key, kv.Value, &e); err != nil {
 				a.log.Warn("skipping bad endpoint record", "err", err)
@@ -326,6 +329,7 @@ func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
 // changed: a new index means a new record.
 type decodedEndpoint struct {
 	index uint64
+	raw   []byte
 	e     *Endpoint
 }
 

@@ -87,7 +87,11 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	if err := ValidateName("endpoint", name); err != nil {
 		return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
-	ports, err := parsePublish(req.Publish)
+	vxlanPort := a.cfg.VXLANPort
+	if vxlanPort == 0 {
+		vxlanPort = 4789
+	}
+	ports, err := parsePublish(req.Publish, vxlanPort)
 	switch {
 	case err != nil:
 		return nil, invalidf("%v", err)
@@ -100,7 +104,12 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	if kv, err := a.store.Get(ctx, endpointKey(network, name)); err == nil {
 		var e Endpoint
 		_ = json.Unmarshal(kv.Value, &e)
-		return nil, conflictf("endpoint %q already exists on network %q (node %s)", name, network, e.Node)
+		// Our own record of an operation that failed half way (a detach
+		// that could not unpublish, an attach whose rollback could not)
+		// is undone below rather than reported as taken.
+		if e.Node != a.cfg.Node || !a.interrupted(network+"/"+name) {
+			return nil, conflictf("endpoint %q already exists on network %q (node %s)", name, network, e.Node)
+		}
 	} else if !errors.Is(err, kvstore.ErrNotFound) {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
@@ -118,14 +127,14 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		// went away is undone at the next pass with the store back; a retry
 		// of the same attach must not wait for that pass, nor be told that
 		// the namespace is attached when it is not.
-		if l.Phase != phaseAttached && !a.inflight[l.key()] {
+		if a.interruptedLocked(l) {
 			if err := a.purge(ctx, l); err != nil {
-				a.mu.Unlock()
+				a.unlock()
 				return nil, fmt.Errorf("attach %s: undo the earlier failed operation on endpoint %q first: %w", name, l.Endpoint.Name, err)
 			}
 			continue
 		}
-		a.mu.Unlock()
+		a.unlock()
 		if l.Endpoint.Name == name {
 			return nil, conflictf("endpoint %q already exists on network %q", name, network)
 		}
@@ -136,7 +145,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	for _, p := range ports {
 		key := fmt.Sprintf("%d/%s", p.Host, p.Proto)
 		if owner, ok := inUse[key]; ok {
-			a.mu.Unlock()
+			a.unlock()
 			return nil, conflictf("host port %s is already published by endpoint %q", key, owner)
 		}
 		portSpecs = append(portSpecs, p.String())
@@ -152,7 +161,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	// The journal entry comes first: whatever happens next, a restarted
 	// agent finds it and either finishes or undoes the attach.
 	if err := a.state.save(l); err != nil {
-		a.mu.Unlock()
+		a.unlock()
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 	a.locals[l.key()] = l
@@ -230,11 +239,11 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	// address by its owner and the veth by its name.
 	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
 	changes, err := a.dp.EnsureNetwork(ctx, spec)
-	if err != nil {
-		return "", err
-	}
 	if len(changes) > 0 {
 		delete(a.applied, spec.Name) // a new VTEP has no entries
+	}
+	if err != nil {
+		return "", err
 	}
 	a.crashPoint("attach-network")
 	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))
@@ -267,6 +276,19 @@ func (a *Agent) endpointSpec(l *localEndpoint) vtep.EndpointSpec {
 		MAC:         net.HardwareAddr(l.Endpoint.MAC),
 		MTU:         l.MTU,
 	}
+}
+
+// interrupted reports whether a local record is what remains of an attach
+// or detach that failed half way (not one under way).
+func (a *Agent) interrupted(key string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	l := a.locals[key]
+	return l != nil && a.interruptedLocked(l)
+}
+
+func (a *Agent) interruptedLocked(l *localEndpoint) bool {
+	return l.Phase != phaseAttached && !a.inflight[l.key()]
 }
 
 // cacheEndpoint puts our own endpoint into the store view at once; the

@@ -127,7 +127,13 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 		return
 	}
 	want := wantGateways(a.locals)
-	if changed := a.egress.SetPublished(a.published()); len(want) > 0 || changed {
+	if dirty := a.egress.SetPublished(a.published()); dirty && len(want) == 0 {
+		// No gateway to set up, but forwards to withdraw.
+		if _, err := a.egress.SyncPublished(ctx); err != nil {
+			a.log.Warn("withdraw published ports", "err", err)
+		}
+	}
+	if len(want) > 0 {
 		a.egressReady = false
 		if changes, err := a.egress.Ensure(ctx); err != nil {
 			a.log.Error("gateway bridge and NAT rules", "err", err)

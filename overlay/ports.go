@@ -19,7 +19,7 @@ func (p portMap) String() string { return fmt.Sprintf("%d:%d/%s", p.Host, p.Cont
 
 // parsePublish validates --publish values and returns them in canonical
 // form (the protocol spelled out), refusing a host port given twice.
-func parsePublish(specs []string) ([]portMap, error) {
+func parsePublish(specs []string, vxlanPort int) ([]portMap, error) {
 	var out []portMap
 	seen := map[string]bool{}
 	for _, s := range specs {
@@ -28,6 +28,11 @@ func parsePublish(specs []string) ([]portMap, error) {
 			return nil, err
 		}
 		key := fmt.Sprintf("%d/%s", p.Host, p.Proto)
+		if p.Proto == "udp" && int(p.Host) == vxlanPort {
+			// DNAT of every local address would take the overlay's own
+			// VXLAN traffic away from this host.
+			return nil, fmt.Errorf("publish %q: host port %s is this host's VXLAN port", s, key)
+		}
 		if seen[key] {
 			return nil, fmt.Errorf("publish %q: host port %s given twice", s, key)
 		}
@@ -102,13 +107,23 @@ func (a *Agent) published() []nat.Publish {
 	return out
 }
 
-// syncPublished writes the published ports' rules when they changed.
-// Called with mu held.
+// syncPublished writes the published ports' rules when they may differ
+// from the kernel's. Called with mu held.
 func (a *Agent) syncPublished(ctx context.Context) error {
-	if a.egress == nil || !a.egress.SetPublished(a.published()) {
+	if a.egress == nil {
 		return nil
 	}
-	if _, err := a.egress.Ensure(ctx); err != nil {
+	want := a.published()
+	if !a.egress.SetPublished(want) {
+		return nil
+	}
+	var err error
+	if len(want) > 0 {
+		_, err = a.egress.Ensure(ctx) // the chains and their hooks must exist
+	} else {
+		_, err = a.egress.SyncPublished(ctx) // withdrawing creates nothing
+	}
+	if err != nil {
 		return fmt.Errorf("published ports: %w", err)
 	}
 	return nil

@@ -47,7 +47,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			return
 		}
 		if full {
-			a.ensurePlan(ctx, p, synced)
+			a.ensurePlan(ctx, p, synced && storeUp)
 		}
 		if synced && (full || a.applied[ns].hash != peersHash(p.Peers)) {
 			a.syncPeers(ctx, p, full)
@@ -139,13 +139,13 @@ func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 // endpoints, and removes interfaces that belong to no local endpoint.
 func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 	changes, err := a.dp.EnsureNetwork(ctx, p.Spec)
-	if err != nil {
-		a.log.Error("ensure network", "network", p.Net.Name, "err", err)
-		return
-	}
 	if len(changes) > 0 {
 		a.log.Warn("network datapath repaired", "network", p.Net.Name, "changes", changes)
 		delete(a.applied, p.Spec.Name) // a rebuilt VTEP has no entries
+	}
+	if err != nil {
+		a.log.Error("ensure network", "network", p.Net.Name, "err", err)
+		return
 	}
 	want := map[string]bool{}
 	for _, l := range a.locals {

@@ -317,24 +317,6 @@ func TestPublish(t *testing.T) {
 		t.Errorf("host -> %s: %v", published, err)
 	}
 
-	// Refusals change nothing.
-	for _, args := range [][]string{
-		{"attach", "web", c2, "-p", "8080:80"},              // taken
-		{"attach", "web", c2, "-p", "80"},                   // malformed
-		{"attach", "web", c2, "-p", "0:80"},                 // out of range
-		{"attach", "web", c2, "-p", "99:80/sctp"},           // protocol
-		{"attach", "web", c2, "-p", "99:80", "-p", "99:81"}, // twice
-		{"attach", "priv", c2, "-p", "99:80"},               // internal
-	} {
-		if out, err := a.vxnet(args...); err == nil {
-			t.Errorf("vxnet %s: accepted: %s", strings.Join(args, " "), out)
-		}
-	}
-	if out, err := testnet.Exec(c2, "ip", "-o", "link"); err != nil || strings.Contains(out, "eth") {
-		t.Errorf("a refused attach left an interface: %v %s", err, out)
-	}
-
-	// A restart neither duplicates nor drops a rule.
 	rules := func() string {
 		out, _ := testnet.Exec(h.Name, "iptables-save")
 		var keep []string
@@ -345,6 +327,36 @@ func TestPublish(t *testing.T) {
 		}
 		return strings.Join(keep, "\n")
 	}
+	// Another container publishes and goes again while the agent runs.
+	c3 := c.net.AddNS("c3")
+	a.mustVxnet("attach", "web", c3, "-p", "9090:7000")
+	if !strings.Contains(rules(), "--dport 9090") {
+		t.Errorf("no rule for a second published port:\n%s", rules())
+	}
+	a.mustVxnet("detach", "web", c3)
+	if strings.Contains(rules(), "--dport 9090") {
+		t.Errorf("rule left after detach:\n%s", rules())
+	}
+
+	// Refusals change nothing.
+	for _, args := range [][]string{
+		{"attach", "web", c2, "-p", "8080:80"},              // taken
+		{"attach", "web", c2, "-p", "80"},                   // malformed
+		{"attach", "web", c2, "-p", "0:80"},                 // out of range
+		{"attach", "web", c2, "-p", "99:80/sctp"},           // protocol
+		{"attach", "web", c2, "-p", "99:80", "-p", "99:81"}, // twice
+		{"attach", "priv", c2, "-p", "99:80"},
+		{"attach", "web", c2, "-p", "4789:80/udp"}, // internal
+	} {
+		if out, err := a.vxnet(args...); err == nil {
+			t.Errorf("vxnet %s: accepted: %s", strings.Join(args, " "), out)
+		}
+	}
+	if out, err := testnet.Exec(c2, "ip", "-o", "link"); err != nil || strings.Contains(out, "eth") {
+		t.Errorf("a refused attach left an interface: %v %s", err, out)
+	}
+
+	// A restart neither duplicates nor drops a rule.
 	before := rules()
 	if !strings.Contains(before, "--to-destination") {
 		t.Fatalf("no DNAT rule:\n%s", before)

@@ -55,7 +55,11 @@ func New(t testing.TB) *Net {
 	n := &Net{t: t, Prefix: prefix, Subnet: netip.MustParsePrefix("192.168.77.0/24"), next: 1}
 	t.Cleanup(n.Close)
 	n.Switch = n.AddNS("sw")
-	n.ip(n.Switch, "link", "add", "br0", "type", "bridge")
+	// A fixed MAC: a bridge that has none of its own takes the lowest of
+	// its ports', so adding a host later would change the switch's MAC
+	// under the other hosts' ARP caches and stall their traffic to it
+	// (Consul) for seconds.
+	n.ip(n.Switch, "link", "add", "br0", "address", "02:00:00:77:00:fe", "type", "bridge")
 	n.ip(n.Switch, "addr", "add", n.SwitchAddr().String()+"/24", "dev", "br0")
 	n.ip(n.Switch, "link", "set", "br0", "up")
 	n.ip(n.Switch, "link", "set", "lo", "up")

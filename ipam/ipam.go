@@ -334,7 +334,7 @@ func (a *Allocator) Addrs(ctx context.Context, netID string) (map[netip.Addr]Add
 func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLease, want netip.Addr, owner AddrOwner) (netip.Addr, error) {
 	data, _ := json.Marshal(addrValue{Version: valueVersion, AddrOwner: owner})
 	if want.IsValid() {
-		if err := validateAddr(l, want); err != nil {
+		if err := ValidateAddr(l, want); err != nil {
 			return netip.Addr{}, err
 		}
 		err := a.store.CAS(ctx, addrKey(netID, want), data, 0)

@@ -40,7 +40,7 @@ func TestPureValidation(t *testing.T) {
 	}
 	l := NetworkLease{Subnet: netip.MustParsePrefix("10.0.0.0/24"), Gateway: netip.MustParseAddr("10.0.0.1")}
 	for ip, want := range map[string]string{"10.0.0.0": "network", "10.0.0.255": "broadcast", "10.0.0.1": "gateway", "10.0.1.2": "outside"} {
-		err := validateAddr(l, netip.MustParseAddr(ip))
+		err := ValidateAddr(l, netip.MustParseAddr(ip))
 		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v", ip, err)
 		}
@@ -282,7 +282,7 @@ func FuzzPickAddr(f *testing.F) {
 			}
 			return
 		}
-		if err := validateAddr(l, ip); err != nil || taken[ip] {
+		if err := ValidateAddr(l, ip); err != nil || taken[ip] {
 			t.Fatalf("picked %s in %s (gw %s, taken %v): %v", ip, p, gw, taken[ip], err)
 		}
 	})

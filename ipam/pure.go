@@ -61,8 +61,10 @@ func validateHost(p netip.Prefix, ip netip.Addr, what string) error {
 	return nil
 }
 
-// validateAddr checks a requested endpoint address.
-func validateAddr(l NetworkLease, ip netip.Addr) error {
+// ValidateAddr checks that ip may be an endpoint's address in the lease:
+// a host address of the subnet (not the network or broadcast address)
+// other than the gateway.
+func ValidateAddr(l NetworkLease, ip netip.Addr) error {
 	if err := validateHost(l.Subnet, ip, "address"); err != nil {
 		return err
 	}

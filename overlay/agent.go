@@ -75,7 +75,9 @@ type Agent struct {
 	// inflight marks the attaches under way: a reconcile leaves their
 	// records and interfaces alone.
 	inflight map[string]bool
-	applied  map[string]appliedPeers // namespace -> the peers programmed last
+	// applied is, per namespace, the peers its last successful sync
+	// wrote, so that the next one need only write the difference.
+	applied map[string][]vtep.Peer
 
 	cmu           sync.RWMutex
 	networks      map[string]*Network  // store view, by name
@@ -125,7 +127,7 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		ipam:      ipam.New(store, cfg.IPAM),
 		dp:        dp,
 		state:     stateDir{cfg.StateDir},
-		applied:   map[string]appliedPeers{},
+		applied:   map[string][]vtep.Peer{},
 		inflight:  map[string]bool{},
 		networks:  map[string]*Network{},
 		endpoints: map[string]*Endpoint{},
@@ -299,11 +301,11 @@ func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
 	// once, not at every event).
 	decoded := make(map[string]decodedEndpoint, len(pairs))
 	for _, kv := range pairs {
+		// Compared by value, not modify index: after Consul loses its
+		// state a key can come back at an index it had before.
 		d, ok := a.epDecoded[kv.Key]
-		// The value is compared too: after Consul loses its state a key
-		// can come back at an index it had before, with another value.
-		if !ok || d.index != kv.ModifyIndex || kv.ModifyIndex == 0 || !bytes.Equal(d.raw, kv.Value) {
-			d = decodedEndpoint{index: kv.ModifyIndex, raw: kv.Value}
+		if !ok || !bytes.Equal(d.raw, kv.Value) {
+			d = decodedEndpoint{raw: kv.Value}
 			var e Endpoint
 			if err := decodeRecord(kv.Key, kv.Value, &e); err != nil {
 				a.log.Warn("skipping bad endpoint record", "err", err)
@@ -324,13 +326,12 @@ func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
 	a.cmu.Unlock()
 }
 
-// decodedEndpoint is an endpoint record as decoded at one modify index
-// (e is nil for a record that does not decode). Records are shared, never
-// changed: a new index means a new record.
+// decodedEndpoint is a stored value and the record decoded from it (nil
+// for a value that does not decode). Records are shared between views and
+// never changed: a new value means a new record.
 type decodedEndpoint struct {
-	index uint64
-	raw   []byte
-	e     *Endpoint
+	raw []byte
+	e   *Endpoint
 }
 
 // registerNode publishes this host, retrying until the store answers, and

@@ -1,15 +1,14 @@
 package overlay
 
 import (
+	"bytes"
 	"cmp"
-	"crypto/sha256"
-	"encoding/binary"
-	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
 	"slices"
 
+	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/vtep"
 )
 
@@ -98,37 +97,19 @@ func desiredState(node string, endpoints map[string]*Endpoint, locals map[string
 }
 
 // peerError says why an endpoint of another host cannot be programmed as a
-// peer on network n, or returns nil. Store records passed check() when
-// decoded; it is run again so that this function stands on its own, and
-// what needs the network or this host is checked here: the address must be
-// a host address of the subnet other than the gateway, and not the address
-// of one of our own endpoints (its MAC, derived from the address, would
-// then be sent to the other host's VTEP).
+// peer on network n, or returns nil. The record itself passed check() when
+// it was decoded; what needs the network or this host is checked here: the
+// address must be one an endpoint of the subnet may have, and not the
+// address of one of our own endpoints (its MAC, derived from the address,
+// would then be sent to the other host's VTEP).
 func peerError(n *Network, e *Endpoint, localIPs map[netip.Addr]bool) error {
-	if err := e.check(); err != nil {
+	if err := ipam.ValidateAddr(ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway}, e.IP); err != nil {
 		return err
 	}
-	switch {
-	case !n.Subnet.Contains(e.IP):
-		return fmt.Errorf("ip %s is outside the subnet %s", e.IP, n.Subnet)
-	case e.IP == n.Subnet.Masked().Addr() || e.IP == lastAddr(n.Subnet):
-		return fmt.Errorf("ip %s is the network or broadcast address of %s", e.IP, n.Subnet)
-	case e.IP == n.Gateway:
-		return fmt.Errorf("ip %s is the gateway of %s", e.IP, n.Subnet)
-	case localIPs[e.IP]:
+	if localIPs[e.IP] {
 		return fmt.Errorf("ip %s is the address of an endpoint on this host", e.IP)
 	}
 	return nil
-}
-
-// lastAddr is the last address of an IPv4 prefix (its broadcast address).
-func lastAddr(p netip.Prefix) netip.Addr {
-	if !p.Addr().Is4() {
-		return netip.Addr{}
-	}
-	b := p.Masked().Addr().As4()
-	v := binary.BigEndian.Uint32(b[:]) | ^uint32(0)>>p.Bits()
-	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
 func networkMTU(n *Network, localMTU int) int {
@@ -138,14 +119,11 @@ func networkMTU(n *Network, localMTU int) int {
 	return localMTU
 }
 
-// peersHash identifies a peer set so that event-driven passes can skip
-// networks whose peers did not change; periodic passes ignore it.
-func peersHash(peers []vtep.Peer) string {
-	h := sha256.New()
-	for _, p := range peers {
-		h.Write(p.IP.AsSlice())
-		h.Write(p.MAC)
-		h.Write(p.VTEP.AsSlice())
-	}
-	return hex.EncodeToString(h.Sum(nil))
+// samePeers reports whether two peer lists, sorted as desiredState sorts
+// them, are the same, so that event-driven passes can skip networks whose
+// peers did not change.
+func samePeers(a, b []vtep.Peer) bool {
+	return slices.EqualFunc(a, b, func(x, y vtep.Peer) bool {
+		return x.IP == y.IP && x.VTEP == y.VTEP && bytes.Equal(x.MAC, y.MAC)
+	})
 }

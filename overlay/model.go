@@ -135,9 +135,9 @@ func (e *Endpoint) check() error {
 		return fmt.Errorf("id %q is not 64 lowercase hex characters", e.ID)
 	case !validID(e.NetworkID):
 		return fmt.Errorf("network id %q is not 64 lowercase hex characters", e.NetworkID)
-	case !unicast4(e.IP):
+	case !IsUnicastIPv4(e.IP):
 		return fmt.Errorf("ip %s is not a unicast IPv4 address", e.IP)
-	case !unicast4(e.VTEP):
+	case !IsUnicastIPv4(e.VTEP):
 		// Peers send this endpoint's traffic there: 0.0.0.0 or a group
 		// address would make the kernel refuse the whole peer list.
 		return fmt.Errorf("vtep %s is not a unicast IPv4 address", e.VTEP)
@@ -165,9 +165,9 @@ func validID(id string) bool {
 	return true
 }
 
-// unicast4 reports whether a is an IPv4 address one host can have: not
+// IsUnicastIPv4 reports whether a is an IPv4 address one host can have: not
 // 0.0.0.0, a multicast group or the limited broadcast address.
-func unicast4(a netip.Addr) bool {
+func IsUnicastIPv4(a netip.Addr) bool {
 	return a.Is4() && !a.IsUnspecified() && !a.IsMulticast() && a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
 }
 

@@ -49,7 +49,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		if full {
 			a.ensurePlan(ctx, p, synced && storeUp)
 		}
-		if synced && (full || a.applied[ns].hash != peersHash(p.Peers)) {
+		if synced && (full || !a.peersApplied(ns, p.Peers)) {
 			a.syncPeers(ctx, p, full)
 		}
 	}
@@ -93,16 +93,16 @@ func (a *Agent) syncNetwork(ctx context.Context, ns string) {
 	endpoints := maps.Clone(a.endpoints)
 	a.cmu.RUnlock()
 	p := desiredState(a.cfg.Node, endpoints, a.locals, a.localMTU())[ns]
-	if p != nil && a.applied[ns].hash != peersHash(p.Peers) {
+	if p != nil && !a.peersApplied(ns, p.Peers) {
 		a.syncPeers(ctx, p, false)
 	}
 }
 
-// appliedPeers is what the last successful sync of a network wrote, so
-// that the next one need only write the difference.
-type appliedPeers struct {
-	hash  string
-	peers []vtep.Peer
+// peersApplied reports whether the last sync of a namespace wrote exactly
+// these peers.
+func (a *Agent) peersApplied(ns string, peers []vtep.Peer) bool {
+	prev, ok := a.applied[ns]
+	return ok && samePeers(prev, peers)
 }
 
 // syncPeers programs a network's peers. Passes driven by store events
@@ -111,23 +111,23 @@ type appliedPeers struct {
 // changed our entries.
 func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 	prev, known := a.applied[p.Spec.Name]
-	hash := peersHash(p.Peers)
+	same := known && samePeers(prev, p.Peers)
 	var added, removed int
 	var err error
 	if full || !known {
 		added, removed, err = a.dp.SyncPeers(ctx, p.Spec.Name, p.Peers)
 	} else {
-		added, removed, err = a.dp.UpdatePeers(ctx, p.Spec.Name, prev.peers, p.Peers)
+		added, removed, err = a.dp.UpdatePeers(ctx, p.Spec.Name, prev, p.Peers)
 	}
 	if err != nil {
 		a.log.Warn("program peers", "network", p.Net.Name, "err", err)
 		delete(a.applied, p.Spec.Name)
 		return
 	}
-	a.applied[p.Spec.Name] = appliedPeers{hash: hash, peers: p.Peers}
+	a.applied[p.Spec.Name] = p.Peers
 	switch {
 	case added+removed == 0:
-	case full && known && prev.hash == hash:
+	case full && same:
 		a.log.Warn("peer entries repaired: the kernel's tables differed from what was programmed",
 			"network", p.Net.Name, "rewritten", added, "removed", removed, "peers", len(p.Peers))
 	default:

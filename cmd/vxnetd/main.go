@@ -304,10 +304,9 @@ func advertiseAddr(v string) (netip.Addr, error) {
 			switch {
 			case !a.Is4():
 				return netip.Addr{}, fmt.Errorf("%s: only IPv4 underlays are supported", v)
-			case a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
-				// Peers send this host's traffic there, and refuse such
-				// a VTEP in its endpoint records.
-				return netip.Addr{}, fmt.Errorf("%s: not an address of this host", v)
+			case !overlay.IsUnicastIPv4(a):
+				// Peers refuse such a VTEP in its endpoint records.
+				return netip.Addr{}, fmt.Errorf("%s is not a unicast address: peers send this host's VXLAN traffic there", v)
 			}
 			return a, nil
 		}

@@ -87,14 +87,16 @@ type Status struct {
 	Started time.Time `json:"started"`
 }
 
-// CreateNetworkRequest creates a network; empty fields are chosen by the agent.
+// CreateNetworkRequest creates a network; absent fields are chosen by the
+// agent. VNI and MTU are pointers so that an explicit 0 is refused rather
+// than taken for "choose one".
 type CreateNetworkRequest struct {
-	Name     string `json:"name"`
-	Subnet   string `json:"subnet,omitempty"`
-	Gateway  string `json:"gateway,omitempty"`
-	VNI      uint32 `json:"vni,omitempty"`
-	MTU      int    `json:"mtu,omitempty"`
-	Internal bool   `json:"internal,omitempty"`
+	Name     string  `json:"name"`
+	Subnet   string  `json:"subnet,omitempty"`
+	Gateway  string  `json:"gateway,omitempty"`
+	VNI      *uint32 `json:"vni,omitempty"`
+	MTU      *int    `json:"mtu,omitempty"`
+	Internal bool    `json:"internal,omitempty"`
 }
 
 // AttachRequest attaches a network namespace to a network.

@@ -401,19 +401,25 @@ func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest)
 		}
 		ireq.Gateway = g
 	}
-	if req.VNI != 0 && req.VNI > 1<<24-1 {
-		return nil, invalidf("vni %d is out of range 1..16777215", req.VNI)
+	if req.VNI != nil {
+		if *req.VNI == 0 || *req.VNI > 1<<24-1 {
+			return nil, invalidf("vni %d is out of range 1..16777215 (leave --vni out to have one chosen)", *req.VNI)
+		}
+		ireq.VNI = *req.VNI
 	}
-	ireq.VNI = req.VNI
-	if req.MTU != 0 && (req.MTU < 576 || req.MTU > 9000) {
-		return nil, invalidf("mtu %d is out of range 576..9000", req.MTU)
-	}
-	// A larger MTU is not refused by the kernel: full-size packets are
-	// then dropped after encapsulation, silently. Other hosts may have
-	// another underlay; this host's is the one known here.
-	if req.MTU > a.localMTU() {
-		return nil, invalidf("mtu %d is above %d, this host's underlay MTU %d minus the 50 bytes of VXLAN encapsulation",
-			req.MTU, a.localMTU(), a.cfg.UnderlayMTU)
+	mtu := 0
+	if req.MTU != nil {
+		mtu = *req.MTU
+		if mtu < 576 || mtu > 9000 {
+			return nil, invalidf("mtu %d is out of range 576..9000 (leave --mtu out for the underlay's minus 50)", mtu)
+		}
+		// A larger MTU is not refused by the kernel: full-size packets
+		// are then dropped after encapsulation, silently. Other hosts
+		// may have another underlay; this host's is the one known here.
+		if mtu > a.localMTU() {
+			return nil, invalidf("mtu %d is above %d, this host's underlay MTU %d minus the 50 bytes of VXLAN encapsulation",
+				mtu, a.localMTU(), a.cfg.UnderlayMTU)
+		}
 	}
 	if _, err := a.store.Get(ctx, networkKey(req.Name)); err == nil {
 		return nil, conflictf("network %q already exists", req.Name)
@@ -421,7 +427,7 @@ func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest)
 		return nil, fmt.Errorf("create network %s: %w", req.Name, err)
 	}
 	n := Network{
-		Version: recordVersion, ID: newID(), Name: req.Name, MTU: req.MTU,
+		Version: recordVersion, ID: newID(), Name: req.Name, MTU: mtu,
 		Internal: req.Internal, Created: time.Now().UTC().Truncate(time.Second),
 	}
 	_, err := a.ipam.AllocateNetwork(ctx, n.ID, ireq, func(l ipam.NetworkLease) ([]kvstore.Op, error) {

@@ -71,7 +71,7 @@ func TestStatusDoesNotRaceWithPhaseChanges(t *testing.T) {
 func TestCreateNetworkRefusesMTUAboveUnderlay(t *testing.T) {
 	for _, c := range []struct{ underlay, mtu int }{{1500, 1451}, {1500, 1500}, {1500, 9000}, {9000, 8951}, {1280, 1231}} {
 		a := &Agent{cfg: Config{UnderlayMTU: c.underlay}}
-		_, err := a.CreateNetwork(context.Background(), api.CreateNetworkRequest{Name: "n", MTU: c.mtu})
+		_, err := a.CreateNetwork(context.Background(), api.CreateNetworkRequest{Name: "n", MTU: &c.mtu})
 		if err == nil {
 			t.Fatalf("underlay %d: mtu %d accepted", c.underlay, c.mtu)
 		}
@@ -91,14 +91,15 @@ func TestCreateNetworkRefusesMTUAboveUnderlay(t *testing.T) {
 func TestCreateNetworkAcceptsUnderlayMTUMinus50(t *testing.T) {
 	a := testAgent(t)
 	ctx := context.Background()
-	n, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "big", MTU: a.cfg.UnderlayMTU - 50})
+	big, small := a.cfg.UnderlayMTU-50, 576
+	n, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "big", MTU: &big})
 	if err != nil {
 		t.Fatalf("mtu %d refused on underlay %d: %v", a.cfg.UnderlayMTU-50, a.cfg.UnderlayMTU, err)
 	}
 	if n.MTU != a.cfg.UnderlayMTU-50 {
 		t.Errorf("mtu %d", n.MTU)
 	}
-	if _, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "small", MTU: 576}); err != nil {
+	if _, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "small", MTU: &small}); err != nil {
 		t.Errorf("mtu 576 refused: %v", err)
 	}
 }

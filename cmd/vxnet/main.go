@@ -98,6 +98,8 @@ func short(id string) string {
 
 func (c *cli) networkCreate() *cobra.Command {
 	var req api.CreateNetworkRequest
+	var vni uint32
+	var mtu int
 	cmd := &cobra.Command{
 		Use:   "create NAME",
 		Short: "Create an overlay network (visible on every host)",
@@ -105,6 +107,14 @@ func (c *cli) networkCreate() *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
 				req.Name = args[0]
+				// Only a flag that was given is sent: an explicit 0 is
+				// the agent's to refuse, not a request for a default.
+				if cmd.Flags().Changed("vni") {
+					req.VNI = &vni
+				}
+				if cmd.Flags().Changed("mtu") {
+					req.MTU = &mtu
+				}
 				n, err := cl.CreateNetwork(ctx, req)
 				if err != nil {
 					return err
@@ -120,8 +130,8 @@ func (c *cli) networkCreate() *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&req.Subnet, "subnet", "", "subnet in CIDR form (default: the next free /24 of the pool)")
 	f.StringVar(&req.Gateway, "gateway", "", "gateway address, held by br0 (default: the first address of the subnet)")
-	f.Uint32Var(&req.VNI, "vni", 0, "VXLAN network identifier (default: the lowest free from 256)")
-	f.IntVar(&req.MTU, "mtu", 0, "MTU of the containers' interfaces (default: underlay MTU - 50)")
+	f.Uint32Var(&vni, "vni", 0, "VXLAN network identifier, 1..16777215 (default: the lowest free from 256)")
+	f.IntVar(&mtu, "mtu", 0, "MTU of the containers' interfaces (default: underlay MTU - 50)")
 	f.BoolVar(&req.Internal, "internal", false, "no egress to outside the overlay")
 	return cmd
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"strings"
 	"syscall"
@@ -74,17 +75,23 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	// Whether the whole request went out decides what a broken connection
+	// means: before that the agent cannot have acted on it, after it the
+	// agent may have.
+	sent := false
+	req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		WroteRequest: func(i httptrace.WroteRequestInfo) { sent = i.Err == nil },
+	}))
 	resp, err := c.http.Do(req)
 	if err != nil {
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("cannot reach vxnetd at %s (is the agent running?): %w", c.socket, err)
-		}
-		return fmt.Errorf("vxnetd at %s: %w", c.socket, err)
+		// Do waits for the transport's writer to finish before it
+		// returns an error, so sent is settled here.
+		return explain(c.socket, method, path, sent, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
-		return fmt.Errorf("read response: %w", err)
+		return explain(c.socket, method, path, true, err)
 	}
 	if resp.StatusCode >= 300 {
 		var e Error
@@ -100,6 +107,62 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return fmt.Errorf("decode response: %w", err)
 	}
 	return nil
+}
+
+// UnknownOutcomeError is a mutating request (POST, DELETE) that reached the
+// agent but got no answer: the agent may have carried it out or not, e.g.
+// when it was killed mid-request; only a look at the state tells.
+type UnknownOutcomeError struct {
+	Method, Path string
+	// Reason says in words what happened to the connection.
+	Reason string
+	Err    error
+}
+
+func (e *UnknownOutcomeError) Error() string {
+	return fmt.Sprintf("%s %s: %s: it may or may not have been carried out", e.Method, e.Path, e.Reason)
+}
+
+func (e *UnknownOutcomeError) Unwrap() error { return e.Err }
+
+// explain turns a failed round trip to the agent at socket into an error a
+// user can act on. sent says whether the whole request had been written.
+func explain(socket, method, path string, sent bool, err error) error {
+	// The url.Error around err repeats the made-up URL http://vxnetd/...,
+	// which tells a user nothing; the method and path say it better.
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	if !sent {
+		switch {
+		case errors.Is(err, syscall.ENOENT):
+			return fmt.Errorf("cannot reach vxnetd: no socket %s: is vxnetd running? (-H or VXNET_HOST name another socket)", socket)
+		case errors.Is(err, syscall.ECONNREFUSED):
+			return fmt.Errorf("cannot reach vxnetd: connection refused on %s: is vxnetd running? (the socket file is left from one that stopped)", socket)
+		case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+			return fmt.Errorf("permission denied on %s: run as root, or as a member of the group given to vxnetd --socket-group", socket)
+		}
+		return fmt.Errorf("cannot reach vxnetd at %s: %w", socket, err)
+	}
+	var reason string
+	var ne net.Error
+	switch {
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		reason = "the agent closed the connection before answering (EOF)"
+	case errors.Is(err, syscall.ECONNRESET):
+		reason = "the agent closed the connection before answering (connection reset)"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		reason = "the agent did not answer in time"
+	case errors.Is(err, context.Canceled):
+		reason = "the request was interrupted before the agent answered"
+	default:
+		reason = fmt.Sprintf("the connection to the agent broke before it answered (%v)", err)
+	}
+	if method == http.MethodGet {
+		return fmt.Errorf("vxnetd at %s: %s; it may have stopped or be restarting", socket, reason)
+	}
+	return &UnknownOutcomeError{Method: method, Path: path, Reason: reason, Err: err}
 }
 
 // Version of the agent.

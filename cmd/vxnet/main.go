@@ -4,9 +4,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -71,7 +73,44 @@ func (c *cli) withClient(cmd *cobra.Command, fn func(context.Context, *api.Clien
 	}
 	ctx, cancel := context.WithTimeout(cmd.Context(), 60*time.Second)
 	defer cancel()
-	return fn(ctx, cl)
+	return c.explain(cmd, cmd.Flags().Args(), fn(ctx, cl))
+}
+
+// outcomeChecks names, for each mutating command, what it does and the
+// read-only command that shows whether it happened (%s: its first argument).
+var outcomeChecks = map[string]struct{ what, check string }{
+	"attach":         {"the attach", "endpoint ls --network %s"},
+	"detach":         {"the detach", "endpoint ls --network %s"},
+	"network create": {"the creation", "network ls"},
+	"network rm":     {"the removal", "network ls"},
+	"node rm":        {"the removal", "node ls"},
+}
+
+// explain is where an *api.UnknownOutcomeError becomes words: a request the
+// agent got but never answered (it was killed or restarted) may have been
+// carried out, so the user must look before retrying, and is told how.
+// Other errors pass unchanged.
+func (c *cli) explain(cmd *cobra.Command, args []string, err error) error {
+	var uo *api.UnknownOutcomeError
+	if !errors.As(err, &uo) {
+		return err
+	}
+	name := strings.TrimPrefix(cmd.CommandPath(), cmd.Root().Name()+" ")
+	oc, ok := outcomeChecks[name]
+	if !ok || len(args) == 0 {
+		return err
+	}
+	check := "vxnet "
+	if cmd.Flags().Changed("host") {
+		check += "-H " + c.host + " "
+	}
+	if strings.Contains(oc.check, "%s") {
+		check += fmt.Sprintf(oc.check, args[0])
+	} else {
+		check += oc.check
+	}
+	return fmt.Errorf("%s %s: %s: %s may or may not have happened; check with %q once the agent is back",
+		name, strings.Join(args, " "), uo.Reason, oc.what, check)
 }
 
 func (c *cli) json(v any) error {
@@ -199,7 +238,7 @@ func (c *cli) networkRemove() *cobra.Command {
 				failed := 0
 				for _, name := range args {
 					if err := cl.RemoveNetwork(ctx, name); err != nil {
-						fmt.Fprintln(os.Stderr, "Error:", err)
+						fmt.Fprintln(os.Stderr, "Error:", c.explain(cmd, []string{name}, err))
 						failed++
 						continue
 					}
@@ -238,7 +277,17 @@ func (c *cli) attach() *cobra.Command {
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				// The agent resolves a relative path against its own
+				// working directory, not the user's: send it absolute. A
+				// bare name (no '/') is a name under /var/run/netns.
 				req.Netns = args[1]
+				if strings.Contains(req.Netns, "/") && !filepath.IsAbs(req.Netns) {
+					abs, err := filepath.Abs(req.Netns)
+					if err != nil {
+						return fmt.Errorf("netns %q: %w", req.Netns, err)
+					}
+					req.Netns = abs
+				}
 				e, err := cl.Attach(ctx, args[0], req)
 				if err != nil {
 					return err

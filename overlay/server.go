@@ -4,16 +4,20 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/vxnet/vxnet/api"
 )
 
-// maxBody bounds request bodies: every request is a small JSON object.
+// maxBody bounds request bodies: every request is a small JSON object, and
+// a larger body is refused with 413 rather than read.
 const maxBody = 64 << 10
+
+// MaxHeaderBytes bounds a request's headers: the CLI sends a handful.
+const MaxHeaderBytes = 16 << 10
 
 // Handler serves the agent's API (see package api for the routes).
 func (a *Agent) Handler() http.Handler {
@@ -30,7 +34,7 @@ func (a *Agent) Handler() http.Handler {
 	})
 	mux.HandleFunc("POST /v1/networks", func(w http.ResponseWriter, r *http.Request) {
 		var req api.CreateNetworkRequest
-		if err := decodeBody(r, &req); err != nil {
+		if err := decodeBody(w, r, &req); err != nil {
 			a.reply(w, r, 0, nil, err)
 			return
 		}
@@ -47,7 +51,7 @@ func (a *Agent) Handler() http.Handler {
 	})
 	mux.HandleFunc("POST /v1/networks/{name}/endpoints", func(w http.ResponseWriter, r *http.Request) {
 		var req api.AttachRequest
-		if err := decodeBody(r, &req); err != nil {
+		if err := decodeBody(w, r, &req); err != nil {
 			a.reply(w, r, 0, nil, err)
 			return
 		}
@@ -77,11 +81,23 @@ func (a *Agent) Handler() http.Handler {
 }
 
 // decodeBody reads one JSON object and refuses unknown fields, so that a
-// misspelt option is an error rather than silently ignored.
-func decodeBody(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+// misspelt option is an error rather than silently ignored. A body over
+// maxBody is an error of its own (413), not a truncated JSON value: the
+// client must learn that it hit a limit, and the server closes the
+// connection rather than read the rest.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		var tooLarge *http.MaxBytesError
+		switch {
+		case errors.As(err, &tooLarge):
+			return &codedError{code: api.CodeInvalid, err: err,
+				msg: fmt.Sprintf("request body over the limit of %d bytes (%d KiB)", tooLarge.Limit, tooLarge.Limit>>10)}
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			return &codedError{code: api.CodeInvalid, err: err,
+				msg: fmt.Sprintf("request body not received within %s", ServerTimeouts.Read)}
+		}
 		return invalidf("malformed request body: %v", err)
 	}
 	if dec.More() {
@@ -109,6 +125,10 @@ func (a *Agent) reply(w http.ResponseWriter, r *http.Request, status int, out an
 	if httpStatus == 0 {
 		httpStatus = http.StatusInternalServerError
 	}
+	var tooLarge *http.MaxBytesError
+	if errors.As(err, &tooLarge) {
+		httpStatus = http.StatusRequestEntityTooLarge
+	}
 	level := slog.LevelInfo
 	if httpStatus >= 500 {
 		level = slog.LevelError
@@ -127,6 +147,22 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	}
 }
 
-// ServerTimeouts are the unix socket server's limits: slow clients cannot
-// pin the agent.
-var ServerTimeouts = struct{ ReadHeader, Idle time.Duration }{5 * time.Second, 60 * time.Second}
+// ServerTimeouts are the unix socket server's limits: a slow or silent
+// client holds a connection (and so one of the capped connection slots)
+// for a bounded time.
+//
+//   - ReadHeader and Read bound the request's headers and, with the body,
+//     the whole request: a client that sends headers and trickles the body
+//     is cut off after Read.
+//   - Write runs from the end of the headers to the end of the response,
+//     so it covers the handler: an attach makes a few store round trips of
+//     up to 5 s each (the store's request timeout) and may take ~15 s on a
+//     slow store; twice that leaves room without letting a client that
+//     never reads pin the connection.
+//   - Idle bounds a kept-alive connection between requests.
+var ServerTimeouts = struct{ ReadHeader, Read, Write, Idle time.Duration }{
+	ReadHeader: 5 * time.Second,
+	Read:       10 * time.Second,
+	Write:      30 * time.Second,
+	Idle:       60 * time.Second,
+}

@@ -2,6 +2,7 @@ package overlay
 
 import (
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -102,4 +103,46 @@ func FuzzAPI(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A body over the limit is refused with 413 and a JSON error that names
+// the limit, before the agent does anything with it; a body under the
+// limit is decoded as usual. Neither needs the store: decoding fails
+// first.
+func TestAPIRefusesOversizedBody(t *testing.T) {
+	h := (&Agent{log: slog.New(slog.DiscardHandler)}).Handler()
+	big := `{"name":"` + strings.Repeat("a", maxBody) + `"}`
+	for _, path := range []string{"/v1/networks", "/v1/networks/n/endpoints"} {
+		w := do(h, "POST", path, big)
+		var e api.Error
+		if w.Code != http.StatusRequestEntityTooLarge || json.Unmarshal(w.Body.Bytes(), &e) != nil ||
+			e.Code != api.CodeInvalid || !strings.Contains(e.Message, "65536 bytes") {
+			t.Errorf("POST %s with %d bytes: %d %s, want 413 naming the 65536-byte limit", path, len(big), w.Code, w.Body)
+		}
+	}
+	// Just under the limit, the body is read whole and judged on its
+	// content (here an unknown field): 400, not 413.
+	under := `{"x":"` + strings.Repeat("a", maxBody-16) + `"}`
+	w := do(h, "POST", "/v1/networks", under)
+	var e api.Error
+	if w.Code != http.StatusBadRequest || json.Unmarshal(w.Body.Bytes(), &e) != nil || !strings.Contains(e.Message, `unknown field "x"`) {
+		t.Errorf("POST with %d bytes: %d %s, want 400 for the unknown field", len(under), w.Code, w.Body)
+	}
+}
+
+// decodeBody itself tells a body over the limit from a malformed one, and
+// keeps the cause for errors.As.
+func TestDecodeBodyLimit(t *testing.T) {
+	w := httptest.NewRecorder()
+	r := httptest.NewRequest("POST", "/v1/networks", strings.NewReader(strings.Repeat(" ", maxBody+1)+"{}"))
+	var v api.CreateNetworkRequest
+	err := decodeBody(w, r, &v)
+	var tooLarge *http.MaxBytesError
+	if !errors.As(err, &tooLarge) || tooLarge.Limit != maxBody || ErrorCode(err) != api.CodeInvalid {
+		t.Fatalf("decodeBody over the limit: %v (code %s)", err, ErrorCode(err))
+	}
+	r = httptest.NewRequest("POST", "/v1/networks", strings.NewReader(strings.Repeat(" ", maxBody-2)+"{}"))
+	if err := decodeBody(httptest.NewRecorder(), r, &v); err != nil {
+		t.Fatalf("decodeBody at the limit: %v", err)
+	}
 }

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/net/netutil"
 
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
@@ -138,6 +139,16 @@ func run() error {
 		egress = &nat.Config{Bridge: o.gwBridge, Subnet: sub, ChainPrefix: o.chainPrefix, IPTables: o.iptables, Logger: log}
 	}
 	if o.cleanup {
+		// Cleanup tears down egress: under a running agent that would cut
+		// its containers off, so it needs the agent's state dir to itself.
+		if err := os.MkdirAll(o.stateDir, 0o755); err != nil {
+			return err
+		}
+		release, err := lockDirs([2]string{"--state-dir", o.stateDir})
+		if err != nil {
+			return fmt.Errorf("cleanup: %w", err)
+		}
+		defer release()
 		return cleanup(*egress, o.stateDir)
 	}
 	if egress != nil {
@@ -179,6 +190,19 @@ func run() error {
 			return err
 		}
 	}
+	// Before anything of the directories is read or changed (the store
+	// file, the journal, the namespaces): a second agent on the same run
+	// dir would remove the first one's namespaces as leaks. The locks go
+	// with the process, however it ends.
+	release, err := lockDirs([2]string{"--run-dir", o.runDir}, [2]string{"--state-dir", o.stateDir})
+	if err != nil {
+		return err
+	}
+	defer release()
+	nofile, err := fileLimit(log)
+	if err != nil {
+		return err
+	}
 	store, err := kvstore.Open(o.store, kvstore.Options{
 		CAFile: o.caFile, CertFile: o.certFile, KeyFile: o.keyFile,
 		DefaultFile: filepath.Join(o.stateDir, "store.db"),
@@ -213,12 +237,22 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	// Connections over the cap wait in the kernel's backlog, not in the
+	// agent's descriptor table; the timeouts bound how long each one is
+	// held, so slow clients delay other clients but never starve the
+	// datapath of descriptors.
+	conns := apiConnLimit(nofile)
+	ln = netutil.LimitListener(ln, conns)
+	log.Debug("api connection limit", "connections", conns, "open_file_limit", nofile)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	srv := &http.Server{
 		Handler:           agent.Handler(),
 		ReadHeaderTimeout: overlay.ServerTimeouts.ReadHeader,
+		ReadTimeout:       overlay.ServerTimeouts.Read,
+		WriteTimeout:      overlay.ServerTimeouts.Write,
 		IdleTimeout:       overlay.ServerTimeouts.Idle,
+		MaxHeaderBytes:    overlay.MaxHeaderBytes,
 		BaseContext:       func(net.Listener) context.Context { return ctx },
 	}
 	go func() {

@@ -32,6 +32,9 @@ type Network struct {
 	MTU      int       `json:"mtu"`
 	Internal bool      `json:"internal"`
 	Created  time.Time `json:"created"`
+	// Error is set, and only Name, when the store holds a record under
+	// the name that does not decode: the name is taken, rm removes it.
+	Error string `json:"error,omitempty"`
 }
 
 // NetworkDetail is what inspect returns: the network and its endpoints on
@@ -111,6 +114,11 @@ type AttachRequest struct {
 	// "HOSTPORT:CONTAINERPORT[/tcp|udp]" (tcp by default). Needs a network
 	// that is not internal.
 	Publish []string `json:"publish,omitempty"`
+	// ReplaceDefaultRoute replaces a default route the container has of
+	// its own with one through the host's gateway bridge (NAT); detach
+	// restores it. Without it such a container keeps its default route
+	// and gets only the gateway interface.
+	ReplaceDefaultRoute bool `json:"replace_default_route,omitempty"`
 }
 
 // Error is the body of every non-2xx response.

@@ -8,6 +8,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"sync"
 )
 
@@ -28,22 +30,30 @@ type AddrBook struct {
 
 	mu     sync.Mutex
 	owners map[string]netip.Addr
+	// routes are the default routes AddGateway replaced in an owner's
+	// container, kept until RemoveGateway has put them back.
+	routes map[string][]Route
 }
 
+// addrBookFile is the book on disk. Routes came later: a file without it
+// is a book without routes, and an older agent ignores it.
 type addrBookFile struct {
-	Subnet string            `json:"subnet"`
-	Owners map[string]string `json:"owners"`
+	Subnet string             `json:"subnet"`
+	Owners map[string]string  `json:"owners"`
+	Routes map[string][]Route `json:"routes,omitempty"`
 }
 
 // OpenAddrBook loads the book at path, or starts an empty one if the file
-// does not exist yet. reserved (normally the gateway address) is never
+// does not exist yet. Any other failure to read it is an error: an empty
+// book would hand out addresses running containers hold and forget the
+// routes to restore. reserved (normally the gateway address) is never
 // handed out, nor are the subnet's network and broadcast addresses.
 func OpenAddrBook(path string, subnet netip.Prefix, reserved netip.Addr) (*AddrBook, error) {
 	if !subnet.IsValid() || !subnet.Addr().Is4() {
 		return nil, fmt.Errorf("nat: open address book %s: subnet %s is not a valid IPv4 prefix", path, subnet)
 	}
 	subnet = subnet.Masked()
-	b := &AddrBook{path: path, subnet: subnet, reserved: reserved, owners: map[string]netip.Addr{}}
+	b := &AddrBook{path: path, subnet: subnet, reserved: reserved, owners: map[string]netip.Addr{}, routes: map[string][]Route{}}
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return b, nil
@@ -74,6 +84,11 @@ func OpenAddrBook(path string, subnet netip.Prefix, reserved netip.Addr) (*AddrB
 		}
 		seen[a] = owner
 		b.owners[owner] = a
+	}
+	for owner, rs := range f.Routes {
+		if len(rs) > 0 {
+			b.routes[owner] = rs
+		}
 	}
 	return b, nil
 }
@@ -111,20 +126,67 @@ func (b *AddrBook) Allocate(owner string) (netip.Addr, error) {
 	return netip.Addr{}, fmt.Errorf("nat: allocate gateway address for %q in %s: %w", owner, b.subnet, ErrAddrExhausted)
 }
 
-// Release frees owner's address; an unknown owner is fine.
+// Release frees owner's address and forgets its routes; an unknown owner
+// is fine.
 func (b *AddrBook) Release(owner string) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	a, ok := b.owners[owner]
-	if !ok {
+	rs, hasRoutes := b.routes[owner]
+	if !ok && !hasRoutes {
 		return nil
 	}
 	delete(b.owners, owner)
+	delete(b.routes, owner)
 	if err := b.save(); err != nil {
-		b.owners[owner] = a
+		if ok {
+			b.owners[owner] = a
+		}
+		if hasRoutes {
+			b.routes[owner] = rs
+		}
 		return fmt.Errorf("nat: release gateway address of %q: %w", owner, err)
 	}
 	return nil
+}
+
+// SetRoutes records the default routes to restore in owner's container
+// when its gateway goes (nil forgets them). Duplicates are dropped. They
+// are on disk before it returns.
+func (b *AddrBook) SetRoutes(owner string, rs []Route) error {
+	if owner == "" {
+		return errors.New("nat: set gateway routes: empty owner")
+	}
+	var uniq []Route
+	for _, r := range rs {
+		if !slices.ContainsFunc(uniq, func(u Route) bool { return reflect.DeepEqual(u, r) }) {
+			uniq = append(uniq, r)
+		}
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	prev, had := b.routes[owner]
+	if len(uniq) == 0 {
+		delete(b.routes, owner)
+	} else {
+		b.routes[owner] = uniq
+	}
+	if err := b.save(); err != nil {
+		if had {
+			b.routes[owner] = prev
+		} else {
+			delete(b.routes, owner)
+		}
+		return fmt.Errorf("nat: record default routes of %q: %w", owner, err)
+	}
+	return nil
+}
+
+// Routes returns a copy of the default routes recorded for owner.
+func (b *AddrBook) Routes(owner string) []Route {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.routes[owner])
 }
 
 // Owners returns a copy of the allocations.
@@ -140,6 +202,9 @@ func (b *AddrBook) save() error {
 	f := addrBookFile{Subnet: b.subnet.String(), Owners: make(map[string]string, len(b.owners))}
 	for o, a := range b.owners {
 		f.Owners[o] = a.String()
+	}
+	if len(b.routes) > 0 {
+		f.Routes = b.routes
 	}
 	data, err := json.MarshalIndent(f, "", "  ")
 	if err != nil {

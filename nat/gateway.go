@@ -4,15 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // ErrGatewayGone says a container's gateway interface no longer exists (the
@@ -24,9 +25,16 @@ var ErrGatewayGone = errors.New("gateway interface gone")
 type GatewaySpec struct {
 	ContainerNS string       // path to the container's network namespace
 	HostVeth    string       // host-side veth name, in the manager's namespace
-	IfName      string       // container-side name; "" = first free ethN
+	IfName      string       // container-side name; "" = first free ethN, N >= 1; never eth0
 	Addr        netip.Prefix // container address, with the gateway subnet's length
 	MTU         int          // 0 = the bridge's MTU, or 1500
+	// ReplaceDefault says what happens to a default route the container
+	// has of its own (one not through the gateway subnet). false: it is
+	// kept, and the container gets no default route of ours (its
+	// gateway interface and address are made all the same). true:
+	// AddGateway removes it, returns it for RemoveGateway to restore,
+	// and puts the gateway's in its place.
+	ReplaceDefault bool
 }
 
 // testHookAfterVeth, when set, runs right after the veth pair is created so
@@ -40,6 +48,11 @@ func (m *Manager) validateSpec(s GatewaySpec) error {
 	}
 	if len(s.IfName) > maxIfName || strings.ContainsAny(s.IfName, " /") {
 		errs = append(errs, fmt.Errorf("interface name %q must be at most %d characters without spaces or slashes", s.IfName, maxIfName))
+	}
+	if s.IfName == "eth0" {
+		// Docker's convention, which users and tools rely on: eth0 is
+		// the overlay's, the gateway comes after it.
+		errs = append(errs, errors.New("interface name eth0 is the overlay's, not the gateway's"))
 	}
 	sub := m.cfg.Subnet
 	switch {
@@ -74,96 +87,125 @@ func (m *Manager) bridge() (netlink.Link, error) {
 	return l, nil
 }
 
-// containerHandle opens the container's namespace and a netlink handle in
-// it. The namespace is closed before returning: the handle's sockets keep
-// it alive.
-func containerHandle(path string) (*netlink.Handle, error) {
+// container is an open container namespace: the namespace itself (to
+// create a veth's peer in it), a netlink handle in it, and its identity.
+type container struct {
+	path string
+	ns   netns.NsHandle
+	h    *netlink.Handle
+	id   nsIdentity
+}
+
+// openContainer opens the container's namespace. An error wraps
+// fs.ErrNotExist only when the path does not exist.
+func openContainer(path string) (*container, error) {
 	ns, err := netns.GetFromPath(path)
 	if err != nil {
 		return nil, fmt.Errorf("open container network namespace %s: %w", path, err)
 	}
-	defer ns.Close()
+	id, err := identityOf(ns)
+	if err != nil {
+		ns.Close()
+		return nil, fmt.Errorf("container network namespace %s: %w", path, err)
+	}
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
+		ns.Close()
 		return nil, fmt.Errorf("netlink handle in container namespace %s: %w", path, err)
 	}
-	return h, nil
+	return &container{path: path, ns: ns, h: h, id: id}, nil
 }
 
-// AddGateway connects a container to the gateway bridge and makes it its
-// default route. It either completes or leaves nothing behind; a gateway that
+func (c *container) close() {
+	c.h.Close()
+	c.ns.Close()
+}
+
+// AddGateway connects a container to the gateway bridge and, unless the
+// container has a default route of its own and ReplaceDefault is false,
+// makes the gateway its default route. It returns the container-side
+// interface name and the container's own default routes it removed
+// (ReplaceDefault only), for RemoveGateway to put back. It either completes
+// or leaves nothing behind, removed routes included; a gateway that
 // already exists for the same container is adopted (and repaired).
-func (m *Manager) AddGateway(ctx context.Context, s GatewaySpec) (ifName string, err error) {
+func (m *Manager) AddGateway(ctx context.Context, s GatewaySpec) (ifName string, replaced []Route, err error) {
 	if err := m.validateSpec(s); err != nil {
-		return "", fmt.Errorf("nat: add gateway %s: %w", s.HostVeth, err)
+		return "", nil, fmt.Errorf("nat: add gateway %s: %w", s.HostVeth, err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := ctx.Err(); err != nil {
-		return "", fmt.Errorf("nat: add gateway %s: %w", s.HostVeth, err)
+		return "", nil, fmt.Errorf("nat: add gateway %s: %w", s.HostVeth, err)
 	}
-	ifName, err = m.addGateway(ctx, s)
+	ifName, replaced, err = m.addGateway(ctx, s)
 	if err != nil {
-		return "", fmt.Errorf("nat: add gateway %s: %w", s.HostVeth, err)
+		return "", nil, fmt.Errorf("nat: add gateway %s: %w", s.HostVeth, err)
 	}
-	return ifName, nil
+	return ifName, replaced, nil
 }
 
-func (m *Manager) addGateway(ctx context.Context, s GatewaySpec) (string, error) {
+// restoreAll puts back routes a failed AddGateway removed.
+func (m *Manager) restoreAll(rs []Route) {
+	for _, r := range rs {
+		if skip, err := restoreRoute(r); err != nil || skip != "" {
+			m.log.Error("rollback: restore container default route", "route", r.String(), "skipped", skip, "err", err)
+		}
+	}
+}
+
+func (m *Manager) addGateway(ctx context.Context, s GatewaySpec) (string, []Route, error) {
 	br, err := m.bridge()
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
-	ch, err := containerHandle(s.ContainerNS)
+	c, err := openContainer(s.ContainerNS)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
-	defer ch.Close()
+	defer c.close()
+	ch := c.h
 
 	if host, err := m.nl.LinkByName(s.HostVeth); err == nil {
 		peer, err := m.findPeer(ch, host)
 		if err != nil {
-			return "", err
+			return "", nil, err
 		}
 		if peer != nil {
 			if s.IfName != "" && peer.Attrs().Name != s.IfName {
-				return "", fmt.Errorf("existing gateway's container interface is %s, not %s", peer.Attrs().Name, s.IfName)
+				return "", nil, fmt.Errorf("existing gateway's container interface is %s, not %s", peer.Attrs().Name, s.IfName)
 			}
-			changes, err := m.repair(ch, br, host, peer, s)
+			changes, replaced, err := m.repair(c, br, host, peer, s, s.ReplaceDefault)
 			if err != nil {
-				return "", fmt.Errorf("adopt existing gateway: %w", err)
+				m.restoreAll(replaced)
+				return "", nil, fmt.Errorf("adopt existing gateway: %w", err)
 			}
 			m.log.Info("adopted existing gateway", "host_veth", s.HostVeth, "ifname", peer.Attrs().Name, "repairs", changes)
-			return peer.Attrs().Name, nil
+			return peer.Attrs().Name, replaced, nil
 		}
 	} else if !isNotFound(err) {
-		return "", fmt.Errorf("look up %s: %w", s.HostVeth, err)
+		return "", nil, fmt.Errorf("look up %s: %w", s.HostVeth, err)
 	}
 
 	// Check everything that can be checked before creating anything, so
 	// that most failures need no rollback at all.
 	links, err := retryDump(ch.LinkList)
 	if err != nil {
-		return "", fmt.Errorf("list container links: %w", err)
+		return "", nil, fmt.Errorf("list container links: %w", err)
 	}
 	ifName := s.IfName
 	if ifName == "" {
 		ifName = nextEthName(links)
 	} else if slices.ContainsFunc(links, func(l netlink.Link) bool { return l.Attrs().Name == ifName }) {
-		return "", fmt.Errorf("container already has an interface named %s", ifName)
+		return "", nil, fmt.Errorf("container already has an interface named %s", ifName)
 	}
 	addrs, err := retryDump(func() ([]netlink.Addr, error) { return ch.AddrList(nil, netlink.FAMILY_V4) })
 	if err != nil {
-		return "", fmt.Errorf("list container addresses: %w", err)
+		return "", nil, fmt.Errorf("list container addresses: %w", err)
 	}
 	for _, a := range addrs {
 		if p, ok := prefixOf(a.IPNet); ok && p.Addr() == s.Addr.Addr() {
-			return "", fmt.Errorf("address %s already assigned in the container (link index %d)", p.Addr(), a.LinkIndex)
+			return "", nil, fmt.Errorf("address %s already assigned in the container (link index %d)", p.Addr(), a.LinkIndex)
 		}
-	}
-	oldDefaults, err := defaultRoutes(ch)
-	if err != nil {
-		return "", err
 	}
 	mtu := s.MTU
 	if mtu == 0 {
@@ -173,22 +215,18 @@ func (m *Manager) addGateway(ctx context.Context, s GatewaySpec) (string, error)
 		mtu = 1500
 	}
 
-	cns, err := netns.GetFromPath(s.ContainerNS)
-	if err != nil {
-		return "", fmt.Errorf("open container network namespace %s: %w", s.ContainerNS, err)
-	}
-	defer cns.Close()
 	// Creating the peer directly inside the container avoids a temporary
 	// name in the host, where "eth1" almost certainly exists already.
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: s.HostVeth, MTU: mtu},
 		PeerName:      ifName,
-		PeerNamespace: netlink.NsFd(cns),
+		PeerNamespace: netlink.NsFd(c.ns),
 	}
 	if err := m.nl.LinkAdd(veth); err != nil {
-		return "", fmt.Errorf("create veth %s/%s: %w", s.HostVeth, ifName, err)
+		return "", nil, fmt.Errorf("create veth %s/%s: %w", s.HostVeth, ifName, err)
 	}
 	ok := false
+	var replaced []Route
 	defer func() {
 		if ok {
 			return
@@ -198,34 +236,30 @@ func (m *Manager) addGateway(ctx context.Context, s GatewaySpec) (string, error)
 		if err := m.nl.LinkDel(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: s.HostVeth}}); err != nil && !isNotFound(err) {
 			m.log.Error("rollback: delete veth", "host_veth", s.HostVeth, "err", err)
 		}
-		for _, r := range oldDefaults {
-			if err := ch.RouteReplace(&r); err != nil {
-				m.log.Error("rollback: restore container default route", "route", r.String(), "err", err)
-			}
-		}
+		m.restoreAll(replaced)
 	}()
 	if testHookAfterVeth != nil {
 		if err := testHookAfterVeth(); err != nil {
-			return "", err
+			return "", nil, err
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	host, err := m.nl.LinkByName(s.HostVeth)
 	if err != nil {
-		return "", fmt.Errorf("look up new veth %s: %w", s.HostVeth, err)
+		return "", nil, fmt.Errorf("look up new veth %s: %w", s.HostVeth, err)
 	}
 	peer, err := ch.LinkByName(ifName)
 	if err != nil {
-		return "", fmt.Errorf("look up new container interface %s: %w", ifName, err)
+		return "", nil, fmt.Errorf("look up new container interface %s: %w", ifName, err)
 	}
-	if _, err := m.repair(ch, br, host, peer, s); err != nil {
-		return "", err
+	if _, replaced, err = m.repair(c, br, host, peer, s, s.ReplaceDefault); err != nil {
+		return "", nil, err
 	}
 	ok = true
-	m.log.Info("added gateway", "host_veth", s.HostVeth, "ifname", ifName, "addr", s.Addr, "ns", s.ContainerNS)
-	return ifName, nil
+	m.log.Info("added gateway", "host_veth", s.HostVeth, "ifname", ifName, "addr", s.Addr, "ns", s.ContainerNS, "replaced_default", replaced)
+	return ifName, replaced, nil
 }
 
 // findPeer returns host's veth peer if it lives in the container namespace,
@@ -257,14 +291,16 @@ func (m *Manager) findPeer(ch *netlink.Handle, host netlink.Link) (netlink.Link,
 	return nil, fmt.Errorf("%s exists but its peer is not in the given container namespace", name)
 }
 
-// repair converges both ends of an existing gateway pair.
-func (m *Manager) repair(ch *netlink.Handle, br, host, peer netlink.Link, s GatewaySpec) ([]string, error) {
+// repair converges both ends of an existing gateway pair. replace allows
+// it to remove the container's own default routes (see repairRoute); it
+// returns those it removed, also with an error.
+func (m *Manager) repair(c *container, br, host, peer netlink.Link, s GatewaySpec, replace bool) ([]string, []Route, error) {
 	hc, err := m.repairHost(br, host)
 	if err != nil {
-		return hc, err
+		return hc, nil, err
 	}
-	cc, err := m.repairContainer(ch, peer, s)
-	return append(hc, cc...), err
+	cc, replaced, err := m.repairContainer(c, peer, s, replace)
+	return append(hc, cc...), replaced, err
 }
 
 func (m *Manager) repairHost(br, host netlink.Link) ([]string, error) {
@@ -299,12 +335,12 @@ func (m *Manager) repairHost(br, host netlink.Link) ([]string, error) {
 	return changes, nil
 }
 
-func (m *Manager) repairContainer(ch *netlink.Handle, peer netlink.Link, s GatewaySpec) ([]string, error) {
+func (m *Manager) repairContainer(c *container, peer netlink.Link, s GatewaySpec, replace bool) ([]string, []Route, error) {
 	var changes []string
-	name := peer.Attrs().Name
+	ch, name := c.h, peer.Attrs().Name
 	addrs, err := retryDump(func() ([]netlink.Addr, error) { return ch.AddrList(peer, netlink.FAMILY_V4) })
 	if err != nil {
-		return changes, fmt.Errorf("list addresses of container %s: %w", name, err)
+		return changes, nil, fmt.Errorf("list addresses of container %s: %w", name, err)
 	}
 	have := false
 	for _, a := range addrs {
@@ -320,52 +356,111 @@ func (m *Manager) repairContainer(ch *netlink.Handle, peer netlink.Link, s Gatew
 		// may hand to another container.
 		if m.cfg.Subnet.Overlaps(p) {
 			if err := ch.AddrDel(peer, &a); err != nil {
-				return changes, fmt.Errorf("delete stale %s from container %s: %w", p, name, err)
+				return changes, nil, fmt.Errorf("delete stale %s from container %s: %w", p, name, err)
 			}
 			changes = append(changes, fmt.Sprintf("removed stale %s from container %s", p, name))
 		}
 	}
 	if !have {
 		if err := ch.AddrAdd(peer, &netlink.Addr{IPNet: ipNet(s.Addr)}); err != nil {
-			return changes, fmt.Errorf("add %s to container %s: %w", s.Addr, name, err)
+			return changes, nil, fmt.Errorf("add %s to container %s: %w", s.Addr, name, err)
 		}
 		changes = append(changes, fmt.Sprintf("added %s to container %s", s.Addr, name))
 	}
 	if peer.Attrs().Flags&net.FlagUp == 0 {
 		if err := ch.LinkSetUp(peer); err != nil {
-			return changes, fmt.Errorf("set container %s up: %w", name, err)
+			return changes, nil, fmt.Errorf("set container %s up: %w", name, err)
 		}
 		changes = append(changes, fmt.Sprintf("set container %s up", name))
 	}
+	rc, replaced, err := m.repairRoute(c, peer, s, replace)
+	return append(changes, rc...), replaced, err
+}
+
+// repairRoute converges the container's default routes. Ours goes via
+// the gateway address on peer; copies of it on other interfaces are stale
+// and removed. A container with a default route of its own keeps it and
+// gets none of ours, unless s.ReplaceDefault: then, when replace is set
+// (an attach, which records what it removed), its own are removed and
+// returned and ours is added; without replace (a periodic check) a route
+// that appeared since is left alone, since nothing would restore it.
+func (m *Manager) repairRoute(c *container, peer netlink.Link, s GatewaySpec, replace bool) ([]string, []Route, error) {
+	var changes []string
+	ch, name := c.h, peer.Attrs().Name
 	defs, err := defaultRoutes(ch)
 	if err != nil {
-		return changes, err
+		return nil, nil, err
 	}
 	gw := m.GatewayAddr()
-	right := len(defs) == 1 && defs[0].LinkIndex == peer.Attrs().Index && defs[0].Gw != nil && defs[0].Gw.Equal(gw.AsSlice())
-	if !right {
-		// All non-overlay traffic must leave through the gateway, like
-		// Docker's eth1; a default route elsewhere would bypass the NAT.
-		for _, r := range defs {
-			if r.LinkIndex == peer.Attrs().Index && r.Gw != nil && r.Gw.Equal(gw.AsSlice()) {
-				continue
-			}
-			if err := ch.RouteDel(&r); err != nil && !isNotFound(err) {
-				return changes, fmt.Errorf("delete container default route %s: %w", r.String(), err)
-			}
+	var ours, stale, own []netlink.Route
+	for _, r := range defs {
+		switch {
+		case m.isOurRoute(r) && r.LinkIndex == peer.Attrs().Index && addrOf(r.Gw) == gw:
+			ours = append(ours, r)
+		case m.isOurRoute(r):
+			stale = append(stale, r)
+		default:
+			own = append(own, r)
 		}
-		route := &netlink.Route{
-			LinkIndex: peer.Attrs().Index,
-			Dst:       &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)},
-			Gw:        gw.AsSlice(),
-		}
-		if err := ch.RouteReplace(route); err != nil {
-			return changes, fmt.Errorf("set container default route via %s dev %s: %w", gw, name, err)
-		}
-		changes = append(changes, fmt.Sprintf("set container default route via %s dev %s", gw, name))
 	}
-	return changes, nil
+	wantOurs := len(own) == 0 || s.ReplaceDefault
+	if !wantOurs {
+		stale = append(stale, ours...)
+		ours = nil
+	}
+	for _, r := range stale {
+		if err := ch.RouteDel(&r); err != nil && !isNoSuchRoute(err) {
+			return changes, nil, fmt.Errorf("delete container default route %s: %w", r.String(), err)
+		}
+		why := "stale"
+		if !wantOurs {
+			why = "the container has its own"
+		}
+		changes = append(changes, fmt.Sprintf("removed container default route via %s (%s)", addrOf(r.Gw), why))
+	}
+	var replaced []Route
+	if wantOurs && replace && len(own) > 0 {
+		for _, r := range own {
+			// Recorded before it goes: what cannot be described cannot
+			// be put back, so it stays.
+			rec, err := recordRoute(ch, c.path, c.id, r)
+			if err != nil {
+				return changes, replaced, err
+			}
+			if err := ch.RouteDel(&r); err != nil && !isNoSuchRoute(err) {
+				return changes, replaced, fmt.Errorf("delete container default route %s: %w", rec, err)
+			}
+			replaced = append(replaced, rec)
+			changes = append(changes, "replaced container default route "+rec.String())
+		}
+		own = nil
+	}
+	if !wantOurs || len(ours) > 0 {
+		return changes, replaced, nil
+	}
+	route := &netlink.Route{
+		LinkIndex: peer.Attrs().Index,
+		Dst:       &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)},
+		Gw:        gw.AsSlice(),
+	}
+	// Add, not replace: a route of the container's own in the same slot
+	// (table, metric) must not be overwritten unrecorded.
+	err = ch.RouteAdd(route)
+	if errors.Is(err, unix.EEXIST) && len(own) > 0 {
+		m.log.Warn("container's own default route holds the gateway's place; leaving it (attach again to replace it)",
+			"ns", c.path, "ifname", name)
+		return changes, replaced, nil
+	}
+	if err != nil {
+		return changes, replaced, fmt.Errorf("set container default route via %s dev %s: %w", gw, name, err)
+	}
+	changes = append(changes, fmt.Sprintf("set container default route via %s dev %s", gw, name))
+	return changes, replaced, nil
 }
+
+// isNoSuchRoute: a route that went between listing and deleting is what
+// deleting wanted.
+func isNoSuchRoute(err error) bool { return errors.Is(err, unix.ESRCH) }
 
 // defaultRoutes lists the IPv4 default routes of the main table.
 func defaultRoutes(h *netlink.Handle) ([]netlink.Route, error) {
@@ -387,47 +482,74 @@ func isZeroMask(m net.IPMask) bool {
 	return ones == 0
 }
 
-// nextEthName returns the lowest ethN not used in links.
+// nextEthName returns the lowest ethN, N >= 1, not used in links. eth0 is
+// left to the overlay even when it is missing (a failed attach, a gateway
+// recreated first): a gateway on eth0 would take the place users and tools
+// expect the overlay's interface at.
 func nextEthName(links []netlink.Link) string {
 	used := map[string]bool{}
 	for _, l := range links {
 		used[l.Attrs().Name] = true
 	}
-	for i := 0; ; i++ {
+	for i := 1; ; i++ {
 		if n := "eth" + strconv.Itoa(i); !used[n] {
 			return n
 		}
 	}
 }
 
-// RemoveGateway deletes a gateway veth pair; an absent one is fine.
-func (m *Manager) RemoveGateway(ctx context.Context, hostVeth string) error {
+// RemoveGateway deletes a gateway veth pair, an absent one being fine,
+// and then puts back the container default routes in restore (what
+// AddGateway returned as replaced). A route is skipped, with a logged
+// reason, when its namespace or device is gone or its place is taken
+// (also what a repeated call finds): so RemoveGateway can be called again
+// until it succeeds. Failures that say nothing about the route (EMFILE
+// opening the namespace) are returned.
+func (m *Manager) RemoveGateway(ctx context.Context, hostVeth string, restore []Route) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("nat: remove gateway %s: %w", hostVeth, err)
 	}
 	l, err := m.nl.LinkByName(hostVeth)
-	if isNotFound(err) {
-		return nil
-	}
-	if err != nil {
+	switch {
+	case isNotFound(err):
+	case err != nil:
 		return fmt.Errorf("nat: remove gateway %s: look up: %w", hostVeth, err)
-	}
-	if l.Type() != "veth" {
+	case l.Type() != "veth":
 		return fmt.Errorf("nat: remove gateway %s: refusing to delete a %s", hostVeth, l.Type())
+	default:
+		if err := m.nl.LinkDel(l); err != nil && !isNotFound(err) {
+			return fmt.Errorf("nat: remove gateway %s: %w", hostVeth, err)
+		}
+		m.log.Info("removed gateway", "host_veth", hostVeth)
 	}
-	if err := m.nl.LinkDel(l); err != nil && !isNotFound(err) {
-		return fmt.Errorf("nat: remove gateway %s: %w", hostVeth, err)
+	// After the veth, whose route held the slot the restored one takes.
+	var errs []error
+	for _, r := range restore {
+		skip, err := restoreRoute(r)
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case skip != "":
+			m.log.Info("not restoring container default route", "host_veth", hostVeth, "route", r.String(), "reason", skip)
+		default:
+			m.log.Info("restored container default route", "host_veth", hostVeth, "route", r.String())
+		}
 	}
-	m.log.Info("removed gateway", "host_veth", hostVeth)
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("nat: remove gateway %s: restore default routes: %w", hostVeth, err)
+	}
 	return nil
 }
 
 // CheckGateway verifies a gateway and repairs what drifted: always the host
 // side (bridge membership, port isolation, link up) and, when ContainerNS is
-// set, the container side (address, link up, default route). It returns
-// ErrGatewayGone when the pair or the container namespace no longer exists.
+// set, the container side (address, link up, default route; see
+// GatewaySpec.ReplaceDefault, though a check never removes a default route
+// of the container's own). It returns ErrGatewayGone only when that is
+// verified: no link of that name, a non-veth in its place, a missing
+// container namespace file, or the peer not among the container's links.
 func (m *Manager) CheckGateway(ctx context.Context, s GatewaySpec) ([]string, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -456,15 +578,15 @@ func (m *Manager) CheckGateway(ctx context.Context, s GatewaySpec) ([]string, er
 		if err := m.validateSpec(s); err != nil {
 			return changes, fmt.Errorf("nat: check gateway %s: %w", s.HostVeth, err)
 		}
-		ch, err := containerHandle(s.ContainerNS)
-		if errors.Is(err, os.ErrNotExist) {
+		c, err := openContainer(s.ContainerNS)
+		if errors.Is(err, fs.ErrNotExist) {
 			return changes, fmt.Errorf("nat: check gateway %s: %w: %w", s.HostVeth, ErrGatewayGone, err)
 		}
 		if err != nil {
 			return changes, fmt.Errorf("nat: check gateway %s: %w", s.HostVeth, err)
 		}
-		defer ch.Close()
-		links, err := retryDump(ch.LinkList)
+		defer c.close()
+		links, err := retryDump(c.h.LinkList)
 		if err != nil {
 			return changes, fmt.Errorf("nat: check gateway %s: list container links: %w", s.HostVeth, err)
 		}
@@ -477,7 +599,7 @@ func (m *Manager) CheckGateway(ctx context.Context, s GatewaySpec) ([]string, er
 		if peer == nil {
 			return changes, fmt.Errorf("nat: check gateway %s: peer not in %s: %w", s.HostVeth, s.ContainerNS, ErrGatewayGone)
 		}
-		cc, err := m.repairContainer(ch, peer, s)
+		cc, _, err := m.repairContainer(c, peer, s, false)
 		changes = append(changes, cc...)
 		if err != nil {
 			return changes, fmt.Errorf("nat: check gateway %s: %w", s.HostVeth, err)
@@ -487,6 +609,26 @@ func (m *Manager) CheckGateway(ctx context.Context, s GatewaySpec) ([]string, er
 		m.log.Info("repaired gateway", "host_veth", s.HostVeth, "change", c)
 	}
 	return changes, nil
+}
+
+// HasOwnDefaultRoute reports whether the container has an IPv4 default
+// route of its own in its main table: one not through the gateway subnet.
+// Replies to a published port leave by such a route, not through the NAT,
+// which is why the agent asks.
+func (m *Manager) HasOwnDefaultRoute(ctx context.Context, containerNS string) (bool, error) {
+	if err := ctx.Err(); err != nil {
+		return false, fmt.Errorf("nat: default route of %s: %w", containerNS, err)
+	}
+	c, err := openContainer(containerNS)
+	if err != nil {
+		return false, fmt.Errorf("nat: default route of %s: %w", containerNS, err)
+	}
+	defer c.close()
+	defs, err := defaultRoutes(c.h)
+	if err != nil {
+		return false, fmt.Errorf("nat: default route of %s: %w", containerNS, err)
+	}
+	return slices.ContainsFunc(defs, func(r netlink.Route) bool { return !m.isOurRoute(r) }), nil
 }
 
 // Gateways lists the host-side veths enslaved to the bridge, so the agent can

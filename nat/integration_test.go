@@ -115,7 +115,7 @@ func TestIntegration(t *testing.T) {
 	specA := GatewaySpec{ContainerNS: w.aPath, HostVeth: "gw" + randHex(7), Addr: netip.MustParsePrefix("172.18.0.2/16")}
 	specB := GatewaySpec{ContainerNS: w.bPath, HostVeth: "gw" + randHex(7), IfName: "eth1", Addr: netip.MustParsePrefix("172.18.0.3/16")}
 	for _, s := range []GatewaySpec{specA, specB} {
-		ifn, err := m.AddGateway(ctx, s)
+		ifn, _, err := m.AddGateway(ctx, s)
 		if err != nil {
 			t.Fatalf("AddGateway(%s): %v", s.HostVeth, err)
 		}
@@ -124,7 +124,7 @@ func TestIntegration(t *testing.T) {
 		}
 	}
 	// Adopting an existing, correct gateway is a no-op.
-	if ifn, err := m.AddGateway(ctx, specA); err != nil || ifn != "eth1" {
+	if ifn, _, err := m.AddGateway(ctx, specA); err != nil || ifn != "eth1" {
 		t.Fatalf("repeated AddGateway = %q, %v", ifn, err)
 	}
 	if gws, err := m.Gateways(ctx); err != nil || !slices.Equal(gws, sorted(specA.HostVeth, specB.HostVeth)) {
@@ -276,10 +276,10 @@ func TestIntegration(t *testing.T) {
 	})
 
 	t.Run("RemoveGateway", func(t *testing.T) {
-		if err := m.RemoveGateway(ctx, specB.HostVeth); err != nil {
+		if err := m.RemoveGateway(ctx, specB.HostVeth, nil); err != nil {
 			t.Fatal(err)
 		}
-		if err := m.RemoveGateway(ctx, specB.HostVeth); err != nil {
+		if err := m.RemoveGateway(ctx, specB.HostVeth, nil); err != nil {
 			t.Fatalf("second RemoveGateway: %v", err)
 		}
 		if slices.Contains(linkNames(t, w.host), specB.HostVeth) || slices.Contains(linkNames(t, w.b), "eth1") {
@@ -352,7 +352,7 @@ func TestAddGatewayRollback(t *testing.T) {
 	t.Cleanup(func() { m.Close() })
 
 	// Without Ensure there is no bridge to attach to.
-	if _, err := m.AddGateway(ctx, GatewaySpec{ContainerNS: cPath, HostVeth: "gwnobridge", Addr: netip.MustParsePrefix("172.18.0.9/16")}); err == nil {
+	if _, _, err := m.AddGateway(ctx, GatewaySpec{ContainerNS: cPath, HostVeth: "gwnobridge", Addr: netip.MustParsePrefix("172.18.0.9/16")}); err == nil {
 		t.Fatal("AddGateway without a bridge succeeded")
 	}
 	if _, err := m.Ensure(ctx); err != nil {
@@ -383,13 +383,14 @@ func TestAddGatewayRollback(t *testing.T) {
 		{"gateway address", GatewaySpec{ContainerNS: cPath, HostVeth: "gw" + randHex(7), Addr: netip.MustParsePrefix("172.18.0.1/16")}, nil},
 		{"outside subnet", GatewaySpec{ContainerNS: cPath, HostVeth: "gw" + randHex(7), Addr: netip.MustParsePrefix("172.19.0.5/16")}, nil},
 		{"host veth name taken", GatewaySpec{ContainerNS: cPath, HostVeth: "up0", Addr: netip.MustParsePrefix("172.18.0.12/16")}, nil},
+		{"eth0 asked for", GatewaySpec{ContainerNS: cPath, HostVeth: "gw" + randHex(7), IfName: "eth0", Addr: netip.MustParsePrefix("172.18.0.16/16")}, nil},
 		{"failure after creation", GatewaySpec{ContainerNS: cPath, HostVeth: "gw" + randHex(7), Addr: netip.MustParsePrefix("172.18.0.13/16")}, func() error { return hookErr }},
 	}
 	run(t, "ip", "-n", host, "link", "add", "up0", "type", "ifb")
 	hostLinks = append(hostLinks, "up0")
 	for _, tc := range cases {
 		testHookAfterVeth = tc.hook
-		_, err := m.AddGateway(ctx, tc.spec)
+		_, _, err := m.AddGateway(ctx, tc.spec)
 		testHookAfterVeth = nil
 		if err == nil {
 			t.Fatalf("%s: AddGateway succeeded", tc.name)
@@ -409,16 +410,19 @@ func TestAddGatewayRollback(t *testing.T) {
 		}
 	}
 
-	// A good attach to the same container then replaces its default
-	// route, and picks eth2 as the first free name. Its host name is
-	// taken by a half-made pair (a crash before the peer was moved),
+	// A good attach to the same container, asked to, then replaces its
+	// default route, and picks eth2 as the first free name. Its host name
+	// is taken by a half-made pair (a crash before the peer was moved),
 	// which is replaced rather than refused.
 	left := "gw" + randHex(7)
 	run(t, "ip", "-n", host, "link", "add", left, "type", "veth", "peer", "name", left+"p")
-	ok := GatewaySpec{ContainerNS: cPath, HostVeth: left, Addr: netip.MustParsePrefix("172.18.0.14/16"), MTU: 1400}
-	ifn, err := m.AddGateway(ctx, ok)
+	ok := GatewaySpec{ContainerNS: cPath, HostVeth: left, Addr: netip.MustParsePrefix("172.18.0.14/16"), MTU: 1400, ReplaceDefault: true}
+	ifn, replaced, err := m.AddGateway(ctx, ok)
 	if err != nil || ifn != "eth2" {
 		t.Fatalf("AddGateway = %q, %v; want eth2", ifn, err)
+	}
+	if len(replaced) != 1 || replaced[0].Dev != "eth1" || replaced[0].Gateway != netip.MustParseAddr("10.1.0.1") {
+		t.Fatalf("AddGateway replaced %v; want the default via 10.1.0.1 dev eth1", replaced)
 	}
 	if r := mustInNS(t, c, "ip", "route", "show", "default"); strings.TrimSpace(r) != "default via 172.18.0.1 dev eth2" {
 		t.Fatalf("default route %q", r)
@@ -433,7 +437,7 @@ func TestAddGatewayRollback(t *testing.T) {
 	other, _ := newNS(t, "rbother")
 	taken := "gw" + randHex(7)
 	run(t, "ip", "-n", host, "link", "add", taken, "type", "veth", "peer", "name", "eth0", "netns", other)
-	if _, err := m.AddGateway(ctx, GatewaySpec{ContainerNS: cPath, HostVeth: taken, Addr: netip.MustParsePrefix("172.18.0.15/16")}); err == nil {
+	if _, _, err := m.AddGateway(ctx, GatewaySpec{ContainerNS: cPath, HostVeth: taken, Addr: netip.MustParsePrefix("172.18.0.15/16")}); err == nil {
 		t.Fatal("AddGateway took over a veth belonging to another namespace")
 	}
 	if !slices.Contains(linkNames(t, host), taken) {

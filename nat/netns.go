@@ -3,12 +3,11 @@ package nat
 import (
 	"errors"
 	"fmt"
-	"os"
 	"runtime"
-	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // withNetNS runs fn on an OS thread that has joined the network namespace at
@@ -74,9 +73,11 @@ func retryDump[T any](fn func() (T, error)) (T, error) {
 	return v, err
 }
 
-// isNotFound reports whether err says a link does not exist.
+// isNotFound reports whether err says a link does not exist: the typed
+// answers only. ENOENT (which anything opening a file can return) and
+// matching "no such device" in a message (which any wrapped text can
+// contain) would make other failures look like absence.
 func isNotFound(err error) bool {
 	var lnf netlink.LinkNotFoundError
-	return errors.As(err, &lnf) || errors.Is(err, os.ErrNotExist) ||
-		(err != nil && strings.Contains(err.Error(), "no such device"))
+	return errors.As(err, &lnf) || errors.Is(err, unix.ENODEV)
 }

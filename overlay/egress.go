@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"net/netip"
+	"slices"
 	"sort"
 
 	"github.com/vxnet/vxnet/nat"
@@ -28,8 +29,12 @@ func gatewayVeth(id nsID) string {
 	return fmt.Sprintf("gw%07x", h.Sum32()&0xfffffff)
 }
 
-// wantGateways lists, per container, one local endpoint that needs egress.
-func wantGateways(locals map[string]*localEndpoint) map[nsID]*localEndpoint {
+// wantGateways lists, per container, one local endpoint that needs egress:
+// an attached one, or an attach under way (inflight), which made or is
+// making the gateway. What an interrupted attach or detach left needs
+// none: a gateway made for it would be the container's only interface,
+// taking eth0 and the default route for an endpoint that does not exist.
+func wantGateways(locals map[string]*localEndpoint, inflight map[string]bool) map[nsID]*localEndpoint {
 	out := map[nsID]*localEndpoint{}
 	keys := make([]string, 0, len(locals))
 	for k := range locals {
@@ -38,9 +43,7 @@ func wantGateways(locals map[string]*localEndpoint) map[nsID]*localEndpoint {
 	sort.Strings(keys) // deterministic choice of the representative
 	for _, k := range keys {
 		l := locals[k]
-		// Attaching records count too: their attach made (or is making)
-		// the gateway. After a crash they are purged before this is asked.
-		if l.Phase != phaseDetaching && !l.Net.Internal {
+		if (l.Phase == phaseAttached || l.Phase == phaseAttaching && inflight[k]) && !l.Net.Internal {
 			if _, ok := out[l.NetnsID]; !ok {
 				out[l.NetnsID] = l
 			}
@@ -55,15 +58,22 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 	if a.egress == nil || l.Net.Internal {
 		return false, nil
 	}
+	// The container's representative endpoint says what becomes of the
+	// container's own default route.
+	rep := l
+	if w := wantGateways(a.locals, a.inflight)[l.NetnsID]; w != nil {
+		rep = w
+	}
 	veth := gatewayVeth(l.NetnsID)
 	have, err := a.egress.Gateways(ctx)
 	if err != nil {
 		return false, fmt.Errorf("gateway: %w", err)
 	}
-	for _, g := range have {
-		if g == veth {
-			return false, nil
-		}
+	// An existing gateway is left as it is, unless the container's own
+	// default route is to be replaced: adopting it does that.
+	exists := slices.Contains(have, veth)
+	if exists && !rep.ReplaceDefault {
+		return false, nil
 	}
 	// The bridge and rules are checked once here and then by every full
 	// reconcile: running iptables on every attach would cost more than the
@@ -81,20 +91,37 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 	if err != nil {
 		return false, fmt.Errorf("gateway address: %w", err)
 	}
-	spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: veth, Addr: prefixFor(ip, a.egress.Config().Subnet.Bits())}
-	_, err = a.egress.AddGateway(ctx, spec)
+	spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: veth, Addr: prefixFor(ip, a.egress.Config().Subnet.Bits()),
+		ReplaceDefault: rep.ReplaceDefault}
+	_, replaced, err := a.egress.AddGateway(ctx, spec)
 	if err != nil {
 		// The bridge may have gone since it was last checked: check it
 		// now and try once more.
 		if _, eerr := a.egress.Ensure(ctx); eerr == nil {
-			_, err = a.egress.AddGateway(ctx, spec)
+			_, replaced, err = a.egress.AddGateway(ctx, spec)
 		}
 	}
 	if err != nil {
-		a.gwAddrs.Release(owner)
+		if !exists {
+			a.gwAddrs.Release(owner)
+		}
 		return false, fmt.Errorf("gateway interface: %w", err)
 	}
-	return true, nil
+	if len(replaced) > 0 {
+		// Added to what earlier attaches replaced: detach restores all.
+		if err := a.gwAddrs.SetRoutes(owner, append(a.gwAddrs.Routes(owner), replaced...)); err != nil {
+			// Unrecorded, no detach could put them back: put them back
+			// now, with the gateway, which the next pass makes again.
+			if rerr := a.egress.RemoveGateway(ctx, veth, replaced); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+			if !exists {
+				a.gwAddrs.Release(owner)
+			}
+			return false, fmt.Errorf("gateway interface: %w", err)
+		}
+	}
+	return !exists, nil
 }
 
 // removeGateway takes a container's gateway interface and address away.
@@ -102,16 +129,20 @@ func (a *Agent) removeGateway(ctx context.Context, id nsID) error {
 	if a.egress == nil {
 		return nil
 	}
-	if err := a.egress.RemoveGateway(ctx, gatewayVeth(id)); err != nil {
+	owner := gatewayOwner(id)
+	// The book keeps the routes until they are back: a failed restore is
+	// tried again by the next reconcile, which removes gateways of
+	// owners no endpoint wants.
+	if err := a.egress.RemoveGateway(ctx, gatewayVeth(id), a.gwAddrs.Routes(owner)); err != nil {
 		return fmt.Errorf("remove gateway: %w", err)
 	}
-	return a.gwAddrs.Release(gatewayOwner(id))
+	return a.gwAddrs.Release(owner)
 }
 
 // dropIdleGateway removes a container's gateway once no local endpoint of
 // it needs egress any more.
 func (a *Agent) dropIdleGateway(ctx context.Context, id nsID) {
-	if _, needed := wantGateways(a.locals)[id]; needed {
+	if _, needed := wantGateways(a.locals, a.inflight)[id]; needed {
 		return
 	}
 	if err := a.removeGateway(ctx, id); err != nil {
@@ -126,7 +157,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 	if a.egress == nil {
 		return
 	}
-	want := wantGateways(a.locals)
+	want := wantGateways(a.locals, a.inflight)
 	if dirty := a.egress.SetPublished(a.published()); dirty && len(want) == 0 {
 		// No gateway to set up, but forwards to withdraw.
 		if _, err := a.egress.SyncPublished(ctx); err != nil {
@@ -155,15 +186,24 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 			}
 			continue
 		}
-		spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: gatewayVeth(id), Addr: prefixFor(ip, a.egress.Config().Subnet.Bits())}
+		spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: gatewayVeth(id), Addr: prefixFor(ip, a.egress.Config().Subnet.Bits()),
+			ReplaceDefault: l.ReplaceDefault}
 		changes, err := a.egress.CheckGateway(ctx, spec)
 		if ctx.Err() != nil {
 			return
 		}
 		switch {
 		case errors.Is(err, nat.ErrGatewayGone) && localExists(l):
-			a.egress.RemoveGateway(ctx, spec.HostVeth) // a half of it may remain
-			if _, err := a.egress.AddGateway(ctx, spec); err != nil {
+			// A half of it may remain. The routes the first attach
+			// replaced stay recorded: this one replaces what is there now.
+			a.egress.RemoveGateway(ctx, spec.HostVeth, nil)
+			_, replaced, err := a.egress.AddGateway(ctx, spec)
+			if err == nil && len(replaced) > 0 {
+				if err = a.gwAddrs.SetRoutes(gatewayOwner(id), append(a.gwAddrs.Routes(gatewayOwner(id)), replaced...)); err != nil {
+					err = fmt.Errorf("record replaced default routes %v (detach will not restore them): %w", replaced, err)
+				}
+			}
+			if err != nil {
 				a.log.Error("recreate gateway interface", "endpoint", l.Endpoint.Name, "err", err)
 			} else {
 				a.log.Warn("gateway interface was missing; recreated", "endpoint", l.Endpoint.Name)
@@ -187,14 +227,24 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 	for _, g := range have {
 		if !wantVeth[g] {
 			a.log.Warn("removing gateway interface of no container", "interface", g)
-			if err := a.egress.RemoveGateway(ctx, g); err != nil {
+			if err := a.egress.RemoveGateway(ctx, g, nil); err != nil {
 				a.log.Warn("remove gateway interface", "interface", g, "err", err)
 			}
 		}
 	}
 	for owner := range a.gwAddrs.Owners() {
-		if !owners[owner] {
+		if owners[owner] {
+			continue
+		}
+		// Through removeGateway, so that the default routes its attach
+		// replaced are put back (the veth is gone already, or goes now).
+		var id nsID
+		if _, err := fmt.Sscanf(owner, "netns:%d:%d", &id.Dev, &id.Ino); err != nil || gatewayOwner(id) != owner {
 			a.gwAddrs.Release(owner)
+			continue
+		}
+		if err := a.removeGateway(ctx, id); err != nil {
+			a.log.Warn("remove gateway of no container", "owner", owner, "err", err)
 		}
 	}
 }

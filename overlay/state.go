@@ -32,6 +32,9 @@ type localEndpoint struct {
 	Netns   string  `json:"netns"`
 	NetnsID nsID    `json:"netns_id"`
 	MTU     int     `json:"mtu"`
+	// ReplaceDefault: the attach asked for the container's own default
+	// route to be replaced by the gateway's (restored at detach).
+	ReplaceDefault bool `json:"replace_default,omitempty"`
 }
 
 type nsID struct {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"net/netip"
 	"slices"
@@ -73,13 +72,9 @@ func (e *endpointCtx) close() {
 // is not one: a plain file would make netlink act on the wrong namespace
 // or fail half-way.
 func (e *endpointCtx) openContainer(path string) error {
-	cns, err := netns.GetFromPath(path)
+	cns, err := openNetNS(path)
 	if err != nil {
 		return fmt.Errorf("open container netns %s: %w", path, err)
-	}
-	if !IsNetNS(path) {
-		cns.Close()
-		return fmt.Errorf("open container netns %s: %w", path, errNotNetNS)
 	}
 	ch, err := netlink.NewHandleAt(cns)
 	if err != nil {
@@ -279,11 +274,16 @@ func (m *Manager) adopt(ctx context.Context, e *endpointCtx, l netlink.Link, s E
 	return name, nil
 }
 
+// errPeerElsewhere says the kernel's own answers show that a veth's peer
+// is not in the given container namespace (or that it is no veth at all).
+var errPeerElsewhere = errors.New("peer not in the container namespace")
+
 // peerOf finds the container side of the veth l, which must be in the
-// container namespace e.ch is open on.
+// container namespace e.ch is open on. Its error wraps errPeerElsewhere
+// only when that is verified; a failed lookup is just an error.
 func peerOf(e *endpointCtx, l netlink.Link, containerNS string) (netlink.Link, error) {
 	if _, ok := l.(*netlink.Veth); !ok {
-		return nil, fmt.Errorf("is a %s, not a veth", l.Type())
+		return nil, fmt.Errorf("is a %s, not a veth: %w", l.Type(), errPeerElsewhere)
 	}
 	a := l.Attrs()
 	// The kernel allocated the container namespace an id in the network
@@ -293,14 +293,17 @@ func peerOf(e *endpointCtx, l netlink.Link, containerNS string) (netlink.Link, e
 		return nil, fmt.Errorf("id of %s: %w", containerNS, err)
 	}
 	if a.NetNsID < 0 || id < 0 || a.NetNsID != id {
-		return nil, fmt.Errorf("its peer is not in %s", containerNS)
+		return nil, fmt.Errorf("%s: %w", containerNS, errPeerElsewhere)
 	}
 	peer, err := e.ch.LinkByIndex(a.ParentIndex)
+	if isNotFound(err) {
+		err = fmt.Errorf("%w (%w)", errPeerElsewhere, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("its peer (ifindex %d) in %s: %w", a.ParentIndex, containerNS, err)
 	}
 	if _, ok := peer.(*netlink.Veth); !ok || peer.Attrs().ParentIndex != a.Index {
-		return nil, fmt.Errorf("ifindex %d in %s is not its peer", a.ParentIndex, containerNS)
+		return nil, fmt.Errorf("ifindex %d in %s is not its peer: %w", a.ParentIndex, containerNS, errPeerElsewhere)
 	}
 	return peer, nil
 }
@@ -323,8 +326,8 @@ func (m *Manager) RemoveEndpoint(ctx context.Context, network, hostVeth string) 
 	}
 	h, ns, err := m.nsHandle(network)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, errNotNetNS) {
-			return nil
+		if isAbsentNetNS(err) {
+			return nil // the namespace took the pair with it
 		}
 		return fmt.Errorf("remove endpoint %s: %w", hostVeth, err)
 	}
@@ -358,7 +361,7 @@ func (m *Manager) CheckEndpoint(ctx context.Context, s EndpointSpec) ([]string, 
 	}
 	e, err := m.openNetwork(s.Network)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, errNotNetNS) {
+		if isAbsentNetNS(err) {
 			err = fmt.Errorf("%w (%w)", ErrEndpointGone, err)
 		}
 		return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
@@ -374,10 +377,16 @@ func (m *Manager) CheckEndpoint(ctx context.Context, s EndpointSpec) ([]string, 
 	var peer netlink.Link
 	if s.ContainerNS != "" {
 		if err := e.openContainer(s.ContainerNS); err != nil {
-			return nil, fmt.Errorf("check endpoint %s: %w (%w)", s.HostVeth, ErrEndpointGone, err)
+			if isAbsentNetNS(err) {
+				err = fmt.Errorf("%w (%w)", ErrEndpointGone, err)
+			}
+			return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
 		}
 		if peer, err = peerOf(e, l, s.ContainerNS); err != nil {
-			return nil, fmt.Errorf("check endpoint %s: %w (%w)", s.HostVeth, ErrEndpointGone, err)
+			if errors.Is(err, errPeerElsewhere) {
+				err = fmt.Errorf("%w (%w)", ErrEndpointGone, err)
+			}
+			return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
 		}
 	} else if _, ok := l.(*netlink.Veth); !ok {
 		return nil, fmt.Errorf("check endpoint %s: is a %s, not a veth", s.HostVeth, l.Type())

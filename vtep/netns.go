@@ -12,21 +12,60 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// IsNetNS reports whether path is a network namespace (a bind mount of one,
-// or a /proc/PID/ns/net link). The filesystem magic alone would also accept
-// other namespace types, hence the ioctl.
-func IsNetNS(path string) bool {
+// ErrNotNetNS says that a path exists and is verifiably something other
+// than a network namespace: a plain file, a mount of another filesystem,
+// or a namespace of another type. Only this, or the path not existing, is
+// evidence enough to replace what is there.
+var ErrNotNetNS = errors.New("not a network namespace")
+
+// CheckNetNS returns nil if path is a network namespace (a bind mount of
+// one, or a /proc/PID/ns/net link); an error wrapping fs.ErrNotExist if
+// the path does not exist; one wrapping ErrNotNetNS if it is verifiably
+// something else; and otherwise the failure itself (EMFILE, EACCES, ...),
+// which says nothing about what is there: a caller must then leave the
+// path alone and try again later.
+func CheckNetNS(path string) error {
+	ns, err := openNetNS(path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	ns.Close()
+	return nil
+}
+
+// openNetNS opens path as a network namespace, with CheckNetNS's
+// classification of failures. The type is asked of the descriptor that is
+// returned, so a path swapped between the check and the open cannot slip
+// through. The filesystem magic alone would also accept other namespace
+// types, hence the ioctl.
+func openNetNS(path string) (netns.NsHandle, error) {
 	var st unix.Statfs_t
-	if err := unix.Statfs(path, &st); err != nil || st.Type != unix.NSFS_MAGIC {
-		return false
+	if err := unix.Statfs(path, &st); err != nil {
+		return -1, fmt.Errorf("statfs: %w", err) // ENOENT is fs.ErrNotExist
+	}
+	if st.Type != unix.NSFS_MAGIC {
+		return -1, fmt.Errorf("%w (filesystem magic %#x)", ErrNotNetNS, st.Type)
 	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return false
+		return -1, fmt.Errorf("open: %w", err)
 	}
-	defer unix.Close(fd)
 	t, err := unix.IoctlRetInt(fd, unix.NS_GET_NSTYPE)
-	return err == nil && t == unix.CLONE_NEWNET
+	if err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("namespace type: %w", err)
+	}
+	if t != unix.CLONE_NEWNET {
+		unix.Close(fd)
+		return -1, fmt.Errorf("%w (namespace type %#x)", ErrNotNetNS, t)
+	}
+	return netns.NsHandle(fd), nil
+}
+
+// isAbsentNetNS reports whether err from openNetNS or CheckNetNS proves
+// that there is no network namespace at the path.
+func isAbsentNetNS(err error) bool {
+	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, ErrNotNetNS)
 }
 
 // unmountAll removes every mount stacked on path. A crash, or two racing
@@ -47,10 +86,15 @@ func unmountAll(path string) error {
 // CreateNetNS makes a new network namespace and bind-mounts it on path. An
 // existing namespace there is kept; a plain file left by a crash between
 // creating the file and mounting on it, or a mount of something else, is
-// replaced.
+// replaced. When what is there cannot be told (CheckNetNS failed for any
+// other reason) it is an error and nothing is touched: unmounting a live
+// namespace would cut off every interface in it.
 func CreateNetNS(path string) error {
-	if IsNetNS(path) {
+	switch err := CheckNetNS(path); {
+	case err == nil:
 		return nil
+	case !isAbsentNetNS(err):
+		return fmt.Errorf("create netns: %w", err)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("create netns %s: %w", path, err)
@@ -96,14 +140,11 @@ func DeleteNetNS(path string) error {
 // calling goroutine's thread is untouched, and goroutines that fn starts
 // run in the caller's namespace, not in path's.
 func WithNetNS(path string, fn func() error) error {
-	target, err := netns.GetFromPath(path)
+	target, err := openNetNS(path)
 	if err != nil {
 		return fmt.Errorf("open netns %s: %w", path, err)
 	}
 	defer target.Close()
-	if !IsNetNS(path) {
-		return fmt.Errorf("open netns %s: not a network namespace", path)
-	}
 	if err := onThread(func() error { return netns.Set(target) }, fn); err != nil {
 		return fmt.Errorf("in netns %s: %w", path, err)
 	}

@@ -112,7 +112,7 @@ func TestEnsureNetworkRepairs(t *testing.T) {
 	if changes, err := m.EnsureNetwork(ctx, spec); err != nil || !strings.Contains(joined(changes), "created namespace") {
 		t.Errorf("EnsureNetwork over a stale file: %q %v", changes, err)
 	}
-	if !IsNetNS(ns) {
+	if CheckNetNS(ns) != nil {
 		t.Error("stale file not replaced by a namespace")
 	}
 	if err := m.DeleteNetwork(ctx, spec.Name); err != nil {
@@ -170,7 +170,7 @@ func TestEnsureNetworkRollback(t *testing.T) {
 		if _, err := m.EnsureNetwork(ctx, spec); !errors.Is(err, errInjected) {
 			t.Errorf("%s: want the injected error, got %v", step, err)
 		}
-		if !IsNetNS(ns) {
+		if CheckNetNS(ns) != nil {
 			t.Fatalf("%s: existing namespace removed", step)
 		}
 		if out := run(t, h.Name, "ip", "-o", "link") + inNS(t, ns, "ip", "-o", "link"); strings.Contains(out, "vx-") {
@@ -456,7 +456,7 @@ func TestNetNSMountsAndThreads(t *testing.T) {
 	if err := unix.Mount(plain, p, "none", unix.MS_BIND, ""); err != nil {
 		t.Fatal(err)
 	}
-	if err := CreateNetNS(p); err != nil || !IsNetNS(p) {
+	if err := CreateNetNS(p); err != nil || CheckNetNS(p) != nil {
 		t.Fatalf("CreateNetNS over a foreign mount: %v", err)
 	}
 	h, err := netns.GetFromPath(p)

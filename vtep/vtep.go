@@ -36,7 +36,11 @@ const DefaultVXLANPort = 4789
 const VXLANOverhead = 50
 
 // ErrEndpointGone is returned by CheckEndpoint when an endpoint's veth is
-// missing entirely.
+// verifiably missing: the kernel said there is no such link, the network's
+// or the container's namespace file does not exist or is not a network
+// namespace, or the veth's peer is not in the container's namespace. A
+// failed syscall (EMFILE, EACCES, a timeout) never is: callers remove
+// endpoints on this error.
 var ErrEndpointGone = errors.New("endpoint interface gone")
 
 // Config describes the host.
@@ -154,13 +158,9 @@ func (m *Manager) Networks() ([]string, error) {
 // nsHandle opens a netlink handle inside a network's namespace.
 func (m *Manager) nsHandle(name string) (*netlink.Handle, netns.NsHandle, error) {
 	path := m.NetNSPath(name)
-	ns, err := netns.GetFromPath(path)
+	ns, err := openNetNS(path)
 	if err != nil {
 		return nil, 0, fmt.Errorf("open netns %s: %w", path, err)
-	}
-	if !IsNetNS(path) {
-		ns.Close()
-		return nil, 0, fmt.Errorf("open netns %s: %w", path, errNotNetNS)
 	}
 	h, err := netlink.NewHandleAt(ns)
 	if err != nil {
@@ -169,8 +169,6 @@ func (m *Manager) nsHandle(name string) (*netlink.Handle, netns.NsHandle, error)
 	}
 	return h, ns, nil
 }
-
-var errNotNetNS = errors.New("not a network namespace")
 
 // step runs the test hook, if any, and checks the context: the points
 // between kernel changes where giving up is safe.
@@ -233,7 +231,13 @@ func (m *Manager) EnsureNetwork(ctx context.Context, s NetworkSpec) (changes []s
 		return nil, err
 	}
 	path := m.NetNSPath(s.Name)
-	if !IsNetNS(path) {
+	switch cerr := CheckNetNS(path); {
+	case cerr == nil:
+	case !isAbsentNetNS(cerr):
+		// EMFILE and the like say nothing about the namespace, which
+		// is most likely alive and in use: try again at the next pass.
+		return nil, fmt.Errorf("check namespace: %w", cerr)
+	default:
 		if err := CreateNetNS(path); err != nil {
 			return nil, err
 		}
@@ -525,7 +529,7 @@ func (m *Manager) createVXLAN(ctx context.Context, h *netlink.Handle, ns netns.N
 func (m *Manager) RemoveStrays(ctx context.Context) ([]string, error) {
 	m.hostMu.Lock()
 	defer m.hostMu.Unlock()
-	links, err := m.hostH.LinkList()
+	links, err := dump(m.hostH.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list host links: %w", err)
 	}
@@ -563,13 +567,23 @@ func (m *Manager) deleteNetwork(name string) error {
 	// The kernel destroys a namespace's devices asynchronously; until then
 	// the VXLAN device still holds its VNI on the host's UDP socket and a
 	// new one for the same VNI fails with EEXIST. Deleting it first makes
-	// that part synchronous.
-	if h, ns, err := m.nsHandle(name); err == nil {
-		if l, err := h.LinkByName(VXLANName); err == nil {
-			h.LinkDel(l)
+	// that part synchronous. A namespace that cannot be opened for another
+	// reason than its absence is left for the next attempt rather than
+	// unmounted half-done.
+	h, ns, err := m.nsHandle(name)
+	switch {
+	case err == nil:
+		defer ns.Close()
+		defer h.Close()
+		l, err := h.LinkByName(VXLANName)
+		if err == nil {
+			err = h.LinkDel(l)
 		}
-		h.Close()
-		ns.Close()
+		if err != nil && !isNotFound(err) {
+			return fmt.Errorf("delete network %s: remove %s: %w", name, VXLANName, err)
+		}
+	case !isAbsentNetNS(err):
+		return fmt.Errorf("delete network %s: %w", name, err)
 	}
 	if err := DeleteNetNS(m.NetNSPath(name)); err != nil {
 		return fmt.Errorf("delete network %s: %w", name, err)

@@ -258,16 +258,16 @@ func TestNetNSLifecycle(t *testing.T) {
 	t.Cleanup(func() { DeleteNetNS(p) })
 	// A plain file left by a crash is replaced.
 	os.WriteFile(p, nil, 0o444)
-	if IsNetNS(p) {
+	if CheckNetNS(p) == nil {
 		t.Fatal("plain file taken for a namespace")
 	}
-	if err := CreateNetNS(p); err != nil || !IsNetNS(p) {
+	if err := CreateNetNS(p); err != nil || CheckNetNS(p) != nil {
 		t.Fatalf("CreateNetNS: %v", err)
 	}
 	if err := CreateNetNS(p); err != nil {
 		t.Fatalf("CreateNetNS twice: %v", err)
 	}
-	if IsNetNS("/proc/self/ns/mnt") {
+	if CheckNetNS("/proc/self/ns/mnt") == nil {
 		t.Error("a mount namespace taken for a network namespace")
 	}
 	if err := DeleteNetNS(p); err != nil {

@@ -303,6 +303,8 @@ func (c *cli) attach() *cobra.Command {
 	cmd.Flags().StringVar(&req.IP, "ip", "", "address inside the network's subnet (default: the next free one)")
 	cmd.Flags().StringArrayVarP(&req.Publish, "publish", "p", nil,
 		"forward HOSTPORT:CONTAINERPORT[/tcp|udp] of the host's addresses to the container (repeatable)")
+	cmd.Flags().BoolVar(&req.ReplaceDefaultRoute, "default-route", false,
+		"replace the container's own default route with one through the gateway bridge; detach restores it")
 	return cmd
 }
 

@@ -58,6 +58,23 @@ type NetworkRequest struct {
 	Subnet  netip.Prefix
 	Gateway netip.Addr
 	VNI     uint32
+	// Avoid are address ranges in use outside the overlay (underlay
+	// networks, host routes): an explicit subnet overlapping one is
+	// refused, and an automatic one is picked around them.
+	Avoid []Avoid
+	// Records returns the networks as their records say, by id. The
+	// records are the truth: the reservations are checked against them,
+	// so a lost or tampered reservation key cannot hand out a subnet or
+	// VNI twice. It is called after each read of the reservations, so a
+	// network created meanwhile is seen by one or the other. nil: the
+	// reservations alone.
+	Records func(context.Context) (map[string]NetworkLease, error)
+}
+
+// Avoid is a range a network must not overlap, and what it is.
+type Avoid struct {
+	Prefix netip.Prefix
+	What   string
 }
 
 // NetworkLease is what a network holds.
@@ -146,6 +163,9 @@ func (a *Allocator) plan(req NetworkRequest, nets map[string]NetworkLease) (Netw
 		taken = append(taken, n.Subnet)
 		vnis[n.VNI] = true
 	}
+	for _, av := range req.Avoid {
+		taken = append(taken, av.Prefix)
+	}
 	if req.Subnet.IsValid() {
 		if err := ValidateSubnet(req.Subnet); err != nil {
 			return l, err
@@ -153,6 +173,11 @@ func (a *Allocator) plan(req NetworkRequest, nets map[string]NetworkLease) (Netw
 		for id, n := range nets {
 			if n.Subnet.Overlaps(req.Subnet) {
 				return l, fmt.Errorf("subnet %s overlaps %s of network %s: %w", req.Subnet, n.Subnet, short(id), ErrInUse)
+			}
+		}
+		for _, av := range req.Avoid {
+			if av.Prefix.Overlaps(req.Subnet) {
+				return l, fmt.Errorf("subnet %s overlaps %s (%s): %w", req.Subnet, av.Prefix, av.What, ErrInUse)
 			}
 		}
 		l.Subnet = req.Subnet
@@ -220,7 +245,11 @@ func (a *Allocator) AllocateNetwork(ctx context.Context, id string, req NetworkR
 		if _, ok := reg.Networks[id]; ok {
 			return NetworkLease{}, fmt.Errorf("network %s already has a reservation: %w", short(id), ErrInUse)
 		}
-		l, err := a.plan(req, reg.Networks)
+		taken, err := a.checked(ctx, reg, req.Records)
+		if err != nil {
+			return NetworkLease{}, err
+		}
+		l, err := a.plan(req, taken)
 		if err != nil {
 			return NetworkLease{}, err
 		}
@@ -249,6 +278,87 @@ func (a *Allocator) AllocateNetwork(ctx context.Context, id string, req NetworkR
 		}
 		if err := backoff(ctx, try); err != nil {
 			return NetworkLease{}, err
+		}
+	}
+}
+
+// checked returns the networks a new lease must not collide with: the
+// reservations and the records together. A reservation whose network has
+// no record and no address held is what a removal that lost its record
+// left behind (records and reservations are written in one transaction,
+// so it is not a network being made): it is dropped from reg, to be
+// committed with the caller's write, instead of blocking its subnet for
+// good.
+func (a *Allocator) checked(ctx context.Context, reg *registry, records func(context.Context) (map[string]NetworkLease, error)) (map[string]NetworkLease, error) {
+	if records == nil {
+		return reg.Networks, nil
+	}
+	recs, err := records(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read network records: %w", err)
+	}
+	out := maps.Clone(recs)
+	for id, l := range reg.Networks {
+		if _, ok := recs[id]; ok {
+			continue
+		}
+		pairs, _, err := a.store.List(ctx, addrsPrefix+id+"/")
+		if err != nil {
+			return nil, fmt.Errorf("addresses of reservation %s: %w", short(id), err)
+		}
+		if len(pairs) == 0 {
+			delete(reg.Networks, id)
+			continue
+		}
+		out[id] = l // its hosts still hold addresses: they republish it
+	}
+	return out, nil
+}
+
+// RestoreNetwork reserves exactly lease for network id again, together
+// with the caller's ops (its record): a host that still runs endpoints of
+// a network whose record or reservation the store lost puts them back as
+// they were. It is idempotent for the same lease, and fails with ErrInUse
+// if another network holds the subnet or the VNI now.
+func (a *Allocator) RestoreNetwork(ctx context.Context, id string, lease NetworkLease, records func(context.Context) (map[string]NetworkLease, error), extra []kvstore.Op) error {
+	for try := 0; ; try++ {
+		reg, idx, err := a.readRegistry(ctx)
+		if err != nil {
+			return err
+		}
+		if have, ok := reg.Networks[id]; ok && have != lease {
+			return fmt.Errorf("network %s is reserved as %s vni %d, not %s vni %d: %w", short(id), have.Subnet, have.VNI, lease.Subnet, lease.VNI, ErrInUse)
+		}
+		taken, err := a.checked(ctx, reg, records)
+		if err != nil {
+			return err
+		}
+		for other, n := range taken {
+			switch {
+			case other == id:
+			case n.Subnet.Overlaps(lease.Subnet):
+				return fmt.Errorf("subnet %s overlaps %s of network %s: %w", lease.Subnet, n.Subnet, short(other), ErrInUse)
+			case n.VNI == lease.VNI:
+				return fmt.Errorf("vni %d is network %s's: %w", lease.VNI, short(other), ErrInUse)
+			}
+		}
+		reg.Networks[id] = lease
+		data, _ := json.Marshal(reg)
+		err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCAS, Key: networksKey, Value: data, Index: idx}}, extra...))
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, kvstore.ErrConflict) {
+			return fmt.Errorf("restore network %s: %w", short(id), err)
+		}
+		if _, now, rerr := a.readRegistry(ctx); rerr == nil && now == idx {
+			return fmt.Errorf("restore network %s: %w", short(id), err)
+		}
+		if try >= maxRetries {
+			return fmt.Errorf("restore network %s: too much contention: %w", short(id), err)
+		}
+		if err := backoff(ctx, try); err != nil {
+			return err
 		}
 	}
 }

@@ -31,6 +31,20 @@ func hostRange(p netip.Prefix) (first, last uint32) {
 	return base + 1, base + size - 2
 }
 
+// reserved are the IPv4 ranges that no host interface may be numbered
+// from: an overlay there would capture the host's own loopback,
+// link-local or multicast traffic, or be unroutable.
+var reserved = []struct {
+	p    netip.Prefix
+	what string
+}{
+	{netip.MustParsePrefix("0.0.0.0/8"), "\"this network\" range 0.0.0.0/8"},
+	{netip.MustParsePrefix("127.0.0.0/8"), "loopback range 127.0.0.0/8"},
+	{netip.MustParsePrefix("169.254.0.0/16"), "link-local range 169.254.0.0/16"},
+	{netip.MustParsePrefix("224.0.0.0/4"), "multicast range 224.0.0.0/4"},
+	{netip.MustParsePrefix("240.0.0.0/4"), "reserved (class E) range 240.0.0.0/4"},
+}
+
 // ValidateSubnet refuses what cannot be an overlay subnet.
 func ValidateSubnet(p netip.Prefix) error {
 	switch {
@@ -42,6 +56,29 @@ func ValidateSubnet(p netip.Prefix) error {
 		return fmt.Errorf("subnet %s is smaller than /30: %w", p, ErrInvalid)
 	case p != p.Masked():
 		return fmt.Errorf("subnet %s has host bits set; did you mean %s?: %w", p, p.Masked(), ErrInvalid)
+	}
+	for _, r := range reserved {
+		if r.p.Overlaps(p) {
+			return fmt.Errorf("subnet %s overlaps the %s: %w", p, r.what, ErrInvalid)
+		}
+	}
+	return nil
+}
+
+// ValidatePool refuses a pool that subnets cannot be taken from.
+func ValidatePool(p netip.Prefix, bits int) error {
+	switch {
+	case !p.IsValid() || !p.Addr().Is4():
+		return fmt.Errorf("pool %s is not an IPv4 prefix: %w", p, ErrInvalid)
+	case p != p.Masked():
+		return fmt.Errorf("pool %s has host bits set; did you mean %s?: %w", p, p.Masked(), ErrInvalid)
+	case p.Bits() > bits:
+		return fmt.Errorf("pool %s is smaller than one /%d subnet: %w", p, bits, ErrInvalid)
+	}
+	for _, r := range reserved {
+		if r.p.Overlaps(p) {
+			return fmt.Errorf("pool %s overlaps the %s: %w", p, r.what, ErrInvalid)
+		}
 	}
 	return nil
 }

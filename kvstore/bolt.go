@@ -20,13 +20,17 @@ import (
 // The embedded store serves one host: it keeps the same semantics as the
 // Consul backend (indexes, CAS, transactions, watches, sessions) in a
 // single bbolt file, so that vxnet runs without Consul on a single host.
-// Sessions live in memory: they do not survive a restart, so keys locked by
-// a session are removed when the store is opened.
+// Sessions are kept in the file with their TTL and get a fresh TTL when
+// the store is opened: the store's restart is its host's agent restarting,
+// which is no reason to take the node for dead. A session that is not
+// renewed after that expires as usual; keys locked by a session the file
+// does not know are removed at open.
 
 var (
-	kvBucket   = []byte("kv")
-	metaBucket = []byte("meta")
-	indexKey   = []byte("index")
+	kvBucket      = []byte("kv")
+	metaBucket    = []byte("meta")
+	sessionBucket = []byte("sessions")
+	indexKey      = []byte("index")
 )
 
 type boltValue struct {
@@ -75,11 +79,22 @@ func NewBolt(path string) (Store, error) {
 		if _, err := tx.CreateBucketIfNotExists(metaBucket); err != nil {
 			return err
 		}
-		// No session survives a restart: drop what they held.
+		sb, err := tx.CreateBucketIfNotExists(sessionBucket)
+		if err != nil {
+			return err
+		}
+		sb.ForEach(func(k, v []byte) error {
+			if len(v) == 8 {
+				ttl := time.Duration(binary.BigEndian.Uint64(v))
+				s.sessions[string(k)] = &boltSession{ttl: ttl, expires: time.Now().Add(ttl)}
+			}
+			return nil
+		})
+		// Keys of sessions that are not kept: drop them.
 		var stale [][]byte
 		b.ForEach(func(k, v []byte) error {
 			var bv boltValue
-			if json.Unmarshal(v, &bv) == nil && bv.Session != "" {
+			if json.Unmarshal(v, &bv) == nil && bv.Session != "" && s.sessions[bv.Session] == nil {
 				stale = append(stale, bytes.Clone(k))
 			}
 			return nil
@@ -341,10 +356,28 @@ func (s *boltStore) CreateSession(ctx context.Context, name string, ttl time.Dur
 	b := make([]byte, 16)
 	rand.Read(b)
 	id := hex.EncodeToString(b)
+	var v [8]byte
+	binary.BigEndian.PutUint64(v[:], uint64(ttl))
+	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(sessionBucket).Put([]byte(id), v[:]) }); err != nil {
+		return "", fmt.Errorf("create session: %w", err)
+	}
 	s.mu.Lock()
 	s.sessions[id] = &boltSession{ttl: ttl, expires: time.Now().Add(ttl)}
 	s.mu.Unlock()
 	return id, nil
+}
+
+// forgetSessions removes ended sessions from the file.
+func (s *boltStore) forgetSessions(ids map[string]bool) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(sessionBucket)
+		for id := range ids {
+			if err := b.Delete([]byte(id)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 func (s *boltStore) RenewSession(ctx context.Context, id string) error {
@@ -363,7 +396,11 @@ func (s *boltStore) DestroySession(ctx context.Context, id string) error {
 	s.mu.Lock()
 	delete(s.sessions, id)
 	s.mu.Unlock()
-	return s.dropSessionKeys(map[string]bool{id: true})
+	ids := map[string]bool{id: true}
+	if err := s.forgetSessions(ids); err != nil {
+		return fmt.Errorf("destroy session: %w", err)
+	}
+	return s.dropSessionKeys(ids)
 }
 
 // reap ends expired sessions and deletes the keys they held.
@@ -387,6 +424,7 @@ func (s *boltStore) reap() {
 		}
 		s.mu.Unlock()
 		if len(expired) > 0 {
+			s.forgetSessions(expired)
 			s.dropSessionKeys(expired)
 		}
 	}

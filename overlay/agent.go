@@ -16,8 +16,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -70,7 +72,7 @@ type Agent struct {
 
 	// mu serialises every change of the kernel and of the local records:
 	// attach, detach and reconcile never interleave.
-	mu     sync.Mutex
+	mu     ctxMutex
 	locals map[string]*localEndpoint
 	// inflight marks the attaches under way: a reconcile leaves their
 	// records and interfaces alone.
@@ -94,6 +96,17 @@ type Agent struct {
 	// (status, listings), so that they never wait for a reconcile or an
 	// attach holding mu. Readers must not change it.
 	localsView map[string]*localEndpoint
+
+	// identity is the store's, as this host last saw it (see intent.go).
+	identity string
+	// held are endpoints of other hosts that vanished from the store
+	// together with its state: they stay programmed until their hosts
+	// republish them or holdUntil passes. Owned by the endpoint watch;
+	// read under cmu.
+	held      map[string]*Endpoint
+	holdUntil time.Time
+	lostAt    time.Time
+	renewNow  chan struct{}
 
 	kick    chan struct{}
 	started time.Time
@@ -132,6 +145,7 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		networks:  map[string]*Network{},
 		endpoints: map[string]*Endpoint{},
 		kick:      make(chan struct{}, 1),
+		renewNow:  make(chan struct{}, 1),
 		started:   time.Now(),
 	}
 	if cfg.Egress != nil {
@@ -242,14 +256,14 @@ func (a *Agent) synced() bool {
 }
 
 // watch feeds one prefix of the store into the cache.
-func (a *Agent) watch(ctx context.Context, prefix string, apply func([]*kvstore.KV)) {
+func (a *Agent) watch(ctx context.Context, prefix string, apply func(context.Context, []*kvstore.KV)) {
 	for ev := range a.store.Watch(ctx, prefix) {
 		if ev.Err != nil {
 			a.setStoreErr(ev.Err)
 			continue
 		}
 		a.setStoreErr(nil)
-		apply(ev.Pairs)
+		apply(ctx, ev.Pairs)
 		a.trigger()
 	}
 }
@@ -278,7 +292,7 @@ func (a *Agent) setStoreErr(err error) {
 	a.storeErr = err
 }
 
-func (a *Agent) applyNetworks(pairs []*kvstore.KV) {
+func (a *Agent) applyNetworks(_ context.Context, pairs []*kvstore.KV) {
 	m := make(map[string]*Network, len(pairs))
 	for _, kv := range pairs {
 		var n Network
@@ -293,7 +307,7 @@ func (a *Agent) applyNetworks(pairs []*kvstore.KV) {
 	a.cmu.Unlock()
 }
 
-func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
+func (a *Agent) applyEndpoints(ctx context.Context, pairs []*kvstore.KV) {
 	m := make(map[string]*Endpoint, len(pairs))
 	sessions := make(map[string]string, len(pairs))
 	// Every event carries the whole prefix, but between two events only a
@@ -321,9 +335,81 @@ func (a *Agent) applyEndpoints(pairs []*kvstore.KV) {
 		sessions[d.e.Network+"/"+d.e.Name] = kv.Session
 	}
 	a.epDecoded = decoded
+	held, until := a.hold(ctx, m)
 	a.cmu.Lock()
 	a.endpoints, a.epSession, a.epSynced = m, sessions, true
+	a.held, a.holdUntil = held, until
 	a.cmu.Unlock()
+}
+
+// hold decides which endpoints of other hosts stay programmed although
+// the new view m lacks them. Endpoints leave for good reasons (a detach,
+// their host's session expiring) and for bad ones (the store lost its
+// state); only the store's identity tells which, so it is read when
+// something vanished, which costs one request per removal event and
+// nothing per attach.
+func (a *Agent) hold(ctx context.Context, m map[string]*Endpoint) (map[string]*Endpoint, time.Time) {
+	a.cmu.RLock()
+	prev, held, until := a.endpoints, a.held, a.holdUntil
+	a.cmu.RUnlock()
+	now := time.Now()
+	out := map[string]*Endpoint{}
+	if now.Before(until) {
+		for k, e := range held {
+			if m[k] == nil {
+				out[k] = e
+			}
+		}
+	}
+	var vanished []string
+	for k, e := range prev {
+		if e.Node != a.cfg.Node && m[k] == nil && out[k] == nil {
+			vanished = append(vanished, k)
+		}
+	}
+	if len(vanished) == 0 {
+		return out, until
+	}
+	lost, err := a.checkIdentity(ctx)
+	switch {
+	case err != nil:
+		// The store answered the watch but not this: it cannot say
+		// whether these left on purpose. Keep them until it can.
+		a.log.Warn("cannot read the store's identity; keeping the entries of vanished endpoints for now", "endpoints", len(vanished), "err", err)
+	case lost:
+		a.storeLost("its identity changed or vanished")
+	default:
+		return out, until
+	}
+	if !now.Before(until) {
+		until = now.Add(a.holdTime())
+	}
+	for _, k := range vanished {
+		out[k] = prev[k]
+	}
+	return out, until
+}
+
+// peerView is the store view merged with the held endpoints that are
+// still due, for desiredState. A held endpoint gives way to any endpoint
+// of the view with its address.
+func (a *Agent) peerView() map[string]*Endpoint {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	out := maps.Clone(a.endpoints)
+	if len(a.held) == 0 || !time.Now().Before(a.holdUntil) {
+		return out
+	}
+	taken := make(map[string]bool, len(out))
+	for _, e := range out {
+		taken[e.NetworkID+"/"+e.IP.String()] = true
+	}
+	for k, e := range a.held {
+		if out[k] == nil && !taken[e.NetworkID+"/"+e.IP.String()] {
+			out[k] = e
+		}
+	}
+	return out
 }
 
 // decodedEndpoint is a stored value and the record decoded from it (nil
@@ -338,7 +424,23 @@ type decodedEndpoint struct {
 // refreshes its last-seen time at every resync interval.
 func (a *Agent) registerNode(ctx context.Context) {
 	rec := Node{Version: recordVersion, Name: a.cfg.Node, Address: a.cfg.Advertise, Agent: api.Version, Started: a.started}
+	if p, err := a.dp.UnderlayPrefix(); err == nil {
+		rec.Underlay = p
+	}
+	checked := false
 	repeat(ctx, a.cfg.ResyncInterval, a.log, "register node", func(ctx context.Context) error {
+		if !checked {
+			// A store that lost its state while this agent was down is
+			// told apart from a new one here, once per start.
+			lost, err := a.checkIdentity(ctx)
+			if err != nil {
+				return err
+			}
+			checked = true
+			if lost {
+				a.storeLost("its identity changed or vanished while this agent was down")
+			}
+		}
 		rec.Seen = time.Now().UTC()
 		data, _ := json.Marshal(rec)
 		return a.store.Put(ctx, nodeKey(a.cfg.Node), data)
@@ -348,6 +450,11 @@ func (a *Agent) registerNode(ctx context.Context) {
 // repeat runs fn every period, and sooner while it fails (backing off from
 // one second up to the period), until ctx is done.
 func repeat(ctx context.Context, period time.Duration, log *slog.Logger, what string, fn func(context.Context) error) {
+	repeatOrKick(ctx, period, nil, log, what, fn)
+}
+
+// repeatOrKick is repeat that also runs fn at once when kick fires.
+func repeatOrKick(ctx context.Context, period time.Duration, kick <-chan struct{}, log *slog.Logger, what string, fn func(context.Context) error) {
 	backoff := time.Second
 	for {
 		wait := period
@@ -363,6 +470,7 @@ func repeat(ctx context.Context, period time.Duration, log *slog.Logger, what st
 		select {
 		case <-ctx.Done():
 			return
+		case <-kick:
 		case <-time.After(wait):
 		}
 	}
@@ -421,24 +529,27 @@ func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest)
 				mtu, a.localMTU(), a.cfg.UnderlayMTU)
 		}
 	}
-	if _, err := a.store.Get(ctx, networkKey(req.Name)); err == nil {
-		return nil, conflictf("network %q already exists", req.Name)
-	} else if !errors.Is(err, kvstore.ErrNotFound) {
+	if err := a.checkNameFree(ctx, req.Name); err != nil {
+		return nil, err
+	}
+	avoid, err := a.outsideRanges(ctx)
+	if err != nil {
 		return nil, fmt.Errorf("create network %s: %w", req.Name, err)
 	}
+	ireq.Avoid, ireq.Records = avoid, a.networkRecords
 	n := Network{
 		Version: recordVersion, ID: newID(), Name: req.Name, MTU: mtu,
 		Internal: req.Internal, Created: time.Now().UTC().Truncate(time.Second),
 	}
-	_, err := a.ipam.AllocateNetwork(ctx, n.ID, ireq, func(l ipam.NetworkLease) ([]kvstore.Op, error) {
+	_, err = a.ipam.AllocateNetwork(ctx, n.ID, ireq, func(l ipam.NetworkLease) ([]kvstore.Op, error) {
 		n.Subnet, n.Gateway, n.VNI = l.Subnet, l.Gateway, l.VNI
 		data, err := json.Marshal(&n)
 		return []kvstore.Op{{Kind: kvstore.OpCAS, Key: networkKey(n.Name), Value: data}}, err
 	})
 	if err != nil {
 		if errors.Is(err, kvstore.ErrConflict) {
-			if _, gerr := a.store.Get(ctx, networkKey(req.Name)); gerr == nil {
-				return nil, conflictf("network %q already exists", req.Name)
+			if nerr := a.checkNameFree(ctx, req.Name); nerr != nil {
+				return nil, nerr
 			}
 		}
 		return nil, fmt.Errorf("create network %s: %w", req.Name, err)
@@ -446,6 +557,57 @@ func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest)
 	a.log.Info("network created", "network", n.Name, "id", n.ID[:12], "subnet", n.Subnet, "vni", n.VNI)
 	v := n.apiView(a.localMTU())
 	return &v, nil
+}
+
+// checkNameFree refuses a name the store holds a network record under,
+// a corrupt one included (which no listing can show as a network).
+func (a *Agent) checkNameFree(ctx context.Context, name string) error {
+	kv, err := a.store.Get(ctx, networkKey(name))
+	switch {
+	case errors.Is(err, kvstore.ErrNotFound):
+		return nil
+	case err != nil:
+		return fmt.Errorf("create network %s: %w", name, err)
+	}
+	var n Network
+	if derr := decodeRecord(kv.Key, kv.Value, &n); derr != nil {
+		return conflictf("network %q: the store holds an unreadable record under that name (%v); remove it with \"vxnet network rm %s\"", name, derr, name)
+	}
+	return conflictf("network %q already exists", name)
+}
+
+// outsideRanges are the address ranges an overlay subnet must stay out
+// of: every host's underlay network (from the node records) and this
+// host's routes. Other hosts' routes are not known here; their underlays
+// are the ranges that matter most.
+func (a *Agent) outsideRanges(ctx context.Context) ([]ipam.Avoid, error) {
+	var out []ipam.Avoid
+	pairs, _, err := a.store.List(ctx, nodesPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	for _, kv := range pairs {
+		var n Node
+		if decodeRecord(kv.Key, kv.Value, &n) != nil {
+			continue
+		}
+		if n.Underlay.IsValid() {
+			out = append(out, ipam.Avoid{Prefix: n.Underlay, What: "the underlay network of host " + n.Name})
+		} else if n.Address.IsValid() {
+			out = append(out, ipam.Avoid{Prefix: netip.PrefixFrom(n.Address, 32), What: "the underlay address of host " + n.Name})
+		}
+	}
+	routes, err := a.dp.HostRoutes()
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range routes {
+		if a.egress != nil && r == a.egress.Config().Subnet {
+			continue // the gateway subnet: checked on its own, with its own message
+		}
+		out = append(out, ipam.Avoid{Prefix: r, What: "a route of host " + a.cfg.Node})
+	}
+	return out, nil
 }
 
 // getNetwork reads a network from the store (not the cache: a user who just
@@ -463,10 +625,14 @@ func (a *Agent) getNetwork(ctx context.Context, name string) (*Network, uint64, 
 	}
 	var n Network
 	if err := decodeRecord(kv.Key, kv.Value, &n); err != nil {
-		return nil, 0, err
+		return nil, kv.ModifyIndex, &codedError{code: api.CodeConflict, err: errCorruptRecord,
+			msg: fmt.Sprintf("network %q: the store holds an unreadable record (%v); \"vxnet network rm %s\" removes it", name, err, name)}
 	}
 	return &n, kv.ModifyIndex, nil
 }
+
+// errCorruptRecord marks a record that is there but does not decode.
+var errCorruptRecord = errors.New("unreadable record")
 
 // Networks lists every network in the store.
 func (a *Agent) Networks(ctx context.Context) ([]api.Network, error) {
@@ -478,7 +644,8 @@ func (a *Agent) Networks(ctx context.Context) ([]api.Network, error) {
 	for _, kv := range pairs {
 		var n Network
 		if err := decodeRecord(kv.Key, kv.Value, &n); err != nil {
-			a.log.Warn("skipping bad network record", "err", err)
+			// Shown, not hidden: its name is taken, and rm removes it.
+			out = append(out, api.Network{Name: strings.TrimPrefix(kv.Key, networksPrefix), Error: err.Error()})
 			continue
 		}
 		out = append(out, n.apiView(a.localMTU()))
@@ -509,6 +676,9 @@ func (a *Agent) InspectNetwork(ctx context.Context, name string) (*api.NetworkDe
 // host then tears its namespace down when the watch tells it.
 func (a *Agent) RemoveNetwork(ctx context.Context, name string) error {
 	n, idx, err := a.getNetwork(ctx, name)
+	if errors.Is(err, errCorruptRecord) {
+		return a.removeCorruptNetwork(ctx, name, idx)
+	}
 	if err != nil {
 		return err
 	}
@@ -525,7 +695,9 @@ func (a *Agent) RemoveNetwork(ctx context.Context, name string) error {
 	}
 	// The CAS on the network key makes a concurrent attach (which checks
 	// the same index when it publishes) fail instead of leaving an orphan.
-	err = a.ipam.ReleaseNetwork(ctx, n.ID, []kvstore.Op{{Kind: kvstore.OpDeleteCAS, Key: networkKey(name), Index: idx}})
+	// The tombstone is the intent that hosts which were away act on.
+	ops := append([]kvstore.Op{{Kind: kvstore.OpDeleteCAS, Key: networkKey(name), Index: idx}}, a.tombstoneOps(ctx, n)...)
+	err = a.ipam.ReleaseNetwork(ctx, n.ID, ops)
 	if errors.Is(err, kvstore.ErrConflict) {
 		return conflictf("network %q changed while being removed; try again", name)
 	}
@@ -533,6 +705,41 @@ func (a *Agent) RemoveNetwork(ctx context.Context, name string) error {
 		return fmt.Errorf("remove network %s: %w", name, err)
 	}
 	a.log.Info("network removed", "network", name, "id", n.ID[:12])
+	return nil
+}
+
+// removeCorruptNetwork deletes a network record that does not decode,
+// once no endpoint record names the network. Its reservation goes too if
+// the record still shows which network it was; else the allocator drops
+// the reservation by itself, as one of no record and no address.
+func (a *Agent) removeCorruptNetwork(ctx context.Context, name string, idx uint64) error {
+	pairs, _, err := a.store.List(ctx, endpointsPrefix+name+"/")
+	if err != nil {
+		return fmt.Errorf("remove network %s: %w", name, err)
+	}
+	if len(pairs) > 0 {
+		return conflictf("network %q (unreadable record) still has %d endpoint record(s), e.g. %s; detach them first", name, len(pairs), pairs[0].Key)
+	}
+	kv, err := a.store.Get(ctx, networkKey(name))
+	if err != nil {
+		return fmt.Errorf("remove network %s: %w", name, err)
+	}
+	var loose struct {
+		ID string `json:"id"`
+	}
+	ops := []kvstore.Op{{Kind: kvstore.OpDeleteCAS, Key: networkKey(name), Index: idx}}
+	if json.Unmarshal(kv.Value, &loose) == nil && validID(loose.ID) {
+		err = a.ipam.ReleaseNetwork(ctx, loose.ID, ops)
+	} else {
+		err = a.store.Txn(ctx, ops)
+	}
+	if errors.Is(err, kvstore.ErrConflict) {
+		return conflictf("network %q changed while being removed; try again", name)
+	}
+	if err != nil {
+		return fmt.Errorf("remove network %s: %w", name, err)
+	}
+	a.log.Warn("removed an unreadable network record", "network", name)
 	return nil
 }
 

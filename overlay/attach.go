@@ -38,8 +38,10 @@ func (a *Agent) resolveNetns(arg string) (string, nsID, error) {
 	if err != nil {
 		return "", nsID{}, invalidf("netns %q: %v", arg, err)
 	}
-	if !vtep.IsNetNS(path) {
+	if err := vtep.CheckNetNS(path); errors.Is(err, vtep.ErrNotNetNS) {
 		return "", nsID{}, invalidf("netns %q is not a network namespace", arg)
+	} else if err != nil {
+		return "", nsID{}, fmt.Errorf("netns %q: %w", arg, err) // EMFILE and such: not the user's fault
 	}
 	if self, err := statNS("/proc/self/ns/net"); err == nil && self == id {
 		return "", nsID{}, invalidf("netns %q is the agent's own (host) namespace", arg)
@@ -63,6 +65,27 @@ func statNS(path string) (nsID, error) {
 // The endpoint is published in the store last, so peers never program an
 // endpoint that does not exist yet.
 func (a *Agent) Attach(ctx context.Context, network string, req api.AttachRequest) (*api.Endpoint, error) {
+	// Bounded as a whole, so that a frozen store fails an attach in
+	// seconds with "store unavailable" instead of holding the client, and
+	// so that the rollback's own bound still fits in what a client waits.
+	ctx, cancel := context.WithTimeout(ctx, AttachTimeout)
+	defer cancel()
+	ep, err := a.attach(ctx, network, req)
+	if c := ErrorCode(err); err != nil && ctx.Err() != nil && !errors.Is(err, kvstore.ErrUnavailable) && (c == api.CodeInternal || c == api.CodeUnavailable) {
+		err = fmt.Errorf("attach: no answer within %s (%w): %w", AttachTimeout, kvstore.ErrUnavailable, err)
+	}
+	return ep, err
+}
+
+// AttachTimeout bounds an attach's forward path; its rollback gets
+// rollbackTimeout more for the store (the kernel part is not bounded: it
+// must finish).
+const (
+	AttachTimeout   = 8 * time.Second
+	rollbackTimeout = 2 * time.Second
+)
+
+func (a *Agent) attach(ctx context.Context, network string, req api.AttachRequest) (*api.Endpoint, error) {
 	n, netIdx, err := a.getNetwork(ctx, network)
 	if err != nil {
 		return nil, err
@@ -99,6 +122,16 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		return nil, invalidf("--publish: network %q is internal: its containers have no way in or out", network)
 	case len(ports) > 0 && a.egress == nil:
 		return nil, invalidf("--publish: this agent runs without egress (--no-egress)")
+	case len(ports) > 0 && !req.ReplaceDefaultRoute && !n.Internal:
+		// Replies to a published port leave by the default route: the
+		// container's own would send them past the DNAT that made them.
+		own, err := a.egress.HasOwnDefaultRoute(ctx, path)
+		if err != nil {
+			return nil, fmt.Errorf("attach: %w", err)
+		}
+		if own {
+			return nil, invalidf("--publish: netns %q has a default route of its own, which replies to published ports would take; add --default-route to route it through the gateway bridge (detach restores it)", req.Netns)
+		}
 	}
 
 	if kv, err := a.store.Get(ctx, endpointKey(network, name)); err == nil {
@@ -118,7 +151,9 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	// the store round trips of concurrent attaches overlap. The record is
 	// marked in flight so that a reconcile running in between neither
 	// undoes it nor takes its interfaces for leaks.
-	a.mu.Lock()
+	if err := a.mu.LockCtx(ctx); err != nil {
+		return nil, fmt.Errorf("attach %s: waiting for the agent: %w", name, err)
+	}
 	for _, l := range a.locals {
 		if l.Endpoint.Network != network || (l.NetnsID != nsid && l.Endpoint.Name != name) {
 			continue
@@ -157,6 +192,7 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 			Node: a.cfg.Node, VTEP: a.cfg.Advertise, Ports: portSpecs, Created: time.Now().UTC().Truncate(time.Second),
 		},
 		Net: *n, Netns: path, NetnsID: nsid, MTU: networkMTU(n, a.localMTU()),
+		ReplaceDefault: req.ReplaceDefaultRoute,
 	}
 	// The journal entry comes first: whatever happens next, a restarted
 	// agent finds it and either finishes or undoes the attach.
@@ -174,8 +210,13 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 		defer a.unlock()
 		delete(a.inflight, l.key())
 		if !ok {
-			if err := a.purge(context.WithoutCancel(ctx), l); err != nil {
-				a.log.Error("attach rollback incomplete; will retry at next reconcile", "endpoint", name, "err", err)
+			// The kernel part of the rollback needs no store and is
+			// not bounded; the store part gets its own short bound and,
+			// if the store cannot take it, is finished by a later pass.
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rollbackTimeout)
+			defer cancel()
+			if err := a.purge(rctx, l); err != nil {
+				a.log.Warn("attach rolled back in the kernel; the store part is finished when the store answers", "endpoint", name, "err", err)
 			}
 		}
 	}()
@@ -207,6 +248,8 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	}
 	a.crashPoint("attach-published")
 
+	// Not LockCtx: the endpoint is published, and giving up here would
+	// undo what every peer may already have programmed.
 	a.mu.Lock()
 	l.Phase = phaseAttached
 	err = a.state.save(l)
@@ -233,7 +276,9 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 // namespace if needed, the veth pair and the container's gateway
 // interface. The caller's rollback removes whatever it made.
 func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr) (string, error) {
-	a.mu.Lock()
+	if err := a.mu.LockCtx(ctx); err != nil {
+		return "", fmt.Errorf("waiting for the agent: %w", err)
+	}
 	defer a.unlock() // the view holds copies: publish the address and interface set here
 	// Not journaled again until the end: a purge after a crash finds the
 	// address by its owner and the veth by its name.
@@ -301,13 +346,17 @@ func (a *Agent) cacheEndpoint(e *Endpoint) {
 
 // Detach removes a local endpoint.
 func (a *Agent) Detach(ctx context.Context, network, name string) error {
+	ctx, cancel := context.WithTimeout(ctx, AttachTimeout)
+	defer cancel()
 	if err := ValidateName("network", network); err != nil {
 		return &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
 	if err := ValidateName("endpoint", name); err != nil {
 		return &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
-	a.mu.Lock()
+	if err := a.mu.LockCtx(ctx); err != nil {
+		return fmt.Errorf("detach %s: waiting for the agent: %w", name, err)
+	}
 	defer a.unlock()
 	l := a.locals[network+"/"+name]
 	if l == nil {
@@ -339,12 +388,34 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 	return nil
 }
 
-// purge undoes everything an endpoint may have: the store record, the
-// kernel interfaces, the address and finally the local record. Each step is
-// a no-op when its part is already gone, so a purge interrupted by a crash
-// or a store outage is simply run again.
+// purge undoes everything an endpoint may have: the kernel interfaces
+// (its veth, and the container's gateway if no other endpoint needs it),
+// then the store record and the address, and finally the local record.
+// The kernel goes first because it needs no store: an endpoint given up
+// on (a detach, a failed attach, a gone container) must not keep its
+// interfaces while the store is away. Each step is a no-op when its part
+// is already gone, so a purge cut short by a crash or a store outage is
+// simply run again; until then the record, no longer attached, keeps the
+// address held.
 func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 	e := &l.Endpoint
+	if l.Phase == phaseAttached {
+		// No longer wanted, whatever happens next: the gateway and the
+		// published ports are computed without it.
+		l.Phase = phaseDetaching
+	}
+	if err := a.dp.RemoveEndpoint(ctx, l.Net.NamespaceName(), e.HostVeth()); err != nil {
+		return fmt.Errorf("remove interfaces: %w", err)
+	}
+	a.dropIdleGateway(ctx, l.NetnsID)
+	if len(e.Ports) > 0 {
+		if err := a.syncPublished(ctx); err != nil {
+			// A full pass removes the forward.
+			a.log.Warn("remove published ports", "endpoint", e.Name, "err", err)
+		}
+	}
+	a.crashPoint("purge-interfaces")
+
 	kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
 	switch {
 	case err == nil:
@@ -364,10 +435,6 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 	}
 	a.cmu.Unlock()
 
-	if err := a.dp.RemoveEndpoint(ctx, l.Net.NamespaceName(), e.HostVeth()); err != nil {
-		return fmt.Errorf("remove interfaces: %w", err)
-	}
-	a.crashPoint("purge-interfaces")
 	owner := ipam.AddrOwner{Node: a.cfg.Node, Endpoint: e.Name}
 	if e.IP.IsValid() {
 		if err := a.ipam.ReleaseAddr(ctx, l.Net.ID, e.IP, owner); err != nil && !errors.Is(err, ipam.ErrInUse) {
@@ -393,13 +460,6 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 		return err
 	}
 	delete(a.locals, l.key())
-	a.dropIdleGateway(ctx, l.NetnsID)
-	if len(e.Ports) > 0 {
-		if err := a.syncPublished(ctx); err != nil {
-			// The endpoint is gone; a full pass removes the forward.
-			a.log.Warn("remove published ports", "endpoint", e.Name, "err", err)
-		}
-	}
 	return nil
 }
 
@@ -433,7 +493,7 @@ func localExists(l *localEndpoint) bool {
 // after a restart.
 var CrashPoints = []string{
 	"attach-journal", "attach-allocated", "attach-network", "attach-veth", "attach-gateway", "attach-published",
-	"detach-journal", "purge-unpublished", "purge-interfaces", "purge-released",
+	"detach-journal", "purge-interfaces", "purge-unpublished", "purge-released",
 }
 
 func (a *Agent) crashPoint(name string) {

@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
@@ -47,7 +48,9 @@ func ErrorCode(err error) string {
 		return api.CodeInvalid
 	case errors.Is(err, ipam.ErrInUse), errors.Is(err, ipam.ErrExhausted), errors.Is(err, kvstore.ErrConflict):
 		return api.CodeConflict
-	case errors.Is(err, kvstore.ErrUnavailable):
+	case errors.Is(err, kvstore.ErrUnavailable), errors.Is(err, context.DeadlineExceeded):
+		// A deadline passed: the store (or the agent's lock, held by a
+		// pass waiting for the store) did not answer in time.
 		return api.CodeUnavailable
 	}
 	return api.CodeInternal

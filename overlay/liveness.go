@@ -51,7 +51,7 @@ func (a *Agent) keepAlive(ctx context.Context) {
 		a.session = strings.TrimSpace(string(data))
 		a.cmu.Unlock()
 	}
-	repeat(ctx, a.cfg.NodeTTL/3, a.log, "store session", func(ctx context.Context) error {
+	repeatOrKick(ctx, a.cfg.NodeTTL/3, a.renewNow, a.log, "store session", func(ctx context.Context) error {
 		err := a.renewOrCreate(ctx)
 		// A renewal is the first request to notice a partition: the
 		// watches' blocking queries may hang for their whole wait time
@@ -75,7 +75,19 @@ func (a *Agent) renewOrCreate(ctx context.Context) error {
 		if !errors.Is(err, kvstore.ErrNotFound) {
 			return err
 		}
-		a.log.Warn("store session expired: this node was considered gone; registering again and republishing its endpoints")
+		// A session is lost with the node's death in the store's eyes,
+		// or with the store's own state: only the second is not ours to
+		// regret, and storeLost says it.
+		lost, ierr := a.checkIdentity(ctx)
+		switch {
+		case ierr != nil:
+		case lost:
+			a.storeLost("our session is unknown to it and its identity changed")
+		case a.lostRecently():
+			a.log.Info("new store session after the store lost its state")
+		default:
+			a.log.Warn("store session expired: this node was considered gone; registering again and republishing its endpoints")
+		}
 		a.setSession("")
 	}
 	id, err := a.store.CreateSession(ctx, "vxnet node "+a.cfg.Node, a.cfg.NodeTTL)
@@ -124,9 +136,9 @@ func (a *Agent) RemoveNode(ctx context.Context, name string) error {
 	if name == a.cfg.Node {
 		return invalidf("node %q is this node: stop its agent and remove it from another host", name)
 	}
-	if _, err := a.store.Get(ctx, nodeKey(name)); errors.Is(err, kvstore.ErrNotFound) {
-		return notFoundf("node %q not found", name)
-	} else if err != nil {
+	_, err := a.store.Get(ctx, nodeKey(name))
+	registered := err == nil
+	if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
 		return fmt.Errorf("remove node %s: %w", name, err)
 	}
 	if kv, err := a.store.Get(ctx, aliveKey(name)); err == nil && kv.Session != "" {
@@ -134,16 +146,25 @@ func (a *Agent) RemoveNode(ctx context.Context, name string) error {
 	} else if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
 		return fmt.Errorf("remove node %s: %w", name, err)
 	}
+	// A node record is not needed: endpoint records and addresses in the
+	// name of a node that never registered, or whose record was lost,
+	// must be removable too (they block network rm).
 	pairs, _, err := a.store.List(ctx, endpointsPrefix)
 	if err != nil {
 		return fmt.Errorf("remove node %s: %w", name, err)
 	}
+	removed := 0
 	for _, kv := range pairs {
 		var e Endpoint
 		if decodeRecord(kv.Key, kv.Value, &e) == nil && e.Node == name {
+			if kv.Session != "" {
+				// Held by a live session: the node is alive after all.
+				return conflictf("node %q holds endpoint %s/%s under a live session: stop its agent first", name, e.Network, e.Name)
+			}
 			if err := a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex); err != nil && !errors.Is(err, kvstore.ErrConflict) {
 				return fmt.Errorf("remove node %s: %w", name, err)
 			}
+			removed++
 		}
 	}
 	nets, err := a.ipam.Networks(ctx)
@@ -165,9 +186,12 @@ func (a *Agent) RemoveNode(ctx context.Context, name string) error {
 			}
 		}
 	}
+	if !registered && removed == 0 && released == 0 {
+		return notFoundf("node %q not found: no node record, endpoint or address in its name", name)
+	}
 	if err := a.store.Delete(ctx, nodeKey(name)); err != nil {
 		return fmt.Errorf("remove node %s: %w", name, err)
 	}
-	a.log.Info("node removed", "node", name, "addresses_released", released)
+	a.log.Info("node removed", "node", name, "endpoints_removed", removed, "addresses_released", released)
 	return nil
 }

@@ -70,9 +70,12 @@ type Node struct {
 	Version int        `json:"version"`
 	Name    string     `json:"name"`
 	Address netip.Addr `json:"address"`
-	Agent   string     `json:"agent_version"`
-	Started time.Time  `json:"started"`
-	Seen    time.Time  `json:"last_seen"`
+	// Underlay is the network of Address as its interface holds it:
+	// overlays must stay out of every host's underlay.
+	Underlay netip.Prefix `json:"underlay,omitzero"`
+	Agent    string       `json:"agent_version"`
+	Started  time.Time    `json:"started"`
+	Seen     time.Time    `json:"last_seen"`
 }
 
 // HardwareAddr marshals as the usual colon form.

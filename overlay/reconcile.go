@@ -27,12 +27,18 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	defer a.unlock()
 	synced := a.synced()
 	storeUp := !a.storeDown()
+	// The store phases hold mu, which attaches wait for: a store that
+	// stopped answering (frozen, partitioned) may cost them one request
+	// timeout in all, not one per record.
+	sctx, cancel := context.WithTimeout(ctx, storePhaseTimeout)
+	defer cancel()
 	if synced && storeUp {
-		a.finishInterrupted(ctx)
+		a.finishInterrupted(sctx)
 	}
 	a.cmu.RLock()
 	endpoints := maps.Clone(a.endpoints)
 	a.cmu.RUnlock()
+	peers := a.peerView()
 
 	if full {
 		if stray, err := a.dp.RemoveStrays(ctx); err != nil {
@@ -41,7 +47,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			a.log.Warn("removed vxlan devices left in the host namespace by a crash", "devices", stray)
 		}
 	}
-	plans := desiredState(a.cfg.Node, endpoints, a.locals, a.localMTU())
+	plans := desiredState(a.cfg.Node, peers, a.locals, a.localMTU())
 	for ns, p := range plans {
 		if ctx.Err() != nil {
 			return
@@ -75,8 +81,8 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			}
 		}
 	}
-	if synced && storeUp {
-		a.reconcileStore(ctx, endpoints, full)
+	if synced && storeUp && sctx.Err() == nil {
+		a.reconcileStore(sctx, endpoints, full)
 	}
 	if ctx.Err() != nil {
 		return // cut short: not a complete pass
@@ -87,12 +93,13 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	a.cmu.Unlock()
 }
 
+// storePhaseTimeout bounds the store work of one reconcile pass; what is
+// left is done by the next.
+const storePhaseTimeout = 6 * time.Second
+
 // syncNetwork programs one network's peers from the current store view.
 func (a *Agent) syncNetwork(ctx context.Context, ns string) {
-	a.cmu.RLock()
-	endpoints := maps.Clone(a.endpoints)
-	a.cmu.RUnlock()
-	p := desiredState(a.cfg.Node, endpoints, a.locals, a.localMTU())[ns]
+	p := desiredState(a.cfg.Node, a.peerView(), a.locals, a.localMTU())[ns]
 	if p != nil && !a.peersApplied(ns, p.Peers) {
 		a.syncPeers(ctx, p, false)
 	}
@@ -208,21 +215,6 @@ func (a *Agent) finishInterrupted(ctx context.Context) {
 	}
 }
 
-// networkGone asks the store itself whether a local endpoint's network is
-// gone: the watched view may simply not have caught up with a network
-// created moments ago.
-func (a *Agent) networkGone(ctx context.Context, l *localEndpoint) bool {
-	kv, err := a.store.Get(ctx, networkKey(l.Endpoint.Network))
-	if errors.Is(err, kvstore.ErrNotFound) {
-		return true
-	}
-	if err != nil {
-		return false
-	}
-	var n Network
-	return decodeRecord(kv.Key, kv.Value, &n) == nil && n.ID != l.Net.ID
-}
-
 // reconcileStore makes the store agree with this host: our running
 // endpoints are published (a lost record is restored), records that claim
 // to be ours but are not are removed, and on full passes addresses held in
@@ -235,22 +227,38 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 	a.cmu.RLock()
 	networks := maps.Clone(a.networks)
 	a.cmu.RUnlock()
+	fates := map[string]networkFate{}
 	for key, l := range a.locals {
 		if l.Phase != phaseAttached {
 			continue
 		}
-		if n := networks[l.Endpoint.Network]; (n == nil || n.ID != l.Net.ID) && a.networkGone(ctx, l) {
-			// The network was removed (and maybe made again) while this
-			// host was cut off from the store, which let the removal go
-			// through: publishing would resurrect an endpoint and an
-			// address under a network that no longer has them.
-			a.log.Warn("removing an endpoint whose network was removed while this host was away", "endpoint", key)
-			if err := a.purge(ctx, l); err != nil {
-				a.log.Warn("remove endpoint of a removed network", "endpoint", key, "err", err)
-				continue
+		if n := networks[l.Endpoint.Network]; n == nil || n.ID != l.Net.ID {
+			fate, seen := fates[l.Net.ID]
+			if !seen {
+				fate = a.networkFate(ctx, &l.Net)
+				if fate == fateAbsent {
+					fate = a.restoreNetwork(ctx, &l.Net)
+				}
+				fates[l.Net.ID] = fate
 			}
-			a.dropIdleNetwork(ctx, l.Net.NamespaceName())
-			continue
+			switch fate {
+			case fateRemoved:
+				// network rm went through while this host was cut off
+				// (its endpoints had expired): that is intent.
+				a.log.Warn("removing an endpoint whose network was removed while this host was away", "endpoint", key)
+				if err := a.purge(ctx, l); err != nil {
+					a.log.Warn("remove endpoint of a removed network", "endpoint", key, "err", err)
+					continue
+				}
+				a.dropIdleNetwork(ctx, l.Net.NamespaceName())
+				continue
+			case fateReplaced:
+				a.log.Error("the network's name now holds another network and there is no record of ours being removed; keeping the datapath, not publishing the endpoint",
+					"endpoint", key, "id", l.Net.ID[:12])
+				continue
+			case fateUnknown:
+				continue // the store did not answer; next pass
+			}
 		}
 		if e := endpoints[key]; e != nil && e.ID == l.Endpoint.ID {
 			if session != "" && sessions[key] != session {
@@ -317,6 +325,27 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 			}
 		}
 	}
+}
+
+// restoreNetwork republishes a network that is absent from the store
+// while this host runs endpoints of it, and says what became of it.
+func (a *Agent) restoreNetwork(ctx context.Context, n *Network) networkFate {
+	if err := a.republishNetwork(ctx, n); err != nil {
+		a.log.Error("network of local endpoints is missing from the store and could not be republished; the datapath stays",
+			"network", n.Name, "id", n.ID[:12], "err", err)
+		if errors.Is(err, ipam.ErrInUse) {
+			return fateReplaced
+		}
+		return fateUnknown
+	}
+	a.log.Error("network of local endpoints was missing from the store (not removed: no tombstone); republished from this host's journal",
+		"network", n.Name, "id", n.ID[:12], "subnet", n.Subnet, "vni", n.VNI)
+	a.cmu.Lock()
+	if cur := a.networks[n.Name]; cur == nil {
+		a.networks[n.Name] = n
+	}
+	a.cmu.Unlock()
+	return fatePresent
 }
 
 // rebind moves our endpoint record to the node's current session (after

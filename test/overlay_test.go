@@ -236,6 +236,17 @@ func TestAttachRefusals(t *testing.T) {
 		{[]string{"network", "create", "m", "--subnet", "nonsense"}, "nonsense"},
 		{[]string{"network", "create", "m", "--vni", "99999999"}, "99999999"},
 		{[]string{"network", "create", "m", "--mtu", "100"}, "mtu"},
+		{[]string{"network", "create", "m", "--vni", "0"}, "vni 0"},
+		{[]string{"network", "create", "m", "--mtu", "0"}, "mtu 0"},
+		{[]string{"network", "create", "m", "--subnet", "239.1.1.0/24"}, "multicast"},
+		{[]string{"network", "create", "m", "--subnet", "127.5.0.0/24"}, "loopback"},
+		{[]string{"network", "create", "m", "--subnet", "0.1.0.0/24"}, "0.0.0.0/8"},
+		{[]string{"network", "create", "m", "--subnet", "250.0.0.0/24"}, "class E"},
+		{[]string{"network", "create", "m", "--subnet", "169.254.3.0/24"}, "link-local"},
+		// The simulated underlay (192.168.77.0/24): a route of the host
+		// and the underlay network of a node.
+		{[]string{"network", "create", "m", "--subnet", "192.168.77.0/25"}, "192.168.77.0/24"},
+		{[]string{"network", "create", "m", "--subnet", "192.168.0.0/16"}, "underlay"},
 		{[]string{"detach", "n", "ghost"}, "not found"},
 		{[]string{"network", "inspect", "ghost"}, "not found"},
 		{[]string{"-o", "yaml", "network", "ls"}, "yaml"},
@@ -309,6 +320,19 @@ func TestEmbeddedStoreSingleHost(t *testing.T) {
 	out := a.mustVxnet("status")
 	if !strings.Contains(out, "reachable") || !strings.Contains(out, "file://") && !strings.Contains(out, "Store:") {
 		t.Errorf("status:\n%s", out)
+	}
+	// A restart of an agent with its embedded store is not the node's
+	// death: its session and records survive, nothing is republished.
+	a.stop(syscall.SIGTERM)
+	a.start()
+	if err := testnet.Ping(c1, e2.IP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2500 * time.Millisecond) // a renewal and a full pass
+	for _, noisy := range []string{"considered gone", "republished", "lost its state"} {
+		if strings.Contains(a.log(), noisy) {
+			t.Errorf("restart with the embedded store logged %q:\n%s", noisy, a.logTail())
+		}
 	}
 }
 

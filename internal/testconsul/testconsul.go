@@ -312,3 +312,28 @@ func (s *Server) logTail() string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// Signal sends sig to the server (SIGSTOP freezes it: connections are
+// accepted by the kernel and never answered, as with a hung server).
+func (s *Server) Signal(sig syscall.Signal) {
+	if s.cmd != nil && s.cmd.Process != nil {
+		s.cmd.Process.Signal(sig)
+	}
+}
+
+// Request sends one HTTP request to the server's API (for tests that
+// tamper with the store by hand) and returns the body.
+func (s *Server) Request(method, path, body string) (string, error) {
+	args := []string{"curl", "-sS", "-f", "-m", "5", "-X", method, "http://" + s.Addr() + path}
+	if body != "" {
+		args = append(args, "--data-binary", body)
+	}
+	if s.netns != "" {
+		args = append([]string{"nsenter", "--net=" + s.netns}, args...)
+	}
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("%s %s: %w: %s", method, path, err, out)
+	}
+	return string(out), nil
+}

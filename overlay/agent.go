@@ -77,6 +77,9 @@ type Agent struct {
 	// inflight marks the attaches under way: a reconcile leaves their
 	// records and interfaces alone.
 	inflight map[string]bool
+	// journalGaps are the networks with an unreadable journal record
+	// ("": unknown ones), fixed at start: see stateDir.load.
+	journalGaps map[string]bool
 	// applied is, per namespace, the peers its last successful sync
 	// wrote, so that the next one need only write the difference.
 	applied map[string][]vtep.Peer
@@ -159,11 +162,11 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 			return nil, fmt.Errorf("egress: %w", err)
 		}
 	}
-	locals, errs := a.state.load()
+	locals, errs, gaps := a.state.load()
 	for _, err := range errs {
-		a.log.Warn("skipping unreadable endpoint state", "err", err)
+		a.log.Error("unreadable endpoint journal: nothing of its network that this host cannot account for is removed until it is fixed and the agent restarted", "err", err)
 	}
-	a.locals = locals
+	a.locals, a.journalGaps = locals, gaps
 	a.publishView()
 	return a, nil
 }

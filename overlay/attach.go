@@ -398,6 +398,15 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 // simply run again; until then the record, no longer attached, keeps the
 // address held.
 func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
+	if err := a.purgeKernel(ctx, l); err != nil {
+		return err
+	}
+	return a.purgeStore(ctx, l)
+}
+
+// purgeKernel is purge's first half: the endpoint's interfaces, its
+// container's gateway if nothing else needs it, its published ports.
+func (a *Agent) purgeKernel(ctx context.Context, l *localEndpoint) error {
 	e := &l.Endpoint
 	if l.Phase == phaseAttached {
 		// No longer wanted, whatever happens next: the gateway and the
@@ -415,7 +424,13 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 		}
 	}
 	a.crashPoint("purge-interfaces")
+	return nil
+}
 
+// purgeStore is purge's second half: the record, the address, and the
+// journal entry last.
+func (a *Agent) purgeStore(ctx context.Context, l *localEndpoint) error {
+	e := &l.Endpoint
 	kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
 	switch {
 	case err == nil:

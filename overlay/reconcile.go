@@ -32,9 +32,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	// timeout in all, not one per record.
 	sctx, cancel := context.WithTimeout(ctx, storePhaseTimeout)
 	defer cancel()
-	if synced && storeUp {
-		a.finishInterrupted(sctx)
-	}
+	a.finishInterrupted(sctx, synced && storeUp)
 	a.cmu.RLock()
 	endpoints := maps.Clone(a.endpoints)
 	a.cmu.RUnlock()
@@ -72,7 +70,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			keep[l.Net.NamespaceName()] = true
 		}
 		for _, ns := range have {
-			if plans[ns] == nil && !keep[ns] {
+			if plans[ns] == nil && !keep[ns] && len(a.journalGaps) == 0 {
 				a.log.Info("removing network namespace with no local endpoints", "namespace", ns)
 				if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
 					a.log.Warn("remove network namespace", "namespace", ns, "err", err)
@@ -92,6 +90,10 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	a.ready = a.ready || synced
 	a.cmu.Unlock()
 }
+
+// journalGap reports whether this host's journal of a network could not
+// be read in full.
+func (a *Agent) journalGap(network string) bool { return a.journalGaps[""] || a.journalGaps[network] }
 
 // storePhaseTimeout bounds the store work of one reconcile pass; what is
 // left is done by the next.
@@ -190,7 +192,7 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 		return
 	}
 	for _, veth := range have {
-		if !want[veth] {
+		if !want[veth] && !a.journalGap(p.Net.Name) {
 			a.log.Warn("removing interface of no endpoint", "network", p.Net.Name, "interface", veth)
 			if err := a.dp.RemoveEndpoint(ctx, p.Spec.Name, veth); err != nil {
 				a.log.Warn("remove leaked interface", "interface", veth, "err", err)
@@ -200,10 +202,18 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 }
 
 // finishInterrupted completes or undoes attaches and detaches that a crash
-// or a store outage cut short.
-func (a *Agent) finishInterrupted(ctx context.Context) {
+// or a store outage cut short. Without the store only their kernel part
+// is undone (a container must not keep the interfaces of an attach that
+// failed); the record and the address wait for the store.
+func (a *Agent) finishInterrupted(ctx context.Context, withStore bool) {
 	for _, l := range a.locals {
 		if l.Phase == phaseAttached || a.inflight[l.key()] {
+			continue
+		}
+		if !withStore {
+			if err := a.purgeKernel(ctx, l); err != nil {
+				a.log.Warn("remove interfaces of an interrupted operation", "endpoint", l.Endpoint.Name, "err", err)
+			}
 			continue
 		}
 		a.log.Warn("cleaning up an interrupted operation", "phase", l.Phase, "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name)
@@ -280,7 +290,7 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 		}
 		switch err := a.store.Txn(ctx, a.publishOps(endpointKey(l.Endpoint.Network, l.Endpoint.Name), data)); {
 		case err == nil:
-			a.log.Warn("endpoint was missing from the store; republished", "endpoint", key)
+			a.log.Error("endpoint was missing from the store; republished from this host's journal", "endpoint", key)
 		case !errors.Is(err, kvstore.ErrConflict):
 			a.log.Warn("republish endpoint", "endpoint", key, "err", err)
 		}
@@ -289,7 +299,7 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 		if e.Node != a.cfg.Node {
 			continue
 		}
-		if l := a.locals[key]; l != nil && l.Endpoint.ID == e.ID {
+		if l := a.locals[key]; l != nil && l.Endpoint.ID == e.ID || a.journalGap(e.Network) {
 			continue
 		}
 		kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
@@ -308,6 +318,9 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 		return
 	}
 	for _, n := range networks {
+		if a.journalGap(n.Name) {
+			continue
+		}
 		addrs, err := a.ipam.Addrs(ctx, n.ID)
 		if err != nil {
 			a.log.Warn("list addresses", "network", n.Name, "err", err)

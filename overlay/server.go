@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -77,8 +78,19 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, api.Error{Message: fmt.Sprintf("no route %s %s", r.Method, r.URL.Path), Code: api.CodeNotFound})
 	})
-	return mux
+	// Every request is bounded: a store that stops answering fails it
+	// with "store unavailable" in seconds, and a client that went away
+	// cancels it through the same context.
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), RequestTimeout)
+		defer cancel()
+		mux.ServeHTTP(w, r.WithContext(ctx))
+	})
 }
+
+// RequestTimeout bounds one API request; attach and detach have a shorter
+// bound of their own (AttachTimeout) plus their rollback.
+const RequestTimeout = 12 * time.Second
 
 // decodeBody reads one JSON object and refuses unknown fields, so that a
 // misspelt option is an error rather than silently ignored. A body over

@@ -99,16 +99,19 @@ func (s stateDir) remove(network, name string) error {
 }
 
 // load reads every record; unreadable ones are reported and skipped so that
-// one bad file cannot stop the agent.
-func (s stateDir) load() (map[string]*localEndpoint, []error) {
-	out := map[string]*localEndpoint{}
-	var errs []error
+// one bad file cannot stop the agent. gaps names the networks with an
+// unreadable record ("" when even that is unknown): what the agent finds
+// of them in the kernel or the store may be that record's, so it must not
+// be taken for a leak.
+func (s stateDir) load() (out map[string]*localEndpoint, errs []error, gaps map[string]bool) {
+	out, gaps = map[string]*localEndpoint{}, map[string]bool{}
 	root := filepath.Join(s.dir, "endpoints")
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				return nil
 			}
+			gaps[""] = true
 			return err
 		}
 		if d.IsDir() {
@@ -121,18 +124,22 @@ func (s stateDir) load() (map[string]*localEndpoint, []error) {
 		if !strings.HasSuffix(p, ".json") {
 			return nil
 		}
+		network := filepath.Base(filepath.Dir(p))
 		data, err := os.ReadFile(p)
 		if err != nil {
 			errs = append(errs, err)
+			gaps[network] = true
 			return nil
 		}
 		var l localEndpoint
 		if err := json.Unmarshal(data, &l); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", p, err))
+			gaps[network] = true
 			return nil
 		}
 		if err := l.Endpoint.check(); err != nil && l.Phase == phaseAttached {
 			errs = append(errs, fmt.Errorf("%s: %w", p, err))
+			gaps[network] = true
 			return nil
 		}
 		out[l.key()] = &l
@@ -141,5 +148,5 @@ func (s stateDir) load() (map[string]*localEndpoint, []error) {
 	if err != nil {
 		errs = append(errs, err)
 	}
-	return out, errs
+	return out, errs, gaps
 }

@@ -206,19 +206,13 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	a.crashPoint("attach-journal")
 	ok := false
 	defer func() {
-		a.mu.Lock()
-		defer a.unlock()
-		delete(a.inflight, l.key())
 		if !ok {
-			// The kernel part of the rollback needs no store and is
-			// not bounded; the store part gets its own short bound and,
-			// if the store cannot take it, is finished by a later pass.
-			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rollbackTimeout)
-			defer cancel()
-			if err := a.purge(rctx, l); err != nil {
-				a.log.Warn("attach rolled back in the kernel; the store part is finished when the store answers", "endpoint", name, "err", err)
-			}
+			a.rollback(context.WithoutCancel(ctx), l)
+			return
 		}
+		a.mu.Lock()
+		delete(a.inflight, l.key())
+		a.unlock()
 	}()
 
 	lease := ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway, VNI: n.VNI}
@@ -270,6 +264,31 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	v := l.Endpoint.apiView()
 	v.Netns = path
 	return &v, nil
+}
+
+// rollback undoes a failed attach. The kernel half runs under mu and is
+// not bounded: it needs no store and must finish. The store half runs
+// outside mu, with its own short bound, so that rollbacks meeting a store
+// that does not answer neither queue behind each other nor hold up other
+// attaches; the record stays in flight meanwhile so that no pass works on
+// it, and, no longer attaching, is given no gateway. If the store cannot
+// take it, a later pass finishes it.
+func (a *Agent) rollback(ctx context.Context, l *localEndpoint) {
+	a.mu.Lock()
+	l.Phase = phaseDetaching
+	err := a.purgeKernel(ctx, l)
+	a.unlock()
+	if err == nil {
+		rctx, cancel := context.WithTimeout(ctx, rollbackTimeout)
+		err = a.purgeStore(rctx, l, true)
+		cancel()
+	}
+	a.mu.Lock()
+	delete(a.inflight, l.key())
+	a.unlock()
+	if err != nil {
+		a.log.Warn("attach rolled back in the kernel; the store part is finished when the store answers", "endpoint", l.Endpoint.Name, "err", err)
+	}
 }
 
 // attachKernel builds an attaching endpoint's datapath: the network's
@@ -354,12 +373,20 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 	if err := ValidateName("endpoint", name); err != nil {
 		return &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
+	// Fail early and change nothing when the store cannot be written;
+	// asked before taking mu, which attaches would wait behind.
+	if _, err := a.store.Get(ctx, networkKey(network)); err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+		return fmt.Errorf("detach %s: %w", name, err)
+	}
 	if err := a.mu.LockCtx(ctx); err != nil {
 		return fmt.Errorf("detach %s: waiting for the agent: %w", name, err)
 	}
-	defer a.unlock()
 	l := a.locals[network+"/"+name]
-	if l == nil {
+	if l == nil || a.inflight[l.key()] {
+		a.unlock()
+		if l != nil {
+			return conflictf("endpoint %q of network %q is being attached or detached; try again", name, network)
+		}
 		kv, err := a.store.Get(ctx, endpointKey(network, name))
 		if err == nil {
 			var e Endpoint
@@ -369,19 +396,27 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 		}
 		return notFoundf("endpoint %q not found on network %q on this node", name, network)
 	}
-	// Fail early and change nothing when the store cannot be written.
-	if _, err := a.store.Get(ctx, networkKey(network)); err != nil && !errors.Is(err, kvstore.ErrNotFound) {
-		return fmt.Errorf("detach %s: %w", name, err)
-	}
 	prev := l.Phase
 	l.Phase = phaseDetaching
 	if err := a.state.save(l); err != nil {
 		l.Phase = prev
+		a.unlock()
 		return fmt.Errorf("detach %s: %w", name, err)
 	}
 	a.crashPoint("detach-journal")
-	if err := a.purge(ctx, l); err != nil {
-		return fmt.Errorf("detach %s: %w (the agent finishes it when it can)", name, err)
+	err := a.purgeKernel(ctx, l)
+	// In flight while its store half runs outside mu: no pass takes it
+	// for an interrupted operation meanwhile.
+	a.inflight[l.key()] = err == nil
+	a.unlock()
+	if err == nil {
+		err = a.purgeStore(ctx, l, true)
+	}
+	a.mu.Lock()
+	defer a.unlock()
+	delete(a.inflight, l.key())
+	if err != nil {
+		return fmt.Errorf("detach %s: %w (its interfaces are gone; the agent removes its record when the store answers)", name, err)
 	}
 	a.log.Info("endpoint detached", "network", network, "endpoint", name)
 	a.dropIdleNetwork(ctx, l.Net.NamespaceName())
@@ -401,7 +436,7 @@ func (a *Agent) purge(ctx context.Context, l *localEndpoint) error {
 	if err := a.purgeKernel(ctx, l); err != nil {
 		return err
 	}
-	return a.purgeStore(ctx, l)
+	return a.purgeStore(ctx, l, false)
 }
 
 // purgeKernel is purge's first half: the endpoint's interfaces, its
@@ -428,8 +463,9 @@ func (a *Agent) purgeKernel(ctx context.Context, l *localEndpoint) error {
 }
 
 // purgeStore is purge's second half: the record, the address, and the
-// journal entry last.
-func (a *Agent) purgeStore(ctx context.Context, l *localEndpoint) error {
+// journal entry last. With unlocked, the caller does not hold mu, which
+// is then taken for the journal entry alone.
+func (a *Agent) purgeStore(ctx context.Context, l *localEndpoint, unlocked bool) error {
 	e := &l.Endpoint
 	kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
 	switch {
@@ -471,6 +507,10 @@ func (a *Agent) purgeStore(ctx context.Context, l *localEndpoint) error {
 		}
 	}
 	a.crashPoint("purge-released")
+	if unlocked {
+		a.mu.Lock()
+		defer a.unlock()
+	}
 	if err := a.state.remove(e.Network, e.Name); err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"maps"
 	"time"
 
@@ -82,6 +83,12 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	if synced && storeUp && sctx.Err() == nil {
 		a.reconcileStore(sctx, endpoints, full)
 	}
+	if sctx.Err() != nil && ctx.Err() == nil {
+		// The store stopped answering (a frozen server, a partition
+		// the session renewal has not met yet): passes skip the store
+		// until it answers a watch or a renewal again.
+		a.setStoreErr(fmt.Errorf("a pass's store work did not finish within %s: %w", storePhaseTimeout, kvstore.ErrUnavailable))
+	}
 	if ctx.Err() != nil {
 		return // cut short: not a complete pass
 	}
@@ -97,7 +104,7 @@ func (a *Agent) journalGap(network string) bool { return a.journalGaps[""] || a.
 
 // storePhaseTimeout bounds the store work of one reconcile pass; what is
 // left is done by the next.
-const storePhaseTimeout = 6 * time.Second
+const storePhaseTimeout = 3 * time.Second
 
 // syncNetwork programs one network's peers from the current store view.
 func (a *Agent) syncNetwork(ctx context.Context, ns string) {

@@ -163,18 +163,12 @@ func TestNetworkKeyDeletedByHand(t *testing.T) {
 	a1.mustVxnet("network", "create", "cnet", "--subnet", "10.13.0.0/24")
 }
 
-// Attaches while Consul is frozen (SIGSTOP: connections accepted, never
-// answered) fail within 10 s with "store unavailable" and leave nothing:
-// no interface, no route, and once the store is back no record and no
-// address.
-func TestFrozenStoreFailsAttachesCleanly(t *testing.T) {
-	c := newCluster(t, 1)
-	a := c.agents[0]
-	a.mustVxnet("network", "create", "f", "--subnet", "10.14.0.0/24")
-	first := c.net.AddNS("first")
-	a.mustVxnet("attach", "f", first) // the network's namespace exists
-
-	const n = 24
+// attachStorm runs n attaches at once on a's network f and calls disrupt
+// once they are under way. Every attach must end within 10 s; the failed
+// ones must say the store is unavailable. It returns the namespaces and
+// which attaches failed.
+func attachStorm(t *testing.T, c *cluster, a *agent, n int, disrupt func()) ([]string, map[int]bool) {
+	t.Helper()
 	nss := make([]string, n)
 	for i := range nss {
 		nss[i] = c.net.AddNS(fmt.Sprintf("z%d", i))
@@ -196,10 +190,8 @@ func TestFrozenStoreFailsAttachesCleanly(t *testing.T) {
 		}()
 	}
 	time.Sleep(100 * time.Millisecond) // some attaches are under way
-	c.consul.Signal(syscall.SIGSTOP)
-	defer c.consul.Signal(syscall.SIGCONT)
+	disrupt()
 	wg.Wait()
-
 	failed := map[int]bool{}
 	for i, r := range results {
 		if r.took > 10*time.Second {
@@ -212,44 +204,88 @@ func TestFrozenStoreFailsAttachesCleanly(t *testing.T) {
 			}
 		}
 	}
-	t.Logf("%d of %d attaches failed with the store frozen", len(failed), n)
+	t.Logf("%d of %d attaches failed", len(failed), n)
 	if len(failed) == 0 {
-		t.Fatal("no attach met the frozen store")
+		t.Fatal("no attach met the disrupted store")
 	}
-	// Give the agent passes with the store frozen: nothing may appear.
-	time.Sleep(4 * time.Second)
-	check := func(when string) {
-		for i := range failed {
-			if out, _ := testnet.Exec(nss[i], "ip", "-o", "link"); strings.Contains(out, "eth") {
-				t.Errorf("%s: failed attach z%d left an interface:\n%s", when, i, out)
-			}
-			if out, _ := testnet.Exec(nss[i], "ip", "route"); strings.TrimSpace(out) != "" {
-				t.Errorf("%s: failed attach z%d left routes:\n%s", when, i, out)
-			}
+	return nss, failed
+}
+
+// noTrace checks that the namespaces of failed attaches have no interface
+// but lo and no route.
+func noTrace(t *testing.T, when string, nss []string, failed map[int]bool) {
+	t.Helper()
+	for i := range failed {
+		if out, _ := testnet.Exec(nss[i], "ip", "-o", "link"); strings.Contains(out, "eth") {
+			t.Errorf("%s: failed attach z%d left an interface:\n%s", when, i, out)
+		}
+		if out, _ := testnet.Exec(nss[i], "ip", "route"); strings.TrimSpace(out) != "" {
+			t.Errorf("%s: failed attach z%d left routes:\n%s", when, i, out)
 		}
 	}
-	check("store frozen")
+}
 
-	c.consul.Signal(syscall.SIGCONT)
+// endpointsAndAddrs waits until the network has want endpoints and the
+// store holds an address for each and no more.
+func endpointsAndAddrs(t *testing.T, c *cluster, a *agent, want int) {
+	t.Helper()
 	eventually(t, 20*time.Second, "the failed attaches leave no record and no address", func() error {
 		var eps []api.Endpoint
 		out, err := a.vxnet("-o", "json", "endpoint", "ls", "--network", "f")
 		if err != nil || jsonDecode(out, &eps) != nil {
 			return fmt.Errorf("endpoint ls: %v %s", err, out)
 		}
-		if len(eps) != n+1-len(failed) {
-			return fmt.Errorf("%d endpoints, want %d", len(eps), n+1-len(failed))
+		if len(eps) != want {
+			return fmt.Errorf("%d endpoints, want %d", len(eps), want)
 		}
 		if keys := c.consul.Keys("vxnet/ipam/addrs/"); len(keys) != len(eps) {
 			return fmt.Errorf("%d addresses held for %d endpoints", len(keys), len(eps))
 		}
 		return nil
 	})
-	check("store back")
-	// And they succeed now.
+}
+
+// Attaches while Consul is frozen (SIGSTOP: connections accepted, never
+// answered) fail within 10 s with "store unavailable" and leave nothing:
+// no interface, no route, and once the store is back no record and no
+// address.
+func TestFrozenStoreFailsAttachesCleanly(t *testing.T) {
+	c := newCluster(t, 1)
+	a := c.agents[0]
+	a.mustVxnet("network", "create", "f", "--subnet", "10.14.0.0/24")
+	a.mustVxnet("attach", "f", c.net.AddNS("first")) // the network's namespace exists
+
+	const n = 24
+	nss, failed := attachStorm(t, c, a, n, func() { c.consul.Signal(syscall.SIGSTOP) })
+	defer c.consul.Signal(syscall.SIGCONT)
+	time.Sleep(4 * time.Second) // passes with the store frozen: nothing may appear
+	noTrace(t, "store frozen", nss, failed)
+
+	c.consul.Signal(syscall.SIGCONT)
+	endpointsAndAddrs(t, c, a, n+1-len(failed))
+	noTrace(t, "store back", nss, failed)
 	for i := range failed {
 		a.mustVxnet("attach", "f", nss[i], "--name", fmt.Sprintf("z%d", i))
 	}
+}
+
+// The same with Consul killed in the middle (connections refused): and
+// since it comes back empty (-dev), what succeeded is republished, what
+// failed is not.
+func TestKilledStoreFailsAttachesCleanly(t *testing.T) {
+	c := newCluster(t, 1)
+	a := c.agents[0]
+	a.mustVxnet("network", "create", "f", "--subnet", "10.14.0.0/24")
+	a.mustVxnet("attach", "f", c.net.AddNS("first"))
+
+	const n = 24
+	nss, failed := attachStorm(t, c, a, n, func() { c.consul.Signal(syscall.SIGKILL) })
+	time.Sleep(3 * time.Second)
+	noTrace(t, "store killed", nss, failed)
+
+	c.consul.Restart()
+	endpointsAndAddrs(t, c, a, n+1-len(failed))
+	noTrace(t, "store back", nss, failed)
 }
 
 // A corrupt network record is listed, refused as a name and removable; an
@@ -288,16 +324,24 @@ func TestCorruptAndOrphanRecordsRemovable(t *testing.T) {
 	}
 }
 
-// A network removed and made again at once is there at once: the agent
-// reads its own writes.
+// A network removed and made again at once is there at once, on every
+// host: the agents read their own writes.
 func TestRecreateNetworkAtOnce(t *testing.T) {
-	c := newCluster(t, 1)
-	a := c.agents[0]
+	c := newCluster(t, 2)
+	a1, a2 := c.agents[0], c.agents[1]
 	for i := range 3 {
-		a.mustVxnet("network", "create", "re", "--subnet", "10.16.0.0/24")
-		ns := c.net.AddNS(fmt.Sprintf("r%d", i))
-		a.mustVxnet("attach", "re", ns, "--name", "r")
-		a.mustVxnet("detach", "re", "r")
-		a.mustVxnet("network", "rm", "re")
+		var n api.Network
+		a1.jsonOut(&n, "network", "create", "re", "--subnet", "10.16.0.0/24")
+		ns1, ns2 := c.net.AddNS(fmt.Sprintf("r%d", i)), c.net.AddNS(fmt.Sprintf("s%d", i))
+		a2.mustVxnet("attach", "re", ns2, "--name", "s")
+		a1.mustVxnet("attach", "re", ns1, "--name", "r")
+		var d []api.NetworkDetail
+		a2.jsonOut(&d, "network", "inspect", "re")
+		if d[0].ID != n.ID || len(d[0].Endpoints) != 2 {
+			t.Fatalf("round %d: inspect on host2: %+v", i, d)
+		}
+		a1.mustVxnet("detach", "re", "r")
+		a2.mustVxnet("detach", "re", "s")
+		a2.mustVxnet("network", "rm", "re")
 	}
 }

@@ -255,6 +255,9 @@ func TestAttachRefusals(t *testing.T) {
 		out, err := a.vxnet(tc.args...)
 		if err == nil {
 			t.Errorf("vxnet %s: succeeded, want error containing %q", strings.Join(tc.args, " "), tc.want)
+			if tc.args[0] == "network" && tc.args[1] == "create" {
+				a.vxnet("network", "rm", tc.args[2]) // so the next case meets its own refusal
+			}
 			continue
 		}
 		if !strings.Contains(out, tc.want) {

@@ -237,47 +237,62 @@ func backoff(ctx context.Context, try int) error {
 // AllocateNetwork reserves a subnet and VNI for network id, committing the
 // caller's ops (its network record) in the same transaction.
 func (a *Allocator) AllocateNetwork(ctx context.Context, id string, req NetworkRequest, extra func(NetworkLease) ([]kvstore.Op, error)) (NetworkLease, error) {
-	for try := 0; ; try++ {
-		reg, idx, err := a.readRegistry(ctx)
-		if err != nil {
-			return NetworkLease{}, err
-		}
+	var lease NetworkLease
+	err := a.updateRegistry(ctx, "reserve network "+short(id), func(reg *registry) ([]kvstore.Op, error) {
 		if _, ok := reg.Networks[id]; ok {
-			return NetworkLease{}, fmt.Errorf("network %s already has a reservation: %w", short(id), ErrInUse)
+			return nil, fmt.Errorf("network %s already has a reservation: %w", short(id), ErrInUse)
 		}
 		taken, err := a.checked(ctx, reg, req.Records)
 		if err != nil {
-			return NetworkLease{}, err
+			return nil, err
 		}
 		l, err := a.plan(req, taken)
 		if err != nil {
-			return NetworkLease{}, err
+			return nil, err
 		}
 		var ops []kvstore.Op
 		if extra != nil {
 			if ops, err = extra(l); err != nil {
-				return NetworkLease{}, err
+				return nil, err
 			}
 		}
-		reg.Networks[id] = l
+		reg.Networks[id], lease = l, l
+		return ops, nil
+	})
+	return lease, err
+}
+
+// updateRegistry runs change on a fresh read of the reservations and
+// commits what it made of them, with the ops it returns, in one
+// transaction; it starts again while other writers move the reservations.
+func (a *Allocator) updateRegistry(ctx context.Context, what string, change func(*registry) ([]kvstore.Op, error)) error {
+	for try := 0; ; try++ {
+		reg, idx, err := a.readRegistry(ctx)
+		if err != nil {
+			return err
+		}
+		ops, err := change(reg)
+		if err != nil {
+			return err
+		}
 		data, _ := json.Marshal(reg)
 		err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCAS, Key: networksKey, Value: data, Index: idx}}, ops...))
 		if err == nil {
-			return l, nil
+			return nil
 		}
 		if !errors.Is(err, kvstore.ErrConflict) {
-			return NetworkLease{}, fmt.Errorf("reserve network %s: %w", short(id), err)
+			return fmt.Errorf("%s: %w", what, err)
 		}
-		// If the registry did not move, the caller's own ops failed: no
-		// retry can fix that.
+		// If the reservations did not move, the caller's own ops
+		// failed: no retry can fix that.
 		if _, now, rerr := a.readRegistry(ctx); rerr == nil && now == idx {
-			return NetworkLease{}, fmt.Errorf("reserve network %s: %w", short(id), err)
+			return fmt.Errorf("%s: %w", what, err)
 		}
 		if try >= maxRetries {
-			return NetworkLease{}, fmt.Errorf("reserve network %s: too much contention: %w", short(id), err)
+			return fmt.Errorf("%s: too much contention: %w", what, err)
 		}
 		if err := backoff(ctx, try); err != nil {
-			return NetworkLease{}, err
+			return err
 		}
 	}
 }
@@ -321,46 +336,26 @@ func (a *Allocator) checked(ctx context.Context, reg *registry, records func(con
 // they were. It is idempotent for the same lease, and fails with ErrInUse
 // if another network holds the subnet or the VNI now.
 func (a *Allocator) RestoreNetwork(ctx context.Context, id string, lease NetworkLease, records func(context.Context) (map[string]NetworkLease, error), extra []kvstore.Op) error {
-	for try := 0; ; try++ {
-		reg, idx, err := a.readRegistry(ctx)
-		if err != nil {
-			return err
-		}
+	return a.updateRegistry(ctx, "restore network "+short(id), func(reg *registry) ([]kvstore.Op, error) {
 		if have, ok := reg.Networks[id]; ok && have != lease {
-			return fmt.Errorf("network %s is reserved as %s vni %d, not %s vni %d: %w", short(id), have.Subnet, have.VNI, lease.Subnet, lease.VNI, ErrInUse)
+			return nil, fmt.Errorf("network %s is reserved as %s vni %d, not %s vni %d: %w", short(id), have.Subnet, have.VNI, lease.Subnet, lease.VNI, ErrInUse)
 		}
 		taken, err := a.checked(ctx, reg, records)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		for other, n := range taken {
 			switch {
 			case other == id:
 			case n.Subnet.Overlaps(lease.Subnet):
-				return fmt.Errorf("subnet %s overlaps %s of network %s: %w", lease.Subnet, n.Subnet, short(other), ErrInUse)
+				return nil, fmt.Errorf("subnet %s overlaps %s of network %s: %w", lease.Subnet, n.Subnet, short(other), ErrInUse)
 			case n.VNI == lease.VNI:
-				return fmt.Errorf("vni %d is network %s's: %w", lease.VNI, short(other), ErrInUse)
+				return nil, fmt.Errorf("vni %d is network %s's: %w", lease.VNI, short(other), ErrInUse)
 			}
 		}
 		reg.Networks[id] = lease
-		data, _ := json.Marshal(reg)
-		err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCAS, Key: networksKey, Value: data, Index: idx}}, extra...))
-		if err == nil {
-			return nil
-		}
-		if !errors.Is(err, kvstore.ErrConflict) {
-			return fmt.Errorf("restore network %s: %w", short(id), err)
-		}
-		if _, now, rerr := a.readRegistry(ctx); rerr == nil && now == idx {
-			return fmt.Errorf("restore network %s: %w", short(id), err)
-		}
-		if try >= maxRetries {
-			return fmt.Errorf("restore network %s: too much contention: %w", short(id), err)
-		}
-		if err := backoff(ctx, try); err != nil {
-			return err
-		}
-	}
+		return extra, nil
+	})
 }
 
 // ReleaseNetwork drops a network's reservation together with the caller's
@@ -368,29 +363,12 @@ func (a *Allocator) RestoreNetwork(ctx context.Context, id string, lease Network
 // operations, so those are deleted after the commit; a leftover address
 // key of a removed network is harmless and deleted again next time).
 func (a *Allocator) ReleaseNetwork(ctx context.Context, id string, extra []kvstore.Op) error {
-	for try := 0; ; try++ {
-		reg, idx, err := a.readRegistry(ctx)
-		if err != nil {
-			return err
-		}
+	err := a.updateRegistry(ctx, "release network "+short(id), func(reg *registry) ([]kvstore.Op, error) {
 		delete(reg.Networks, id)
-		data, _ := json.Marshal(reg)
-		err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCAS, Key: networksKey, Value: data, Index: idx}}, extra...))
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, kvstore.ErrConflict) {
-			return fmt.Errorf("release network %s: %w", short(id), err)
-		}
-		if _, now, rerr := a.readRegistry(ctx); rerr == nil && now == idx {
-			return fmt.Errorf("release network %s: %w", short(id), err)
-		}
-		if try >= maxRetries {
-			return fmt.Errorf("release network %s: too much contention: %w", short(id), err)
-		}
-		if err := backoff(ctx, try); err != nil {
-			return err
-		}
+		return extra, nil
+	})
+	if err != nil {
+		return err
 	}
 	pairs, _, err := a.store.List(ctx, addrsPrefix+id+"/")
 	if err != nil {

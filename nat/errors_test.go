@@ -3,68 +3,13 @@ package nat
 import (
 	"errors"
 	"net/netip"
-	"os"
-	"slices"
-	"strconv"
-	"syscall"
 	"testing"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-)
 
-// withFDLimit runs fn with RLIMIT_NOFILE lowered so that exactly free more
-// descriptors can be opened. The limit is the whole process's: tests using
-// it must not run in parallel, and the window is fn alone.
-//
-// The same helper is in vtep's tests; nat may not import vtep, and test
-// helpers cannot be shared without a package of their own (internal/testnet
-// would be its place).
-func withFDLimit(t *testing.T, free int, fn func()) {
-	t.Helper()
-	var orig syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &orig); err != nil {
-		t.Fatal(err)
-	}
-	restore := func() {
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &orig); err != nil {
-			t.Errorf("restore RLIMIT_NOFILE: %v", err)
-		}
-	}
-	t.Cleanup(restore)
-	// The listing shows the descriptor ReadDir reads it with, closed again
-	// afterwards: the lowest free number, found first.
-	probe, err := syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	syscall.Close(probe)
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var open []int
-	for _, e := range ents {
-		if n, err := strconv.Atoi(e.Name()); err == nil && n != probe {
-			open = append(open, n)
-		}
-	}
-	// A new descriptor takes the lowest free number, which the limit
-	// bounds: the smallest limit with exactly free unused numbers below.
-	lim, below := 0, 0
-	for ; lim-below < free || slices.Contains(open, lim); lim++ {
-		if slices.Contains(open, lim) {
-			below++
-		}
-	}
-	cur := orig
-	cur.Cur = uint64(lim)
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &cur); err != nil {
-		t.Fatal(err)
-	}
-	defer restore()
-	fn()
-}
+	"github.com/vxnet/vxnet/internal/testnet"
+)
 
 // linkIndex is the ifindex of name in the namespace at path.
 func linkIndex(t *testing.T, path, name string) int {
@@ -111,7 +56,7 @@ func TestEMFILEIsNotGatewayGone(t *testing.T) {
 		var changes []string
 		var ifn string
 		var has bool
-		withFDLimit(t, free, func() {
+		testnet.WithFDLimit(t, free, func() {
 			changes, checkErr = m.CheckGateway(ctx, spec)
 			ifn, _, addErr = m.AddGateway(ctx, spec)
 			has, ownErr = m.HasOwnDefaultRoute(ctx, cPath)

@@ -7,8 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
-	"strconv"
 	"syscall"
 	"testing"
 
@@ -17,67 +15,13 @@ import (
 	"github.com/vxnet/vxnet/internal/testnet"
 )
 
-// withFDLimit runs fn with RLIMIT_NOFILE lowered so that exactly free more
-// file descriptors can be opened: the (free+1)th open, socket or pipe fails
-// with EMFILE, as it did in the agent that hit its limit. The window is
-// kept to fn alone, because the limit is the whole process's and the test
-// binary's other goroutines share it; tests using it must not run in
-// parallel.
-func withFDLimit(t *testing.T, free int, fn func()) {
-	t.Helper()
-	var orig syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &orig); err != nil {
-		t.Fatal(err)
-	}
-	restore := func() {
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &orig); err != nil {
-			t.Errorf("restore RLIMIT_NOFILE: %v", err)
-		}
-	}
-	t.Cleanup(restore) // also if fn fails the test half-way
-	// The listing shows the descriptor ReadDir reads it with, which is
-	// closed again afterwards: the lowest free number, found first.
-	probe, err := syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	syscall.Close(probe)
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var open []int
-	for _, e := range ents {
-		if n, err := strconv.Atoi(e.Name()); err == nil && n != probe {
-			open = append(open, n)
-		}
-	}
-	// A new
-	// descriptor takes the lowest free number, and the limit bounds that
-	// number. The smallest limit with exactly free unused numbers below it.
-	lim, below := 0, 0
-	for ; lim-below < free || slices.Contains(open, lim); lim++ {
-		if slices.Contains(open, lim) {
-			below++
-		}
-	}
-	// Open fds at or above lim stay usable: the limit only refuses new ones.
-	cur := orig
-	cur.Cur = uint64(lim)
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &cur); err != nil {
-		t.Fatal(err)
-	}
-	defer restore()
-	fn()
-}
-
 // TestWithFDLimit checks the helper itself: without it the EMFILE tests
 // could pass by never hitting the limit.
 func TestWithFDLimit(t *testing.T) {
 	for free := range 3 {
 		var opened int
 		var last error
-		withFDLimit(t, free, func() {
+		testnet.WithFDLimit(t, free, func() {
 			var fds []int
 			for range free + 1 {
 				fd, err := syscall.Open("/dev/null", syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
@@ -168,7 +112,7 @@ func TestEMFILEIsNotAbsence(t *testing.T) {
 	for free := 0; free <= maxFree; free++ {
 		var ensureErr, checkErr error
 		var ensureChanges, checkChanges []string
-		withFDLimit(t, free, func() {
+		testnet.WithFDLimit(t, free, func() {
 			ensureChanges, ensureErr = m.EnsureNetwork(ctx, spec)
 			checkChanges, checkErr = m.CheckEndpoint(ctx, ep)
 		})
@@ -194,14 +138,14 @@ func TestEMFILEIsNotAbsence(t *testing.T) {
 	}
 	// The same for RemoveEndpoint of a network whose namespace cannot be
 	// opened: an error, not "already gone".
-	withFDLimit(t, 0, func() {
+	testnet.WithFDLimit(t, 0, func() {
 		if err := m.RemoveEndpoint(ctx, spec.Name, ep.HostVeth); err == nil {
 			t.Error("RemoveEndpoint without descriptors reported success")
 		}
 	})
 	for free := 1; free <= 4; free++ {
 		var err error
-		withFDLimit(t, free, func() { err = m.RemoveEndpoint(ctx, spec.Name, "vethnotthere") })
+		testnet.WithFDLimit(t, free, func() { err = m.RemoveEndpoint(ctx, spec.Name, "vethnotthere") })
 		_ = err // may succeed (nothing to remove) or fail; must not touch the rest
 	}
 	if after := readDatapath(t, nsPath, ep.HostVeth, ep.ContainerNS); after != before {
@@ -267,7 +211,7 @@ func TestCheckNetNSClassifies(t *testing.T) {
 	// and CreateNetNS leaves it mounted.
 	ino := nsInode(t, mounted)
 	var checkErr, createErr error
-	withFDLimit(t, 0, func() {
+	testnet.WithFDLimit(t, 0, func() {
 		checkErr = CheckNetNS(mounted)
 		createErr = CreateNetNS(mounted)
 	})

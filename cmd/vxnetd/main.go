@@ -172,8 +172,9 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("--pool %q: %w", o.pool, err)
 	}
-	if !pool.Addr().Is4() || pool.Bits() > 30 {
-		return fmt.Errorf("--pool %s: want an IPv4 prefix of /30 or larger", o.pool)
+	// Networks without --subnet get a /24 of the pool.
+	if err := ipam.ValidatePool(pool, 24); err != nil {
+		return fmt.Errorf("--pool: %w", err)
 	}
 	if o.nodeTTL < 10*time.Second {
 		return fmt.Errorf("--node-ttl %s is below Consul's minimum of 10s", o.nodeTTL)

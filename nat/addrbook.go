@@ -7,10 +7,11 @@ import (
 	"maps"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"reflect"
 	"slices"
 	"sync"
+
+	"github.com/vxnet/vxnet/internal/atomicfile"
 )
 
 // ErrAddrExhausted says every usable address of the subnet is taken.
@@ -210,34 +211,8 @@ func (b *AddrBook) save() error {
 	if err != nil {
 		return fmt.Errorf("encode address book: %w", err)
 	}
-	dir := filepath.Dir(b.path)
-	tmp, err := os.CreateTemp(dir, filepath.Base(b.path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write address book: %w", err)
-	}
-	defer os.Remove(tmp.Name()) // no-op after a successful rename
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write address book %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("sync address book %s: %w", tmp.Name(), err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("close address book %s: %w", tmp.Name(), err)
-	}
-	if err := os.Rename(tmp.Name(), b.path); err != nil {
-		return fmt.Errorf("replace address book %s: %w", b.path, err)
-	}
-	// The rename is only durable once the directory entry is.
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open address book directory %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync address book directory %s: %w", dir, err)
+	if err := atomicfile.Write(b.path, append(data, '\n'), 0o600); err != nil {
+		return fmt.Errorf("address book: %w", err)
 	}
 	return nil
 }

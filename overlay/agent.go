@@ -51,6 +51,10 @@ type Config struct {
 	// CrashAt names a crash point (see CrashPoints) where the agent kills
 	// itself: for crash-consistency tests only.
 	CrashAt string
+	// PauseAt names a crash point where the agent waits PauseFor instead,
+	// so that a test can act while an operation is under way.
+	PauseAt  string
+	PauseFor time.Duration
 	// Egress configures the gateway bridge and NAT; nil turns egress off.
 	Egress *nat.Config
 	Logger *slog.Logger
@@ -219,6 +223,11 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 			ready()
 		}
 	}
+	// fullSynced: a full pass has run with a complete view of the store,
+	// the one that removes what a previous life leaked; until then every
+	// pass with a complete view is a full one, whether or not the ready
+	// timer fired first.
+	fullSynced := false
 	for {
 		full := false
 		select {
@@ -228,15 +237,15 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 		case <-ticker.C:
 			full = true
 		case <-readyTimer.C:
+			synced := a.synced()
 			a.reconcile(ctx, true)
+			fullSynced = fullSynced || synced
 			notify()
 			continue
 		}
 		synced := a.synced()
-		// The first pass with a complete store view is a full one: it is
-		// where leaks from a previous life are removed.
-		if synced && !notified {
-			full = true
+		if synced && !fullSynced {
+			full, fullSynced = true, true
 		}
 		a.reconcile(ctx, full)
 		if synced {

@@ -552,6 +552,9 @@ var CrashPoints = []string{
 }
 
 func (a *Agent) crashPoint(name string) {
+	if a.cfg.PauseAt == name {
+		time.Sleep(a.cfg.PauseFor)
+	}
 	if a.cfg.CrashAt == name {
 		a.log.Warn("crashing on purpose (test hook)", "at", name)
 		syscall.Kill(os.Getpid(), syscall.SIGKILL)

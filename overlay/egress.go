@@ -43,7 +43,9 @@ func wantGateways(locals map[string]*localEndpoint, inflight map[string]bool) ma
 	sort.Strings(keys) // deterministic choice of the representative
 	for _, k := range keys {
 		l := locals[k]
-		if (l.Phase == phaseAttached || l.Phase == phaseAttaching && inflight[k]) && !l.Net.Internal {
+		// An attach under way counts once its overlay interface exists:
+		// made before it, the gateway would take eth0's place.
+		if (l.Phase == phaseAttached || l.Phase == phaseAttaching && inflight[k] && l.Endpoint.Interface != "") && !l.Net.Internal {
 			if _, ok := out[l.NetnsID]; !ok {
 				out[l.NetnsID] = l
 			}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vxnet/vxnet/internal/atomicfile"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 )
@@ -179,7 +180,7 @@ func (a *Agent) checkIdentity(ctx context.Context) (lost bool, err error) {
 	a.cmu.Lock()
 	a.identity = cur
 	a.cmu.Unlock()
-	if err := os.WriteFile(a.identityFile(), []byte(cur), 0o600); err != nil {
+	if err := atomicfile.Write(a.identityFile(), []byte(cur), 0o600); err != nil {
 		a.log.Warn("remember store identity", "err", err)
 	}
 	return known != "", nil

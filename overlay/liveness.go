@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/atomicfile"
 	"github.com/vxnet/vxnet/kvstore"
 )
 
@@ -34,7 +35,7 @@ func (a *Agent) setSession(id string) {
 		os.Remove(a.sessionFile())
 		return
 	}
-	if err := os.WriteFile(a.sessionFile(), []byte(id), 0o600); err != nil {
+	if err := atomicfile.Write(a.sessionFile(), []byte(id), 0o600); err != nil {
 		a.log.Warn("remember store session", "err", err)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/vxnet/vxnet/internal/atomicfile"
 )
 
 // Phases of a local endpoint. The record is written before every step that
@@ -58,32 +60,16 @@ func (s stateDir) path(network, name string) string {
 // save writes atomically: a crash leaves the old or the new record, never a
 // torn one.
 func (s stateDir) save(l *localEndpoint) error {
-	p := s.path(l.Endpoint.Network, l.Endpoint.Name)
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return fmt.Errorf("save endpoint state: %w", err)
-	}
 	data, err := json.MarshalIndent(l, "", "  ")
 	if err != nil {
 		return err
 	}
-	tmp := p + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
+	p := s.path(l.Endpoint.Network, l.Endpoint.Name)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 		return fmt.Errorf("save endpoint state: %w", err)
 	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, p)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("save endpoint state %s: %w", p, err)
+	if err := atomicfile.Write(p, data, 0o600); err != nil {
+		return fmt.Errorf("save endpoint state: %w", err)
 	}
 	return nil
 }
@@ -117,8 +103,8 @@ func (s stateDir) load() (out map[string]*localEndpoint, errs []error, gaps map[
 		if d.IsDir() {
 			return nil
 		}
-		if strings.HasSuffix(p, ".tmp") {
-			os.Remove(p)
+		if strings.HasSuffix(p, ".tmp") || atomicfile.IsTemp(p) {
+			os.Remove(p) // a crash during a save
 			return nil
 		}
 		if !strings.HasSuffix(p, ".json") {

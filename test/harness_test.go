@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -54,6 +55,7 @@ type agent struct {
 	store  string
 	args   []string
 	env    []string // extra environment for the next start
+	wrap   []string // a command to start nsenter under (e.g. unshare)
 	cmd    *exec.Cmd
 	logf   *os.File
 	done   chan struct{}
@@ -130,7 +132,8 @@ func (a *agent) launch() {
 	a.logf = logf
 	// nsenter switches only the network namespace: the agent's namespace
 	// mounts must live in the machine's mount table to outlive the agent.
-	a.cmd = exec.Command("nsenter", args...)
+	cmdline := append(append(slices.Clone(a.wrap), "nsenter"), args...)
+	a.cmd = exec.Command(cmdline[0], cmdline[1:]...)
 	a.cmd.Env = append(os.Environ(), a.env...)
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
 	if err := a.cmd.Start(); err != nil {

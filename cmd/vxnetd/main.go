@@ -217,7 +217,7 @@ func run() error {
 		Node: o.node, Advertise: addr, StateDir: o.stateDir, NetNSDir: filepath.Join(o.runDir, "netns"),
 		VXLANPort: o.vxlanPort, UnderlayMTU: mtu, ResyncInterval: o.resync, NodeTTL: o.nodeTTL,
 		StoreName: redact(o.store), IPAM: ipam.Options{Pool: pool}, Egress: egress, Logger: log,
-		CrashAt: os.Getenv("VXNETD_TEST_CRASH_AT"),
+		CrashAt: os.Getenv("VXNETD_TEST_CRASH_AT"), PauseAt: os.Getenv("VXNETD_TEST_PAUSE_AT"), PauseFor: 2 * time.Second,
 	}, store)
 	if err != nil {
 		return err
@@ -271,6 +271,7 @@ func run() error {
 		}()
 		defer dbg.Close()
 	}
+	warnPrivateMounts(log, o.runDir)
 	log.Info("vxnetd starting", "version", api.Version, "node", o.node, "advertise", addr, "store", redact(o.store),
 		"socket", o.socket, "underlay_mtu", mtu)
 
@@ -450,4 +451,30 @@ func redact(raw string) string {
 	}
 	u.User = url.User("REDACTED")
 	return u.String()
+}
+
+// warnPrivateMounts warns when the agent runs in a mount namespace other
+// than the host's (as under "ip netns exec"): the network namespaces it
+// bind-mounts under the run dir live in that mount namespace and vanish
+// when the agent exits, and every container's overlay with them.
+func warnPrivateMounts(log *slog.Logger, runDir string) {
+	self, err := os.Readlink("/proc/self/ns/mnt")
+	if err != nil {
+		return
+	}
+	// PID 1's is the host's; where it cannot be read (a sandbox), the
+	// parent's tells at least whether the agent was given one of its own
+	// on the way (ip netns exec, unshare).
+	host, err := os.Readlink("/proc/1/ns/mnt")
+	if err != nil {
+		if host, err = os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", os.Getppid())); err != nil {
+			return
+		}
+	}
+	if self == host {
+		return
+	}
+	log.Warn("vxnetd runs in a mount namespace other than the host's: the network namespaces it mounts under the run dir vanish when it exits, "+
+		"and every container's overlay with them; start it from systemd or with nsenter --net=, not ip netns exec",
+		"self", self, "host", host, "run_dir", runDir)
 }

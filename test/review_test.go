@@ -1,0 +1,105 @@
+package test
+
+import (
+	"fmt"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/testnet"
+)
+
+// A detach of an endpoint whose attach is still under way is refused: it
+// used to remove the journal record while the attach carried on and
+// published, leaving a record that later passes deleted as a leak and a
+// restart brought back.
+func TestDetachDuringAttachRefused(t *testing.T) {
+	c := newCluster(t, 1)
+	a := c.agents[0]
+	a.mustVxnet("network", "create", "d", "--subnet", "10.17.0.0/24")
+	a.stop(syscall.SIGTERM)
+	a.env = []string{"VXNETD_TEST_PAUSE_AT=attach-allocated"}
+	a.start()
+
+	ns := c.net.AddNS("slow")
+	done := make(chan error, 1)
+	go func() {
+		out, err := a.vxnet("attach", "d", ns, "--name", "slow")
+		if err != nil {
+			err = fmt.Errorf("%v: %s", err, out)
+		}
+		done <- err
+	}()
+	time.Sleep(700 * time.Millisecond) // the attach waits at attach-allocated
+	out, err := a.vxnet("detach", "d", "slow")
+	if err == nil || !strings.Contains(out, "being attached") {
+		t.Errorf("detach during the attach: %v %s", err, out)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("attach: %v", err)
+	}
+	check := func(when string) {
+		t.Helper()
+		var eps []api.Endpoint
+		a.jsonOut(&eps, "endpoint", "ls")
+		if len(eps) != 1 || eps[0].Name != "slow" {
+			t.Errorf("%s: endpoints %+v", when, eps)
+		}
+		if out, _ := testnet.Exec(ns, "ip", "-o", "-4", "addr", "show", "eth0"); !strings.Contains(out, "10.17.0.") {
+			t.Errorf("%s: eth0 of the container: %s", when, out)
+		}
+	}
+	time.Sleep(2500 * time.Millisecond) // a full pass
+	check("after a full pass")
+	a.stop(syscall.SIGTERM)
+	a.env = nil
+	a.start()
+	check("after a restart")
+	a.mustVxnet("detach", "d", "slow")
+}
+
+// A full pass that runs while an attach waits for its address does not
+// make the container's gateway interface first: the overlay interface is
+// eth0, the gateway eth1.
+func TestGatewayNotFirstDuringSlowAttach(t *testing.T) {
+	c := newCluster(t, 1)
+	a := c.agents[0]
+	a.mustVxnet("network", "create", "g", "--subnet", "10.18.0.0/24")
+	a.stop(syscall.SIGTERM)
+	a.env = []string{"VXNETD_TEST_PAUSE_AT=attach-allocated"}
+	a.start()
+	ns := c.net.AddNS("g1")
+	var e api.Endpoint
+	a.jsonOut(&e, "attach", "g", ns) // pauses 2 s: a full pass (2 s) runs meanwhile
+	if e.Interface != "eth0" {
+		t.Errorf("overlay interface %s, want eth0", e.Interface)
+	}
+	out, _ := testnet.Exec(ns, "ip", "-o", "-4", "addr")
+	if !strings.Contains(out, "eth0    inet "+e.IP) && !strings.Contains(out, "eth0 inet "+e.IP) {
+		if !strings.Contains(out, "eth0") || !strings.Contains(out, e.IP) {
+			t.Errorf("container addresses:\n%s", out)
+		}
+	}
+	if !strings.Contains(out, "eth1") || !strings.Contains(out, "172.18.") {
+		t.Errorf("no gateway eth1 in the container:\n%s", out)
+	}
+}
+
+// An agent in a mount namespace of its own (as under ip netns exec) says
+// that its namespace mounts vanish with it.
+func TestPrivateMountNamespaceWarned(t *testing.T) {
+	tn := testnet.New(t)
+	h := tn.AddHost("m")
+	a := newAgent(t, h, "m", "")
+	a.wrap = []string{"unshare", "--mount", "--propagation", "private"}
+	a.start()
+	if !strings.Contains(a.log(), "mount namespace other than the host's") {
+		t.Errorf("no warning:\n%s", a.logTail())
+	}
+	b := startAgent(t, tn.AddHost("n"), "n", "")
+	if strings.Contains(b.log(), "mount namespace other than the host's") {
+		t.Errorf("warned in the host's mount namespace:\n%s", b.logTail())
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"expvar"
 	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -118,7 +119,10 @@ func (s *consulStore) w(ctx context.Context) (*api.WriteOptions, context.CancelF
 // unavailable marks transport and server errors, so that callers can tell
 // "the store said no" from "the store did not answer".
 func unavailable(op, key string, err error) error {
-	if strings.Contains(err.Error(), "403") || strings.Contains(strings.ToLower(err.Error()), "permission denied") {
+	// By the status, not by the text: a connection error names the
+	// server's port, which may well contain "403".
+	var se api.StatusError
+	if errors.As(err, &se) && se.Code == http.StatusForbidden || strings.Contains(strings.ToLower(err.Error()), "permission denied") && !errors.As(err, new(*net.OpError)) {
 		// Not an outage: retrying will not help, the token must change.
 		return fmt.Errorf("consul %s %s: %w: check the ACL token (CONSUL_HTTP_TOKEN)", op, key, ErrForbidden)
 	}

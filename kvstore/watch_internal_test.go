@@ -5,14 +5,19 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/consul/api"
 )
 
 // Hermetic tests of the Consul backend's Watch against a fake of Consul's
@@ -765,4 +770,16 @@ func TestConsulWatchCancel(t *testing.T) {
 			t.Errorf("%d requests for a watch cancelled before it started", n)
 		}
 	})
+}
+
+// A connection error is an outage even when the server's port contains
+// "403"; only a 403 status is a refusal.
+func TestUnavailableNotForbiddenByPort(t *testing.T) {
+	dial := &net.OpError{Op: "dial", Net: "tcp", Addr: &net.TCPAddr{IP: net.IPv4(192, 168, 77, 254), Port: 40347}, Err: syscall.ECONNREFUSED}
+	if err := unavailable("get", "k", fmt.Errorf("Get %q: %w", "http://192.168.77.254:40347/v1/kv/k", dial)); !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrForbidden) {
+		t.Errorf("connection refused on port 40347: %v", err)
+	}
+	if err := unavailable("get", "k", api.StatusError{Code: 403, Body: "Permission denied"}); !errors.Is(err, ErrForbidden) {
+		t.Errorf("403: %v", err)
+	}
 }

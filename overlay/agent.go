@@ -8,7 +8,6 @@
 package overlay
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -16,11 +15,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vxnet/vxnet/api"
@@ -89,11 +88,8 @@ type Agent struct {
 	applied map[string][]vtep.Peer
 
 	cmu           sync.RWMutex
-	networks      map[string]*Network  // store view, by name
-	endpoints     map[string]*Endpoint // store view, by network/name
-	epSession     map[string]string    // session holding each endpoint key
+	networks      map[string]*Network // store view, by name
 	netSynced     bool
-	epSynced      bool
 	storeErr      error
 	downSince     time.Time
 	lastReconcile time.Time
@@ -106,20 +102,28 @@ type Agent struct {
 
 	// identity is the store's, as this host last saw it (see intent.go).
 	identity string
-	// held are endpoints of other hosts that vanished from the store
-	// together with its state: they stay programmed until their hosts
-	// republish them or holdUntil passes. Owned by the endpoint watch;
-	// read under cmu.
-	held      map[string]*Endpoint
-	holdUntil time.Time
-	lostAt    time.Time
-	renewNow  chan struct{}
+	lostAt   time.Time
+	renewNow chan struct{}
+
+	// views are the peer views of the networks with local endpoints, by
+	// network id (guarded by mu; each view guards itself).
+	views map[string]*peerView
+	// dirty are the networks whose peers changed since the last pass.
+	dmu   sync.Mutex
+	dirty map[string]bool
+	// commits writes this host's peer records (see commit.go).
+	commits *committer
+	// life outlives requests: the watches an attach starts run in it.
+	life context.Context
+	// identityChecked: the store's identity was compared with the one
+	// remembered, once since start; until then peers are only added.
+	identityChecked atomic.Bool
+	// fates caches, by network id, what the store said of a network
+	// missing from the view when nothing could be done (guarded by mu).
+	fates map[string]fateCache
 
 	kick    chan struct{}
 	started time.Time
-	// epDecoded is the endpoint watch's own cache of decoded records, by
-	// key; only that goroutine uses it.
-	epDecoded map[string]decodedEndpoint
 }
 
 // New prepares an agent; Run starts it.
@@ -150,7 +154,8 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		applied:   map[string][]vtep.Peer{},
 		inflight:  map[string]bool{},
 		networks:  map[string]*Network{},
-		endpoints: map[string]*Endpoint{},
+		views:     map[string]*peerView{},
+		life:      context.Background(),
 		kick:      make(chan struct{}, 1),
 		renewNow:  make(chan struct{}, 1),
 		started:   time.Now(),
@@ -171,6 +176,7 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		a.log.Error("unreadable endpoint journal: nothing of its network that this host cannot account for is removed until it is fixed and the agent restarted", "err", err)
 	}
 	a.locals, a.journalGaps = locals, gaps
+	a.commits = &committer{a: a, reqs: make(chan *commitReq, 64), published: publishedAddrs(locals)}
 	a.publishView()
 	return a, nil
 }
@@ -205,8 +211,12 @@ func (a *Agent) localMTU() int { return a.cfg.UnderlayMTU - 50 }
 // if the store cannot be reached, after the local state has been ensured),
 // so that a service manager knows when the host's datapath is in place.
 func (a *Agent) Run(ctx context.Context, ready func()) error {
+	a.mu.Lock()
+	a.life = ctx
+	a.ensureViews(ctx)
+	a.unlock()
 	go a.watch(ctx, networksPrefix, a.applyNetworks)
-	go a.watch(ctx, endpointsPrefix, a.applyEndpoints)
+	go a.commits.run(ctx)
 	go a.registerNode(ctx)
 	go a.keepAlive(ctx)
 
@@ -264,7 +274,7 @@ func (a *Agent) trigger() {
 func (a *Agent) synced() bool {
 	a.cmu.RLock()
 	defer a.cmu.RUnlock()
-	return a.netSynced && a.epSynced
+	return a.netSynced
 }
 
 // watch feeds one prefix of the store into the cache.
@@ -319,119 +329,6 @@ func (a *Agent) applyNetworks(_ context.Context, pairs []*kvstore.KV) {
 	a.cmu.Unlock()
 }
 
-func (a *Agent) applyEndpoints(ctx context.Context, pairs []*kvstore.KV) {
-	m := make(map[string]*Endpoint, len(pairs))
-	sessions := make(map[string]string, len(pairs))
-	// Every event carries the whole prefix, but between two events only a
-	// few records change: decode those alone (and warn about a bad record
-	// once, not at every event).
-	decoded := make(map[string]decodedEndpoint, len(pairs))
-	for _, kv := range pairs {
-		// Compared by value, not modify index: after Consul loses its
-		// state a key can come back at an index it had before.
-		d, ok := a.epDecoded[kv.Key]
-		if !ok || !bytes.Equal(d.raw, kv.Value) {
-			d = decodedEndpoint{raw: kv.Value}
-			var e Endpoint
-			if err := decodeRecord(kv.Key, kv.Value, &e); err != nil {
-				a.log.Warn("skipping bad endpoint record", "err", err)
-			} else {
-				d.e = &e
-			}
-		}
-		decoded[kv.Key] = d
-		if d.e == nil {
-			continue
-		}
-		m[d.e.Network+"/"+d.e.Name] = d.e
-		sessions[d.e.Network+"/"+d.e.Name] = kv.Session
-	}
-	a.epDecoded = decoded
-	held, until := a.hold(ctx, m)
-	a.cmu.Lock()
-	a.endpoints, a.epSession, a.epSynced = m, sessions, true
-	a.held, a.holdUntil = held, until
-	a.cmu.Unlock()
-}
-
-// hold decides which endpoints of other hosts stay programmed although
-// the new view m lacks them. Endpoints leave for good reasons (a detach,
-// their host's session expiring) and for bad ones (the store lost its
-// state); only the store's identity tells which, so it is read when
-// something vanished, which costs one request per removal event and
-// nothing per attach.
-func (a *Agent) hold(ctx context.Context, m map[string]*Endpoint) (map[string]*Endpoint, time.Time) {
-	a.cmu.RLock()
-	prev, held, until := a.endpoints, a.held, a.holdUntil
-	a.cmu.RUnlock()
-	now := time.Now()
-	out := map[string]*Endpoint{}
-	if now.Before(until) {
-		for k, e := range held {
-			if m[k] == nil {
-				out[k] = e
-			}
-		}
-	}
-	var vanished []string
-	for k, e := range prev {
-		if e.Node != a.cfg.Node && m[k] == nil && out[k] == nil {
-			vanished = append(vanished, k)
-		}
-	}
-	if len(vanished) == 0 {
-		return out, until
-	}
-	lost, err := a.checkIdentity(ctx)
-	switch {
-	case err != nil:
-		// The store answered the watch but not this: it cannot say
-		// whether these left on purpose. Keep them until it can.
-		a.log.Warn("cannot read the store's identity; keeping the entries of vanished endpoints for now", "endpoints", len(vanished), "err", err)
-	case lost:
-		a.storeLost("its identity changed or vanished")
-	default:
-		return out, until
-	}
-	if !now.Before(until) {
-		until = now.Add(a.holdTime())
-	}
-	for _, k := range vanished {
-		out[k] = prev[k]
-	}
-	return out, until
-}
-
-// peerView is the store view merged with the held endpoints that are
-// still due, for desiredState. A held endpoint gives way to any endpoint
-// of the view with its address.
-func (a *Agent) peerView() map[string]*Endpoint {
-	a.cmu.RLock()
-	defer a.cmu.RUnlock()
-	out := maps.Clone(a.endpoints)
-	if len(a.held) == 0 || !time.Now().Before(a.holdUntil) {
-		return out
-	}
-	taken := make(map[string]bool, len(out))
-	for _, e := range out {
-		taken[e.NetworkID+"/"+e.IP.String()] = true
-	}
-	for k, e := range a.held {
-		if out[k] == nil && !taken[e.NetworkID+"/"+e.IP.String()] {
-			out[k] = e
-		}
-	}
-	return out
-}
-
-// decodedEndpoint is a stored value and the record decoded from it (nil
-// for a value that does not decode). Records are shared between views and
-// never changed: a new value means a new record.
-type decodedEndpoint struct {
-	raw []byte
-	e   *Endpoint
-}
-
 // registerNode publishes this host, retrying until the store answers, and
 // refreshes its last-seen time at every resync interval.
 func (a *Agent) registerNode(ctx context.Context) {
@@ -449,6 +346,7 @@ func (a *Agent) registerNode(ctx context.Context) {
 				return err
 			}
 			checked = true
+			a.identityChecked.Store(true)
 			if lost {
 				a.storeLost("its identity changed or vanished while this agent was down")
 			}

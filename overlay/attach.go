@@ -85,7 +85,7 @@ const (
 	rollbackTimeout = 2 * time.Second
 )
 
-func (a *Agent) attach(ctx context.Context, network string, req api.AttachRequest) (*api.Endpoint, error) {
+func (a *Agent) attach(ctx context.Context, network string, req api.AttachRequest) (_ *api.Endpoint, rerr error) {
 	n, netIdx, err := a.getNetwork(ctx, network)
 	if err != nil {
 		return nil, err
@@ -202,12 +202,15 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	}
 	a.locals[l.key()] = l
 	a.inflight[l.key()] = true
+	if a.views[n.ID] == nil {
+		a.startView(a.life, n.ID) // its first answer is likely in before the publish
+	}
 	a.unlock()
 	a.crashPoint("attach-journal")
 	ok := false
 	defer func() {
 		if !ok {
-			a.rollback(context.WithoutCancel(ctx), l)
+			a.rollback(context.WithoutCancel(ctx), l, rerr)
 			return
 		}
 		a.mu.Lock()
@@ -228,9 +231,13 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 
+	// The endpoint record and this host's peer record of the network in
+	// one transaction, shared with the attaches and detaches under way
+	// (see commit.go).
 	data, _ := json.Marshal(&l.Endpoint)
-	err = a.store.Txn(ctx, append([]kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: networkKey(network), Index: netIdx}},
-		a.publishOps(endpointKey(network, name), data)...))
+	ops := append([]kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: networkKey(network), Index: netIdx}},
+		a.publishOps(endpointKey(network, name), data)...)
+	err = a.commit(ctx, &commitReq{netID: n.ID, ops: ops, add: ip})
 	if errors.Is(err, kvstore.ErrConflict) {
 		if _, _, gerr := a.getNetwork(ctx, network); gerr != nil {
 			return nil, conflictf("network %q was removed during attach", network)
@@ -241,6 +248,15 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: publish: %w", name, err)
 	}
 	a.crashPoint("attach-published")
+	// Program the peers known now, so the container can talk as soon as
+	// attach returns rather than at the watch's first answer: read once,
+	// before mu, if this host's watch of the network is new.
+	a.mu.Lock()
+	v := a.views[n.ID]
+	a.unlock()
+	if v != nil {
+		a.primeView(ctx, v)
+	}
 
 	// Not LockCtx: the endpoint is published, and giving up here would
 	// undo what every peer may already have programmed.
@@ -249,10 +265,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	err = a.state.save(l)
 	if err == nil {
 		ok = true
-		a.cacheEndpoint(&l.Endpoint)
-		// Program the peers known now, so the container can talk as soon
-		// as attach returns rather than at the next watch event.
-		a.syncNetwork(ctx, spec.Name)
+		a.syncNetwork(ctx, n.ID)
 	} else {
 		l.Phase = phaseAttaching
 	}
@@ -261,9 +274,9 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 	a.log.Info("endpoint attached", "network", network, "endpoint", name, "ip", ip, "interface", ifName, "netns", path)
-	v := l.Endpoint.apiView()
-	v.Netns = path
-	return &v, nil
+	out := l.Endpoint.apiView()
+	out.Netns = path
+	return &out, nil
 }
 
 // rollback undoes a failed attach. The kernel half runs under mu and is
@@ -273,12 +286,15 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 // attaches; the record stays in flight meanwhile so that no pass works on
 // it, and, no longer attaching, is given no gateway. If the store cannot
 // take it, a later pass finishes it.
-func (a *Agent) rollback(ctx context.Context, l *localEndpoint) {
+func (a *Agent) rollback(ctx context.Context, l *localEndpoint, cause error) {
 	a.mu.Lock()
 	l.Phase = phaseDetaching
 	err := a.purgeKernel(ctx, l)
 	a.unlock()
-	if err == nil {
+	// An attach that failed for want of the store leaves the store half
+	// to a later pass: trying now would only wait for the store again.
+	storeDown := errors.Is(cause, kvstore.ErrUnavailable) || errors.Is(cause, context.DeadlineExceeded)
+	if err == nil && !storeDown {
 		rctx, cancel := context.WithTimeout(ctx, rollbackTimeout)
 		err = a.purgeStore(rctx, l, true)
 		cancel()
@@ -353,14 +369,6 @@ func (a *Agent) interrupted(key string) bool {
 
 func (a *Agent) interruptedLocked(l *localEndpoint) bool {
 	return l.Phase != phaseAttached && !a.inflight[l.key()]
-}
-
-// cacheEndpoint puts our own endpoint into the store view at once; the
-// watch confirms it moments later.
-func (a *Agent) cacheEndpoint(e *Endpoint) {
-	a.cmu.Lock()
-	defer a.cmu.Unlock()
-	a.endpoints[e.Network+"/"+e.Name] = e
 }
 
 // Detach removes a local endpoint.
@@ -467,24 +475,24 @@ func (a *Agent) purgeKernel(ctx context.Context, l *localEndpoint) error {
 // is then taken for the journal entry alone.
 func (a *Agent) purgeStore(ctx context.Context, l *localEndpoint, unlocked bool) error {
 	e := &l.Endpoint
+	// The endpoint record, if it is still ours, and the address in this
+	// host's peer record go in one transaction (the committer writes the
+	// peer record only if the address was in it).
+	var ops []kvstore.Op
 	kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
 	switch {
 	case err == nil:
 		var cur Endpoint
 		if json.Unmarshal(kv.Value, &cur) == nil && cur.ID == e.ID {
-			if err := a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex); err != nil {
-				return fmt.Errorf("unpublish endpoint: %w", err)
-			}
+			ops = []kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: kv.Key, Index: kv.ModifyIndex}, {Kind: kvstore.OpDelete, Key: kv.Key}}
 		}
 	case !errors.Is(err, kvstore.ErrNotFound):
 		return fmt.Errorf("unpublish endpoint: %w", err)
 	}
-	a.crashPoint("purge-unpublished")
-	a.cmu.Lock()
-	if cur := a.endpoints[l.key()]; cur != nil && cur.ID == e.ID {
-		delete(a.endpoints, l.key())
+	if err := a.commit(ctx, &commitReq{netID: l.Net.ID, ops: ops, del: e.IP}); err != nil {
+		return fmt.Errorf("unpublish endpoint: %w", err)
 	}
-	a.cmu.Unlock()
+	a.crashPoint("purge-unpublished")
 
 	owner := ipam.AddrOwner{Node: a.cfg.Node, Endpoint: e.Name}
 	if e.IP.IsValid() {

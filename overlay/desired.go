@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"cmp"
 	"fmt"
-	"net"
 	"net/netip"
 	"slices"
 
@@ -23,23 +22,25 @@ type netPlan struct {
 	Dropped []error
 }
 
-// desiredState computes, from the store's view and this host's own records,
-// every network this host must have and its peers. It is pure so that the
-// rules ("a host programs a network only while it has local endpoints of
-// it", "peers are the endpoints of other hosts") are tested without a kernel.
+// desiredState computes, from the peer views and this host's own records,
+// the networks this host must have and their peers: every network with an
+// attached local endpoint, or only those in only when it is not nil (a
+// light pass works on the networks that changed). peers holds, by network
+// id, the endpoints of other hosts. It is pure so that the rules ("a host
+// programs a network only while it has local endpoints of it", "peers are
+// the endpoints of other hosts") are tested without a kernel.
 //
 // A local endpoint whose network is missing from the store keeps its network
 // as recorded at attach time: losing the store must never break a running
 // container.
 //
-// An endpoint of another host that cannot be a peer of its network (see
-// peerError) is left out and listed in Dropped: the datapath refuses a peer
-// list with one bad entry, so one bad record must not cost the network all
-// of its peers.
-func desiredState(node string, endpoints map[string]*Endpoint, locals map[string]*localEndpoint, localMTU int) map[string]*netPlan {
+// An address that cannot be a peer of its network (see peerError) is left
+// out and listed in Dropped: the datapath refuses a peer list with one bad
+// entry, so one bad record must not cost the network all of its peers.
+func desiredState(peers map[string][]PeerAddr, locals map[string]*localEndpoint, localMTU int, only map[string]bool) map[string]*netPlan {
 	plans := map[string]*netPlan{}
 	for _, l := range locals {
-		if l.Phase != phaseAttached {
+		if l.Phase != phaseAttached || only != nil && !only[l.Net.ID] {
 			continue
 		}
 		ns := l.Net.NamespaceName()
@@ -62,52 +63,36 @@ func desiredState(node string, endpoints map[string]*Endpoint, locals map[string
 		}
 		p.Locals = append(p.Locals, l)
 	}
-	byID := map[string]*netPlan{}
 	for _, p := range plans {
-		byID[p.Net.ID] = p
 		slices.SortFunc(p.Locals, func(a, b *localEndpoint) int { return cmp.Compare(a.Endpoint.Name, b.Endpoint.Name) })
-	}
-	localIPs := map[*netPlan]map[netip.Addr]bool{}
-	for _, p := range byID {
-		ips := make(map[netip.Addr]bool, len(p.Locals))
+		localIPs := make(map[netip.Addr]bool, len(p.Locals))
 		for _, l := range p.Locals {
-			ips[l.Endpoint.IP] = true
+			localIPs[l.Endpoint.IP] = true
 		}
-		localIPs[p] = ips
-	}
-	for _, e := range endpoints {
-		if e.Node == node {
-			continue
+		for _, e := range peers[p.Net.ID] {
+			if err := peerError(&p.Net, e.IP, localIPs); err != nil {
+				p.Dropped = append(p.Dropped, fmt.Errorf("address %s of node %s: %w", e.IP, e.Node, err))
+				continue
+			}
+			p.Peers = append(p.Peers, vtep.Peer{IP: e.IP, MAC: ipam.MACFromIP(e.IP), VTEP: e.VTEP})
 		}
-		p := byID[e.NetworkID]
-		if p == nil {
-			continue
-		}
-		if err := peerError(&p.Net, e, localIPs[p]); err != nil {
-			p.Dropped = append(p.Dropped, fmt.Errorf("endpoint %s/%s of node %s: %w", e.Network, e.Name, e.Node, err))
-			continue
-		}
-		p.Peers = append(p.Peers, vtep.Peer{IP: e.IP, MAC: net.HardwareAddr(e.MAC), VTEP: e.VTEP})
-	}
-	for _, p := range plans {
 		slices.SortFunc(p.Peers, func(a, b vtep.Peer) int { return a.IP.Compare(b.IP) })
 		slices.SortFunc(p.Dropped, func(a, b error) int { return cmp.Compare(a.Error(), b.Error()) })
 	}
 	return plans
 }
 
-// peerError says why an endpoint of another host cannot be programmed as a
-// peer on network n, or returns nil. The record itself passed check() when
-// it was decoded; what needs the network or this host is checked here: the
-// address must be one an endpoint of the subnet may have, and not the
-// address of one of our own endpoints (its MAC, derived from the address,
-// would then be sent to the other host's VTEP).
-func peerError(n *Network, e *Endpoint, localIPs map[netip.Addr]bool) error {
-	if err := ipam.ValidateAddr(ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway}, e.IP); err != nil {
+// peerError says why an address of another host's endpoint cannot be
+// programmed as a peer on network n, or returns nil: it must be one an
+// endpoint of the subnet may have, and not the address of one of our own
+// endpoints (its MAC, derived from the address, would then be sent to the
+// other host's VTEP).
+func peerError(n *Network, ip netip.Addr, localIPs map[netip.Addr]bool) error {
+	if err := ipam.ValidateAddr(ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway}, ip); err != nil {
 		return err
 	}
-	if localIPs[e.IP] {
-		return fmt.Errorf("ip %s is the address of an endpoint on this host", e.IP)
+	if localIPs[ip] {
+		return fmt.Errorf("ip %s is the address of an endpoint on this host", ip)
 	}
 	return nil
 }

@@ -27,6 +27,18 @@ func testEP(net Network, name, node, ip, vtep string) *Endpoint {
 		VTEP: netip.MustParseAddr(vtep), IP: a, MAC: HardwareAddr{2, 0x42, b[0], b[1], b[2], b[3]}}
 }
 
+// testPeers groups the endpoints of hosts other than node by network id,
+// as the peer views give them to desiredState.
+func testPeers(node string, eps map[string]*Endpoint) map[string][]PeerAddr {
+	out := map[string][]PeerAddr{}
+	for _, e := range eps {
+		if e.Node != node {
+			out[e.NetworkID] = append(out[e.NetworkID], PeerAddr{Node: e.Node, VTEP: e.VTEP, IP: e.IP})
+		}
+	}
+	return out
+}
+
 // testID is an id of the form newID makes, stable for a given seed.
 func testID(seed string) string {
 	sum := sha256.Sum256([]byte(seed))
@@ -44,7 +56,7 @@ func TestDesiredState(t *testing.T) {
 		"n1/c3": testEP(n1, "c3", "third", "10.0.0.4", "192.168.0.3"),
 		"n2/d1": testEP(n2, "d1", "other", "10.0.1.2", "192.168.0.2"),
 	}
-	plans := desiredState("me", eps, map[string]*localEndpoint{"n1/c1": local, "n2/x": attaching}, 1450)
+	plans := desiredState(testPeers("me", eps), map[string]*localEndpoint{"n1/c1": local, "n2/x": attaching}, 1450, nil)
 
 	if len(plans) != 1 {
 		t.Fatalf("want only n1 (n2 has no attached local endpoint), got %d plans", len(plans))
@@ -68,7 +80,7 @@ func TestDesiredStateSurvivesMissingStoreRecord(t *testing.T) {
 	n := testNet("n", strings.Repeat("c", 64), 300, "10.5.0.0/24")
 	n.MTU = 1400
 	l := &localEndpoint{Phase: phaseAttached, Endpoint: *testEP(n, "c", "me", "10.5.0.2", "192.168.0.1"), Net: n}
-	plans := desiredState("me", nil, map[string]*localEndpoint{"n/c": l}, 1450)
+	plans := desiredState(nil, map[string]*localEndpoint{"n/c": l}, 1450, nil)
 	p := plans["1-cccccccccc"]
 	if p == nil || p.Spec.MTU != 1400 || len(p.Peers) != 0 {
 		t.Fatalf("a local endpoint keeps its network without the store: %+v", p)
@@ -80,12 +92,12 @@ func TestSamePeersSeesAMovedPeer(t *testing.T) {
 	eps := map[string]*Endpoint{"n/a": testEP(n, "a", "o", "10.5.0.2", "192.168.0.2")}
 	l := &localEndpoint{Phase: phaseAttached, Endpoint: *testEP(n, "me", "me", "10.5.0.3", "192.168.0.1"), Net: n}
 	locals := map[string]*localEndpoint{"n/me": l}
-	p1 := desiredState("me", eps, locals, 1450)["1-dddddddddd"].Peers
-	if !samePeers(p1, desiredState("me", eps, locals, 1450)["1-dddddddddd"].Peers) {
+	p1 := desiredState(testPeers("me", eps), locals, 1450, nil)["1-dddddddddd"].Peers
+	if !samePeers(p1, desiredState(testPeers("me", eps), locals, 1450, nil)["1-dddddddddd"].Peers) {
 		t.Error("the same view must give the same peers")
 	}
 	eps["n/a"].VTEP = netip.MustParseAddr("192.168.0.9")
-	if samePeers(p1, desiredState("me", eps, locals, 1450)["1-dddddddddd"].Peers) {
+	if samePeers(p1, desiredState(testPeers("me", eps), locals, 1450, nil)["1-dddddddddd"].Peers) {
 		t.Error("moving a peer to another host must count as a change")
 	}
 }
@@ -185,92 +197,81 @@ func TestEndpointCheckRefusesUnprogrammableRecords(t *testing.T) {
 	}
 }
 
-// One bad record costs only itself: the other peers of its network are
-// still programmed, and the bad ones are listed with the reason.
+// One bad address costs only itself: the other peers of its network are
+// still programmed, and the bad ones are listed with the reason. A record
+// that cannot be programmed at all is refused when decoded.
 func TestDesiredStateDropsBadPeersOnly(t *testing.T) {
 	n := testNet("n", testID("n"), 256, "10.0.0.0/24")
-	other := testNet("o", testID("o"), 257, "10.0.1.0/24")
 	l := &localEndpoint{Phase: phaseAttached, Endpoint: *testEP(n, "me", "me", "10.0.0.2", "192.168.0.1"), Net: n}
-	eps := map[string]*Endpoint{
-		"n/me": &l.Endpoint,
-		"n/a":  testEP(n, "a", "h2", "10.0.0.3", "192.168.0.2"),
-		"n/b":  testEP(n, "b", "h3", "10.0.0.4", "192.168.0.3"),
-		"n/c":  testEP(n, "c", "h3", "10.0.0.5", "192.168.0.3"),
+	good := []string{"10.0.0.3", "10.0.0.4", "10.0.0.5"}
+	bad := []string{"10.9.0.7", n.Gateway.String(), "10.0.0.0", "10.0.0.255", l.Endpoint.IP.String()}
+	var addrs []PeerAddr
+	for _, ip := range append(slices.Clone(good), bad...) {
+		addrs = append(addrs, PeerAddr{Node: "h2", VTEP: netip.MustParseAddr("192.168.0.2"), IP: netip.MustParseAddr(ip)})
 	}
-	// moveTo gives a record another address and its matching MAC, so
-	// that only the address is wrong.
-	moveTo := func(ip string) func(e *Endpoint) {
-		return func(e *Endpoint) {
-			e.IP = netip.MustParseAddr(ip)
-			e.MAC = HardwareAddr(ipam.MACFromIP(e.IP))
-		}
-	}
-	bad := map[string]func(e *Endpoint){
-		"outside":   moveTo("10.9.0.7"),
-		"gateway":   moveTo(n.Gateway.String()),
-		"netaddr":   moveTo("10.0.0.0"),
-		"broadcast": moveTo("10.0.0.255"),
-		"ours":      moveTo(l.Endpoint.IP.String()),
-		"vtep0":     func(e *Endpoint) { e.VTEP = netip.IPv4Unspecified() },
-		"mcastmac":  func(e *Endpoint) { e.MAC = HardwareAddr{1, 0, 0x5e, 0, 0, 1} },
-		"zeromac":   func(e *Endpoint) { e.MAC = HardwareAddr{0, 0, 0, 0, 0, 0} },
-		"wrongmac":  func(e *Endpoint) { e.MAC = HardwareAddr{2, 0x42, 10, 0, 0, 99} },
-		"shortid":   func(e *Endpoint) { e.ID = "x" },
-	}
-	// Records reach the view through decodeRecord, as in the agent: a
-	// record that cannot be programmed at all is refused there, one that
-	// cannot be a peer of its network is dropped by desiredState.
-	refused := map[string]bool{}
-	for name, spoil := range bad {
-		e := testEP(n, name, "h4", "10.0.0.50", "192.168.0.4")
-		spoil(e)
-		data, err := json.Marshal(e)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var d Endpoint
-		if err := decodeRecord("endpoints/n/"+name, data, &d); err != nil {
-			refused[name] = true
-			continue
-		}
-		eps["n/"+name] = &d
-	}
-	for _, name := range []string{"vtep0", "mcastmac", "zeromac", "wrongmac", "shortid"} {
-		if !refused[name] {
-			t.Errorf("record %s was not refused when decoded", name)
-		}
-	}
-	// An endpoint of a network this host does not have is no peer, and
-	// no reason either.
-	eps["o/x"] = testEP(other, "x", "h2", "10.9.0.7", "192.168.0.2")
-
-	p := desiredState("me", eps, map[string]*localEndpoint{"n/me": l}, 1450)[n.NamespaceName()]
+	// Another network's peers are no concern of this one.
+	peers := map[string][]PeerAddr{n.ID: addrs, testID("o"): {{Node: "h2", VTEP: netip.MustParseAddr("192.168.0.2"), IP: netip.MustParseAddr("10.9.0.7")}}}
+	p := desiredState(peers, map[string]*localEndpoint{"n/me": l}, 1450, nil)[n.NamespaceName()]
 	if p == nil {
 		t.Fatal("no plan for the network")
 	}
 	var got []string
 	for _, peer := range p.Peers {
 		got = append(got, peer.IP.String())
-	}
-	if want := []string{"10.0.0.3", "10.0.0.4", "10.0.0.5"}; !slices.Equal(got, want) {
-		t.Errorf("peers %v, want the good ones %v", got, want)
-	}
-	if len(p.Dropped)+len(refused) != len(bad) {
-		t.Errorf("dropped %d records and refused %d, want %d in all: %v", len(p.Dropped), len(refused), len(bad), p.Dropped)
-	}
-	for name := range bad {
-		if refused[name] {
-			continue
-		}
-		if !slices.ContainsFunc(p.Dropped, func(err error) bool { return strings.Contains(err.Error(), "n/"+name+" ") }) {
-			t.Errorf("%s not reported in %v", name, p.Dropped)
+		if !slices.Equal(peer.MAC, ipam.MACFromIP(peer.IP)) {
+			t.Errorf("peer %s has mac %s", peer.IP, peer.MAC)
 		}
 	}
-	// What is programmed is what the datapath accepts.
-	for _, peer := range p.Peers {
-		if len(peer.MAC) != 6 || peer.MAC[0]&1 != 0 || !peer.VTEP.Is4() || peer.VTEP.IsUnspecified() {
-			t.Errorf("unprogrammable peer %+v", peer)
+	if !slices.Equal(got, good) {
+		t.Errorf("peers %v, want the good ones %v", got, good)
+	}
+	if len(p.Dropped) != len(bad) {
+		t.Errorf("dropped %d, want %d: %v", len(p.Dropped), len(bad), p.Dropped)
+	}
+	for _, ip := range bad {
+		if !slices.ContainsFunc(p.Dropped, func(err error) bool { return strings.Contains(err.Error(), "address "+ip+" ") }) {
+			t.Errorf("%s not reported in %v", ip, p.Dropped)
 		}
+	}
+	for name, v := range map[string]string{
+		"vtep0":   `{"version":1,"node":"h","vtep":"0.0.0.0","ips":""}`,
+		"mcast":   `{"version":1,"node":"h","vtep":"239.1.1.1","ips":""}`,
+		"torn":    `{"version":1,"node":"h","vtep":"192.168.0.2","ips":"CgAA"}`,
+		"version": `{"version":2,"node":"h","vtep":"192.168.0.2","ips":""}`,
+		"nonode":  `{"version":1,"vtep":"192.168.0.2","ips":""}`,
+	} {
+		var r PeerRecord
+		if err := decodeRecord("peers/x/h", []byte(v), &r); err == nil {
+			t.Errorf("%s: record accepted: %s", name, v)
+		}
+	}
+}
+
+// A peer record holds 4 bytes an address, sorted and without duplicates,
+// so that the same set always makes the same value.
+func TestPeerRecordPacking(t *testing.T) {
+	ips := []netip.Addr{netip.MustParseAddr("10.0.0.9"), netip.MustParseAddr("10.0.0.3"), netip.MustParseAddr("10.0.0.9")}
+	b := packAddrs(ips)
+	if len(b) != 8 {
+		t.Fatalf("packed %d bytes", len(b))
+	}
+	r := PeerRecord{Version: 1, Node: "h", VTEP: netip.MustParseAddr("192.168.0.2"), IPs: b}
+	data, _ := json.Marshal(&r)
+	var back PeerRecord
+	if err := decodeRecord("peers/x/h", data, &back); err != nil {
+		t.Fatal(err)
+	}
+	if got := back.Addrs(); len(got) != 2 || got[0].String() != "10.0.0.3" || got[1].String() != "10.0.0.9" {
+		t.Errorf("addresses %v", got)
+	}
+	// 50 endpoints: what one host's record costs its watchers.
+	var many []netip.Addr
+	for i := range 50 {
+		many = append(many, netip.AddrFrom4([4]byte{10, 0, 0, byte(i + 2)}))
+	}
+	data, _ = json.Marshal(&PeerRecord{Version: 1, Node: "host12", VTEP: netip.MustParseAddr("192.168.77.12"), IPs: packAddrs(many)})
+	if per := float64(len(data)) / 50; per > 8 {
+		t.Errorf("%d bytes for 50 endpoints: %.1f an endpoint", len(data), per)
 	}
 }
 
@@ -322,7 +323,7 @@ func FuzzDecodeEndpoint(f *testing.F) {
 		l := &localEndpoint{Phase: phaseAttached, Endpoint: *testEP(n, "me", "me", "10.0.0.200", "192.168.0.1"), Net: n}
 		good := testEP(n, "good", "other", "10.0.0.201", "192.168.0.2")
 		eps := map[string]*Endpoint{"n/me": &l.Endpoint, "n/good": good, "n/a": &e}
-		p := desiredState("me", eps, map[string]*localEndpoint{"n/me": l}, 1450)[n.NamespaceName()]
+		p := desiredState(testPeers("me", eps), map[string]*localEndpoint{"n/me": l}, 1450, nil)[n.NamespaceName()]
 		want := 2 // the good peer and the record, as peer or dropped
 		if e.Node == "me" {
 			want = 1 // our own endpoint is no peer
@@ -335,6 +336,38 @@ func FuzzDecodeEndpoint(f *testing.F) {
 		}
 		for _, peer := range p.Peers {
 			if len(peer.MAC) != 6 || peer.MAC[0]&1 != 0 || !peer.VTEP.Is4() || peer.VTEP.IsUnspecified() || !n.Subnet.Contains(peer.IP) {
+				t.Fatalf("unprogrammable peer %+v from %s", peer, data)
+			}
+		}
+	})
+}
+
+// FuzzDecodePeerRecord: a peer record that decodes gives addresses the
+// datapath takes or drops one by one, never a fatal one.
+func FuzzDecodePeerRecord(f *testing.F) {
+	f.Add([]byte(`{"version":1,"node":"h","vtep":"192.168.0.2","ips":"CgAAAwoAAAQ="}`))
+	f.Add([]byte(`{"version":1,"node":"h","vtep":"0.0.0.0","ips":"CgAAAw=="}`))
+	f.Add([]byte(`{"version":1,"node":"h","vtep":"192.168.0.2","ips":"CgAA"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var r PeerRecord
+		if decodeRecord("peers/x/h", data, &r) != nil {
+			return
+		}
+		if !IsUnicastIPv4(r.VTEP) || len(r.IPs)%4 != 0 {
+			t.Fatalf("accepted an unusable record: %+v", r)
+		}
+		n := testNet("n", testID("n"), 256, "10.0.0.0/24")
+		l := &localEndpoint{Phase: phaseAttached, Endpoint: *testEP(n, "me", "me", "10.0.0.200", "192.168.0.1"), Net: n}
+		var addrs []PeerAddr
+		for _, ip := range r.Addrs() {
+			addrs = append(addrs, PeerAddr{Node: r.Node, VTEP: r.VTEP, IP: ip})
+		}
+		p := desiredState(map[string][]PeerAddr{n.ID: addrs}, map[string]*localEndpoint{"n/me": l}, 1450, nil)[n.NamespaceName()]
+		if p == nil || len(p.Peers)+len(p.Dropped) != len(addrs) {
+			t.Fatalf("plan %+v for %d addresses", p, len(addrs))
+		}
+		for _, peer := range p.Peers {
+			if len(peer.MAC) != 6 || peer.MAC[0]&1 != 0 || !n.Subnet.Contains(peer.IP) {
 				t.Fatalf("unprogrammable peer %+v from %s", peer, data)
 			}
 		}
@@ -373,7 +406,7 @@ func FuzzDecodeNetwork(f *testing.F) {
 			e := testEP(n, fmt.Sprint("p", i), "other", a.String(), "192.168.0.2")
 			eps["n/"+e.Name] = e
 		}
-		p := desiredState("me", eps, map[string]*localEndpoint{"n/me": l}, 1450)[n.NamespaceName()]
+		p := desiredState(testPeers("me", eps), map[string]*localEndpoint{"n/me": l}, 1450, nil)[n.NamespaceName()]
 		if p == nil {
 			t.Fatal("no plan for a network with a local endpoint")
 		}
@@ -403,9 +436,10 @@ func BenchmarkDesiredState(b *testing.B) {
 			}
 		}
 	}
+	peers := testPeers("h0", eps)
 	b.ReportAllocs()
 	for b.Loop() {
-		p := desiredState("h0", eps, locals, 1450)
+		p := desiredState(peers, locals, 1450, nil)
 		samePeers(p["1-eeeeeeeeee"].Peers, p["1-eeeeeeeeee"].Peers)
 	}
 }

@@ -2,8 +2,10 @@ package overlay
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"testing"
@@ -24,82 +26,70 @@ func storeAgent(t *testing.T) (*Agent, kvstore.Store) {
 	t.Cleanup(func() { st.Close() })
 	return &Agent{
 		cfg: Config{Node: "me", StateDir: dir, NodeTTL: 10 * time.Second}, store: st,
-		log: slog.New(slog.NewTextHandler(io.Discard, nil)), endpoints: map[string]*Endpoint{},
+		log: slog.New(slog.NewTextHandler(io.Discard, nil)), views: map[string]*peerView{},
 		kick: make(chan struct{}, 1), renewNow: make(chan struct{}, 1),
 	}, st
 }
 
-// Endpoints of other hosts that vanish from the store are removed when the
-// store is the one it was (a detach, a host's death), and held, still
-// programmed, when it lost its state, until their hosts republish them or
-// the hold ends; one that comes back under its key, or whose address is
-// taken by another, is not held twice.
+// Peer records of other hosts that vanish from the store are dropped when
+// the store is the one it was (a detach, a host's death), and held, still
+// programmed, when it lost its state, until their hosts write them again
+// or the hold ends.
 func TestVanishedPeersHeldOnlyWhenTheStoreLostItsState(t *testing.T) {
 	ctx := context.Background()
 	a, st := storeAgent(t)
-	n := testNet("n", testID("n"), 256, "10.0.0.0/24")
-	e1 := testEP(n, "e1", "other", "10.0.0.2", "192.168.0.2")
-	e2 := testEP(n, "e2", "other", "10.0.0.3", "192.168.0.2")
-	both := map[string]*Endpoint{"n/e1": e1, "n/e2": e2}
+	v := &peerView{id: testID("n"), node: "me"}
+	rec := func(node, vtep string, ips ...string) *kvstore.KV {
+		var addrs []netip.Addr
+		for _, ip := range ips {
+			addrs = append(addrs, netip.MustParseAddr(ip))
+		}
+		data, _ := json.Marshal(&PeerRecord{Version: 1, Node: node, VTEP: netip.MustParseAddr(vtep), IPs: packAddrs(addrs)})
+		return &kvstore.KV{Key: peerKey(v.id, node), Value: data}
+	}
+	h2 := rec("h2", "192.168.0.2", "10.0.0.2", "10.0.0.3")
+	h3 := rec("h3", "192.168.0.3", "10.0.0.4")
+	mine := rec("me", "192.168.0.1", "10.0.0.9")
+	count := func() int { p, _ := v.peers(); return len(p) }
 
 	if lost, err := a.checkIdentity(ctx); err != nil || lost {
 		t.Fatalf("first identity check: lost %v, %v", lost, err)
 	}
-	a.applyView(ctx, both)
-	a.applyView(ctx, map[string]*Endpoint{"n/e1": e1}) // e2 detached
-	if got := a.peerView(); len(got) != 1 || got["n/e1"] == nil {
-		t.Fatalf("after a detach with the store intact: %v", keys(got))
+	if !a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}) || count() != 3 {
+		t.Fatalf("peers %d, want 3 (our own record is no peer)", count())
+	}
+	if a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}) {
+		t.Error("the same snapshot counted as a change")
+	}
+	a.applyPeers(ctx, v, []*kvstore.KV{h2, mine}) // h3 gone: its host died
+	if count() != 2 {
+		t.Fatalf("after a host's record went with the store intact: %d peers", count())
 	}
 
-	a.applyView(ctx, both)
+	a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine})
 	if err := st.Delete(ctx, identityKey); err != nil { // the store lost its state
 		t.Fatal(err)
 	}
-	a.applyView(ctx, map[string]*Endpoint{})
-	if got := a.peerView(); len(got) != 2 {
-		t.Fatalf("with the store lost, the vanished peers are not held: %v", keys(got))
+	a.applyPeers(ctx, v, nil)
+	if count() != 3 {
+		t.Fatalf("with the store lost, the vanished records are not held: %d peers", count())
 	}
 	if !a.lostRecently() {
 		t.Error("the loss was not noticed")
 	}
-	// e1 is republished; e2's address is taken by a new endpoint: held
-	// entries give way to both.
-	e3 := testEP(n, "e3", "third", "10.0.0.3", "192.168.0.3")
-	a.applyView(ctx, map[string]*Endpoint{"n/e1": e1, "n/e3": e3})
-	if got := a.peerView(); len(got) != 2 || got["n/e1"] != e1 || got["n/e3"] != e3 {
-		t.Fatalf("view after republishing: %v", keys(got))
-	}
-	// A further removal with the (new) identity intact is not held.
-	a.applyView(ctx, map[string]*Endpoint{"n/e3": e3})
-	if got := a.peerView(); len(got) != 1 {
-		t.Fatalf("a detach after the loss was held: %v", keys(got))
+	// h2 writes its record again, with one endpoint fewer: the new one
+	// counts, not the held one.
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("h2", "192.168.0.2", "10.0.0.2")})
+	if count() != 2 {
+		t.Fatalf("after h2 republished: %d peers, want 2 (h2's one, h3's held)", count())
 	}
 	// The hold ends.
-	a.applyView(ctx, both)
-	st.Delete(ctx, identityKey)
-	a.applyView(ctx, map[string]*Endpoint{})
-	a.cmu.Lock()
-	a.holdUntil = time.Now().Add(-time.Second)
-	a.cmu.Unlock()
-	if got := a.peerView(); len(got) != 0 {
-		t.Fatalf("held past the hold time: %v", keys(got))
+	v.mu.Lock()
+	v.holdUntil = time.Now().Add(-time.Second)
+	v.mu.Unlock()
+	if count() != 1 {
+		t.Fatalf("held past the hold time: %d peers", count())
 	}
-}
-
-// applyView sets the store view as the endpoint watch does.
-func (a *Agent) applyView(ctx context.Context, m map[string]*Endpoint) {
-	held, until := a.hold(ctx, m)
-	a.cmu.Lock()
-	a.endpoints, a.held, a.holdUntil = m, held, until
-	a.cmu.Unlock()
-}
-
-func keys[V any](m map[string]V) []string {
-	var out []string
-	for k := range m {
-		out = append(out, k)
-	}
-	return out
 }
 
 // An agent restarted after the store lost its state notices it from the

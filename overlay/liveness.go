@@ -174,6 +174,10 @@ func (a *Agent) RemoveNode(ctx context.Context, name string) error {
 	}
 	released := 0
 	for id := range nets {
+		// Its peer record of the network: what the other hosts program.
+		if err := a.store.Delete(ctx, peerKey(id, name)); err != nil {
+			return fmt.Errorf("remove node %s: %w", name, err)
+		}
 		addrs, err := a.ipam.Addrs(ctx, id)
 		if err != nil {
 			return fmt.Errorf("remove node %s: %w", name, err)

@@ -1,11 +1,13 @@
 package overlay
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"time"
 
 	"github.com/vxnet/vxnet/ipam"
@@ -34,10 +36,16 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	sctx, cancel := context.WithTimeout(ctx, storePhaseTimeout)
 	defer cancel()
 	a.finishInterrupted(sctx, synced && storeUp)
-	a.cmu.RLock()
-	endpoints := maps.Clone(a.endpoints)
-	a.cmu.RUnlock()
-	peers := a.peerView()
+	a.ensureViews(a.life)
+	// A light pass works on the networks whose peers changed; a full one
+	// on every network, against the kernel.
+	var only map[string]bool
+	if dirty := a.takeDirty(); !full {
+		only = dirty
+		if only == nil {
+			only = map[string]bool{}
+		}
+	}
 
 	if full {
 		if stray, err := a.dp.RemoveStrays(ctx); err != nil {
@@ -46,15 +54,16 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			a.log.Warn("removed vxlan devices left in the host namespace by a crash", "devices", stray)
 		}
 	}
-	plans := desiredState(a.cfg.Node, peers, a.locals, a.localMTU())
-	for ns, p := range plans {
+	peers, viewsSynced := a.viewPeers(only)
+	plans := desiredState(peers, a.locals, a.localMTU(), only)
+	for _, p := range plans {
 		if ctx.Err() != nil {
 			return
 		}
 		if full {
 			a.ensurePlan(ctx, p, synced && storeUp)
 		}
-		if synced && (full || !a.peersApplied(ns, p.Peers)) {
+		if viewsSynced[p.Net.ID] {
 			a.syncPeers(ctx, p, full)
 		}
 	}
@@ -71,7 +80,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			keep[l.Net.NamespaceName()] = true
 		}
 		for _, ns := range have {
-			if plans[ns] == nil && !keep[ns] && len(a.journalGaps) == 0 {
+			if !keep[ns] && len(a.journalGaps) == 0 {
 				a.log.Info("removing network namespace with no local endpoints", "namespace", ns)
 				if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
 					a.log.Warn("remove network namespace", "namespace", ns, "err", err)
@@ -81,7 +90,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		}
 	}
 	if synced && storeUp && sctx.Err() == nil {
-		a.reconcileStore(sctx, endpoints, full)
+		a.reconcileStore(sctx, full)
 	}
 	if sctx.Err() != nil && ctx.Err() == nil {
 		// The store stopped answering (a frozen server, a partition
@@ -106,33 +115,59 @@ func (a *Agent) journalGap(network string) bool { return a.journalGaps[""] || a.
 // left is done by the next.
 const storePhaseTimeout = 3 * time.Second
 
-// syncNetwork programs one network's peers from the current store view.
-func (a *Agent) syncNetwork(ctx context.Context, ns string) {
-	p := desiredState(a.cfg.Node, a.peerView(), a.locals, a.localMTU())[ns]
-	if p != nil && !a.peersApplied(ns, p.Peers) {
-		a.syncPeers(ctx, p, false)
+// viewPeers reads the peer views of the networks in only (all when nil):
+// their peers, and whether each view has read its records yet.
+func (a *Agent) viewPeers(only map[string]bool) (map[string][]PeerAddr, map[string]bool) {
+	peers, synced := map[string][]PeerAddr{}, map[string]bool{}
+	for id, v := range a.views {
+		if only != nil && !only[id] {
+			continue
+		}
+		peers[id], synced[id] = v.peers()
 	}
+	return peers, synced
 }
 
-// peersApplied reports whether the last sync of a namespace wrote exactly
-// these peers.
-func (a *Agent) peersApplied(ns string, peers []vtep.Peer) bool {
-	prev, ok := a.applied[ns]
-	return ok && samePeers(prev, peers)
+// syncNetwork programs one network's peers from its view; called with mu
+// held, by an attach.
+func (a *Agent) syncNetwork(ctx context.Context, netID string) {
+	only := map[string]bool{netID: true}
+	peers, synced := a.viewPeers(only)
+	for _, p := range desiredState(peers, a.locals, a.localMTU(), only) {
+		if synced[netID] {
+			a.syncPeers(ctx, p, false)
+		}
+	}
 }
 
 // syncPeers programs a network's peers. Passes driven by store events
 // write only what changed since the last sync; full passes compare with
 // the kernel's tables, and what they must fix there is drift: someone else
-// changed our entries.
+// changed our entries. While the store may have lost its state (or before
+// this agent could tell), entries are only added: what vanished may be on
+// its way back.
 func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 	prev, known := a.applied[p.Spec.Name]
 	same := known && samePeers(prev, p.Peers)
+	if same && !full {
+		return
+	}
 	var added, removed int
 	var err error
-	if full || !known {
+	switch {
+	case !a.identityChecked.Load() || a.lostRecently():
+		added, removed, err = a.dp.UpdatePeers(ctx, p.Spec.Name, nil, p.Peers)
+		if err == nil {
+			a.log.Debug("peers added only: the store may have lost its state", "network", p.Net.Name, "peers", len(p.Peers))
+		}
+		delete(a.applied, p.Spec.Name) // the kernel may hold more: read it next time
+		if err != nil {
+			a.log.Warn("program peers", "network", p.Net.Name, "err", err)
+		}
+		return
+	case full || !known:
 		added, removed, err = a.dp.SyncPeers(ctx, p.Spec.Name, p.Peers)
-	} else {
+	default:
 		added, removed, err = a.dp.UpdatePeers(ctx, p.Spec.Name, prev, p.Peers)
 	}
 	if err != nil {
@@ -232,103 +267,64 @@ func (a *Agent) finishInterrupted(ctx context.Context, withStore bool) {
 	}
 }
 
-// reconcileStore makes the store agree with this host: our running
-// endpoints are published (a lost record is restored), records that claim
-// to be ours but are not are removed, and on full passes addresses held in
-// our name by no endpoint are released.
-func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoint, full bool) {
-	a.cmu.RLock()
-	sessions := maps.Clone(a.epSession)
-	a.cmu.RUnlock()
+// reconcileStore makes the store agree with this host: its networks are
+// there (a lost record is restored, a removed one's endpoints go), its
+// peer record of each network holds exactly its attached endpoints under
+// its session (a lost one, and the endpoint records with it, restored),
+// and on full passes addresses held in its name by no endpoint of those
+// networks are released. Its own peer record, in the view it watches
+// anyway, tells whether anything needs doing: a pass in which nothing
+// changed makes no request.
+func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 	session := a.currentSession()
 	a.cmu.RLock()
 	networks := maps.Clone(a.networks)
 	a.cmu.RUnlock()
-	fates := map[string]networkFate{}
+	byNet := map[string][]*localEndpoint{}
+	busy := map[string]bool{}
 	for key, l := range a.locals {
-		if l.Phase != phaseAttached {
-			continue
+		if a.inflight[key] {
+			busy[l.Net.ID] = true // its record is being written: next pass
 		}
-		if n := networks[l.Endpoint.Network]; n == nil || n.ID != l.Net.ID {
-			fate, seen := fates[l.Net.ID]
-			if !seen {
-				fate = a.networkFate(ctx, &l.Net)
-				if fate == fateAbsent {
-					fate = a.restoreNetwork(ctx, &l.Net)
-				}
-				fates[l.Net.ID] = fate
-			}
-			switch fate {
+		if l.Phase == phaseAttached {
+			byNet[l.Net.ID] = append(byNet[l.Net.ID], l)
+		}
+	}
+	for id, ls := range byNet {
+		if ctx.Err() != nil {
+			return
+		}
+		n := &ls[0].Net
+		if cur := networks[n.Name]; cur == nil || cur.ID != id {
+			switch a.fateOf(ctx, n) {
 			case fateRemoved:
 				// network rm went through while this host was cut off
 				// (its endpoints had expired): that is intent.
-				a.log.Warn("removing an endpoint whose network was removed while this host was away", "endpoint", key)
-				if err := a.purge(ctx, l); err != nil {
-					a.log.Warn("remove endpoint of a removed network", "endpoint", key, "err", err)
-					continue
+				for _, l := range ls {
+					a.log.Warn("removing an endpoint whose network was removed while this host was away", "endpoint", l.key())
+					if err := a.purge(ctx, l); err != nil {
+						a.log.Warn("remove endpoint of a removed network", "endpoint", l.key(), "err", err)
+					}
 				}
-				a.dropIdleNetwork(ctx, l.Net.NamespaceName())
+				a.dropIdleNetwork(ctx, n.NamespaceName())
 				continue
-			case fateReplaced:
-				a.log.Error("the network's name now holds another network and there is no record of ours being removed; keeping the datapath, not publishing the endpoint",
-					"endpoint", key, "id", l.Net.ID[:12])
-				continue
-			case fateUnknown:
-				continue // the store did not answer; next pass
+			case fateReplaced, fateUnknown:
+				continue // not publishable now; the datapath stays
 			}
 		}
-		if e := endpoints[key]; e != nil && e.ID == l.Endpoint.ID {
-			if session != "" && sessions[key] != session {
-				a.rebind(ctx, l, session)
-			}
-			continue
-		}
-		if e := endpoints[key]; e != nil {
-			a.log.Error("endpoint name taken by another endpoint in the store", "endpoint", key, "node", e.Node)
-			continue
-		}
-		data, _ := json.Marshal(&l.Endpoint)
-		// Its address may have been released meanwhile (vxnet node rm):
-		// hold it again before telling anyone about the endpoint.
-		lease := ipam.NetworkLease{Subnet: l.Net.Subnet, Gateway: l.Net.Gateway, VNI: l.Net.VNI}
-		if _, err := a.ipam.AllocateAddr(ctx, l.Net.ID, lease, l.Endpoint.IP, ipam.AddrOwner{Node: a.cfg.Node, Endpoint: l.Endpoint.Name}); err != nil {
-			a.log.Error("cannot hold the address of a running endpoint again; not republishing it", "endpoint", key, "ip", l.Endpoint.IP, "err", err)
-			continue
-		}
-		switch err := a.store.Txn(ctx, a.publishOps(endpointKey(l.Endpoint.Network, l.Endpoint.Name), data)); {
-		case err == nil:
-			a.log.Error("endpoint was missing from the store; republished from this host's journal", "endpoint", key)
-		case !errors.Is(err, kvstore.ErrConflict):
-			a.log.Warn("republish endpoint", "endpoint", key, "err", err)
-		}
-	}
-	for key, e := range endpoints {
-		if e.Node != a.cfg.Node {
-			continue
-		}
-		if l := a.locals[key]; l != nil && l.Endpoint.ID == e.ID || a.journalGap(e.Network) {
-			continue
-		}
-		kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
-		if err != nil {
-			continue
-		}
-		var cur Endpoint
-		if json.Unmarshal(kv.Value, &cur) != nil || cur.ID != e.ID {
-			continue
-		}
-		if err := a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex); err == nil {
-			a.log.Warn("removed a stale endpoint of this node from the store", "endpoint", key)
+		if !busy[id] {
+			a.ensurePublished(ctx, id, ls, session)
 		}
 	}
 	if !full {
 		return
 	}
-	for _, n := range networks {
+	for id, ls := range byNet {
+		n := &ls[0].Net
 		if a.journalGap(n.Name) {
 			continue
 		}
-		addrs, err := a.ipam.Addrs(ctx, n.ID)
+		addrs, err := a.ipam.Addrs(ctx, id)
 		if err != nil {
 			a.log.Warn("list addresses", "network", n.Name, "err", err)
 			continue
@@ -337,14 +333,132 @@ func (a *Agent) reconcileStore(ctx context.Context, endpoints map[string]*Endpoi
 			if o.Node != a.cfg.Node {
 				continue
 			}
-			if l := a.locals[n.Name+"/"+o.Endpoint]; l != nil && l.Net.ID == n.ID {
+			if l := a.locals[n.Name+"/"+o.Endpoint]; l != nil && l.Net.ID == id {
 				continue
 			}
-			if err := a.ipam.ReleaseAddr(ctx, n.ID, ip, o); err == nil {
+			if err := a.ipam.ReleaseAddr(ctx, id, ip, o); err == nil {
 				a.log.Warn("released an address held by no endpoint", "network", n.Name, "ip", ip, "endpoint", o.Endpoint)
 			}
 		}
 	}
+}
+
+// ensurePublished checks this host's peer record of a network against its
+// attached endpoints there and, if the store's differs (absent, other
+// addresses, another session), puts their endpoint records back where
+// they are missing and then writes the peer record.
+func (a *Agent) ensurePublished(ctx context.Context, netID string, ls []*localEndpoint, session string) {
+	v := a.views[netID]
+	if v == nil {
+		return
+	}
+	own, ownSession, synced := v.own()
+	if !synced {
+		return
+	}
+	want := make([]netip.Addr, 0, len(ls))
+	for _, l := range ls {
+		want = append(want, l.Endpoint.IP)
+	}
+	if own != nil && bytes.Equal(own.IPs, packAddrs(want)) && own.VTEP == a.cfg.Advertise && (session == "" || ownSession == session) {
+		return
+	}
+	republished := 0
+	for _, l := range ls {
+		switch err := a.ensureEndpointRecord(ctx, l, session); {
+		case errors.Is(err, errRepublished):
+			republished++
+		case err != nil:
+			a.log.Warn("republish endpoint", "endpoint", l.key(), "err", err)
+			if ctx.Err() != nil {
+				return
+			}
+		}
+	}
+	if err := a.commit(ctx, &commitReq{netID: netID, set: want, setOK: true}); err != nil {
+		a.log.Warn("write this host's peer record", "network", ls[0].Net.Name, "err", err)
+		return
+	}
+	switch {
+	case own == nil:
+		a.log.Error("this host's peer record was missing from the store; republished from its journal",
+			"network", ls[0].Net.Name, "endpoints", len(want), "endpoint_records_republished", republished)
+	default:
+		a.log.Info("this host's peer record rewritten", "network", ls[0].Net.Name, "endpoints", len(want),
+			"session_changed", ownSession != session, "endpoint_records_republished", republished)
+	}
+}
+
+// errRepublished: ensureEndpointRecord had to put the record back.
+var errRepublished = errors.New("republished")
+
+// ensureEndpointRecord makes sure an attached endpoint's record is in the
+// store and bound to the node's session.
+func (a *Agent) ensureEndpointRecord(ctx context.Context, l *localEndpoint, session string) error {
+	key := endpointKey(l.Endpoint.Network, l.Endpoint.Name)
+	kv, err := a.store.Get(ctx, key)
+	switch {
+	case err == nil:
+		var cur Endpoint
+		if json.Unmarshal(kv.Value, &cur) != nil || cur.ID != l.Endpoint.ID {
+			return fmt.Errorf("endpoint name taken by another endpoint in the store (node %s)", cur.Node)
+		}
+		if session == "" || kv.Session == session {
+			return nil
+		}
+		// Bound to an older session of this node (a restart without
+		// the session file): move it, once that session has let go.
+		return a.store.Txn(ctx, []kvstore.Op{
+			{Kind: kvstore.OpCheckIndex, Key: key, Index: kv.ModifyIndex},
+			{Kind: kvstore.OpLock, Key: key, Value: kv.Value, Session: session},
+		})
+	case !errors.Is(err, kvstore.ErrNotFound):
+		return err
+	}
+	// Its address may have been released meanwhile (vxnet node rm):
+	// hold it again before telling anyone about the endpoint.
+	lease := ipam.NetworkLease{Subnet: l.Net.Subnet, Gateway: l.Net.Gateway, VNI: l.Net.VNI}
+	if _, err := a.ipam.AllocateAddr(ctx, l.Net.ID, lease, l.Endpoint.IP, ipam.AddrOwner{Node: a.cfg.Node, Endpoint: l.Endpoint.Name}); err != nil {
+		return fmt.Errorf("cannot hold the address %s of a running endpoint again: %w", l.Endpoint.IP, err)
+	}
+	data, _ := json.Marshal(&l.Endpoint)
+	if err := a.store.Txn(ctx, a.publishOps(key, data)); err != nil {
+		return err
+	}
+	a.log.Error("endpoint was missing from the store; republished from this host's journal", "endpoint", l.key())
+	return errRepublished
+}
+
+// fateOf is networkFate with a network that is absent put back, cached
+// for a resync interval when the answer is to do nothing, so that a
+// network this host cannot publish costs no store request per pass.
+func (a *Agent) fateOf(ctx context.Context, n *Network) networkFate {
+	if c, ok := a.fates[n.ID]; ok && time.Since(c.at) < a.cfg.ResyncInterval {
+		return c.fate
+	}
+	fate := a.networkFate(ctx, n)
+	if fate == fateAbsent {
+		fate = a.restoreNetwork(ctx, n)
+	}
+	switch fate {
+	case fateReplaced:
+		a.log.Error("the network's name now holds another network and there is no record of ours being removed; keeping the datapath, not publishing its endpoints",
+			"network", n.Name, "id", n.ID[:12])
+		fallthrough
+	case fateUnknown:
+		if a.fates == nil {
+			a.fates = map[string]fateCache{}
+		}
+		a.fates[n.ID] = fateCache{fate, time.Now()}
+	default:
+		delete(a.fates, n.ID)
+	}
+	return fate
+}
+
+type fateCache struct {
+	fate networkFate
+	at   time.Time
 }
 
 // restoreNetwork republishes a network that is absent from the store
@@ -366,21 +480,4 @@ func (a *Agent) restoreNetwork(ctx context.Context, n *Network) networkFate {
 	}
 	a.cmu.Unlock()
 	return fatePresent
-}
-
-// rebind moves our endpoint record to the node's current session (after
-// the agent started without one, or got a new one).
-func (a *Agent) rebind(ctx context.Context, l *localEndpoint, session string) {
-	key := endpointKey(l.Endpoint.Network, l.Endpoint.Name)
-	kv, err := a.store.Get(ctx, key)
-	if err != nil {
-		return
-	}
-	err = a.store.Txn(ctx, []kvstore.Op{
-		{Kind: kvstore.OpCheckIndex, Key: key, Index: kv.ModifyIndex},
-		{Kind: kvstore.OpLock, Key: key, Value: kv.Value, Session: session},
-	})
-	if err != nil {
-		a.log.Debug("bind endpoint to session", "endpoint", key, "err", err)
-	}
 }

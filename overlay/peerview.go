@@ -1,0 +1,254 @@
+package overlay
+
+import (
+	"bytes"
+	"context"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vxnet/vxnet/kvstore"
+)
+
+// peerView is one network's peer records as this host's watch of them
+// last saw them. A host watches a network only while it has endpoints on
+// it, so a network costs a host without endpoints there nothing. The
+// watch goroutine is the view's only writer; the reconciler reads it
+// through peers and own.
+type peerView struct {
+	id     string
+	node   string // this host: its own record is not a peer
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	synced bool
+	raw    map[string][]byte      // key -> value: only a changed value is decoded
+	recs   map[string]*PeerRecord // node -> valid record
+	sess   map[string]string      // node -> session holding its record
+	// held are records of other hosts that vanished with the store's
+	// state (see hold): still programmed until holdUntil or until their
+	// hosts write them again.
+	held      map[string]*PeerRecord
+	holdUntil time.Time
+}
+
+// PeerAddr is one endpoint of another host, as the datapath needs it.
+type PeerAddr struct {
+	Node string
+	VTEP netip.Addr
+	IP   netip.Addr
+}
+
+// peers lists the endpoints of other hosts, sorted by address; ok is false
+// until the watch has read the records once.
+func (v *peerView) peers() (out []PeerAddr, ok bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	add := func(r *PeerRecord) {
+		for _, ip := range r.Addrs() {
+			out = append(out, PeerAddr{Node: r.Node, VTEP: r.VTEP, IP: ip})
+		}
+	}
+	for node, r := range v.recs {
+		if node != v.node {
+			add(r)
+		}
+	}
+	if time.Now().Before(v.holdUntil) {
+		for node, r := range v.held {
+			if v.recs[node] == nil {
+				add(r)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b PeerAddr) int {
+		if c := a.IP.Compare(b.IP); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Node, b.Node)
+	})
+	return out, v.synced
+}
+
+// own is this host's record as the store holds it, and the session
+// holding it ("" when none); nil when absent.
+func (v *peerView) own() (*PeerRecord, string, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.recs[v.node], v.sess[v.node], v.synced
+}
+
+// watchPeers feeds one network's peer records into its view until ctx is
+// done.
+func (a *Agent) watchPeers(ctx context.Context, v *peerView) {
+	for ev := range a.store.Watch(ctx, peersOf(v.id)) {
+		if ev.Err != nil {
+			a.setStoreErr(ev.Err)
+			continue
+		}
+		a.setStoreErr(nil)
+		if a.applyPeers(ctx, v, ev.Pairs) {
+			a.markDirty(v.id)
+		}
+	}
+}
+
+// applyPeers takes a snapshot of the network's records into its view and
+// reports whether anything changed. Only records whose value changed are
+// decoded; a record of another host that vanished is held when the store
+// lost its state (see hold).
+func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV) bool {
+	v.mu.Lock()
+	prevRaw, prevRecs, prevSess := v.raw, v.recs, v.sess
+	held, until := v.held, v.holdUntil
+	wasSynced := v.synced
+	v.mu.Unlock()
+
+	raw := make(map[string][]byte, len(pairs))
+	recs := make(map[string]*PeerRecord, len(pairs))
+	sess := make(map[string]string, len(pairs))
+	changed := !wasSynced
+	for _, kv := range pairs {
+		raw[kv.Key] = kv.Value
+		node := kv.Key[strings.LastIndexByte(kv.Key, '/')+1:]
+		if old, ok := prevRaw[kv.Key]; ok && bytes.Equal(old, kv.Value) {
+			if r := prevRecs[node]; r != nil {
+				recs[node] = r
+			}
+		} else {
+			changed = true
+			var r PeerRecord
+			if err := decodeRecord(kv.Key, kv.Value, &r); err != nil {
+				a.log.Warn("skipping bad peer record", "err", err)
+			} else if r.Node != node {
+				a.log.Warn("skipping peer record filed under another node", "key", kv.Key, "node", r.Node)
+			} else {
+				recs[node] = &r
+			}
+		}
+		sess[node] = kv.Session
+		if prevSess[node] != kv.Session {
+			changed = true
+		}
+	}
+	if len(prevRaw) != len(raw) {
+		changed = true
+	}
+	// Records that vanished: held while the store is known to have lost
+	// its state, dropped otherwise (a detach of the last endpoint, a
+	// host's session expiring).
+	now := time.Now()
+	newHeld := map[string]*PeerRecord{}
+	if now.Before(until) {
+		for node, r := range held {
+			if recs[node] == nil {
+				newHeld[node] = r
+			}
+		}
+	}
+	var vanished []string
+	for node := range prevRecs {
+		if node != a.cfg.Node && recs[node] == nil && newHeld[node] == nil {
+			vanished = append(vanished, node)
+		}
+	}
+	if len(vanished) > 0 && a.holdVanished(ctx, len(vanished)) {
+		if !now.Before(until) {
+			until = now.Add(a.holdTime())
+		}
+		for _, node := range vanished {
+			newHeld[node] = prevRecs[node]
+		}
+	}
+	v.mu.Lock()
+	v.raw, v.recs, v.sess, v.synced = raw, recs, sess, true
+	v.held, v.holdUntil = newHeld, until
+	v.mu.Unlock()
+	return changed
+}
+
+// holdVanished decides whether records that vanished are held. Records
+// leave for good reasons (a detach, their host's session expiring) and
+// for bad ones (the store lost its state); only the store's identity
+// tells which, so it is read when something vanished: one request per
+// removal event, nothing per attach.
+func (a *Agent) holdVanished(ctx context.Context, n int) bool {
+	lost, err := a.checkIdentity(ctx)
+	switch {
+	case err != nil:
+		// The store answered the watch but not this: it cannot say
+		// whether these left on purpose. Keep them until it can.
+		a.log.Warn("cannot read the store's identity; keeping the entries of vanished hosts for now", "hosts", n, "err", err)
+		return true
+	case lost:
+		a.storeLost("its identity changed or vanished")
+		return true
+	}
+	return a.lostRecently()
+}
+
+// markDirty queues a network for the next light pass.
+func (a *Agent) markDirty(netID string) {
+	a.dmu.Lock()
+	if a.dirty == nil {
+		a.dirty = map[string]bool{}
+	}
+	a.dirty[netID] = true
+	a.dmu.Unlock()
+	a.trigger()
+}
+
+// takeDirty returns the networks changed since the last call.
+func (a *Agent) takeDirty() map[string]bool {
+	a.dmu.Lock()
+	defer a.dmu.Unlock()
+	d := a.dirty
+	a.dirty = nil
+	return d
+}
+
+// ensureViews starts a watch for every network with local endpoints and
+// stops those of networks without any: called with mu held. A view
+// started here is unsynced until its first snapshot; the attach that
+// needs it sooner reads the records itself (primeView).
+func (a *Agent) ensureViews(ctx context.Context) {
+	want := map[string]bool{}
+	for _, l := range a.locals {
+		want[l.Net.ID] = true
+	}
+	for id := range want {
+		if a.views[id] == nil {
+			a.startView(ctx, id)
+		}
+	}
+	for id, v := range a.views {
+		if !want[id] {
+			v.cancel()
+			delete(a.views, id)
+		}
+	}
+}
+
+func (a *Agent) startView(ctx context.Context, id string) *peerView {
+	vctx, cancel := context.WithCancel(ctx)
+	v := &peerView{id: id, node: a.cfg.Node, cancel: cancel}
+	a.views[id] = v
+	go a.watchPeers(vctx, v)
+	return v
+}
+
+// primeView reads a network's records once if its watch has not yet, so
+// that the first attach of a network on this host programs the peers
+// known now rather than at the watch's first answer.
+func (a *Agent) primeView(ctx context.Context, v *peerView) {
+	if _, _, synced := v.own(); synced {
+		return
+	}
+	pairs, _, err := a.store.List(ctx, peersOf(v.id))
+	if err != nil {
+		return
+	}
+	a.applyPeers(ctx, v, pairs)
+}

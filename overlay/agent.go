@@ -145,20 +145,20 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		return nil, fmt.Errorf("datapath: %w", err)
 	}
 	a := &Agent{
-		cfg:       cfg,
-		log:       cfg.Logger,
-		store:     store,
-		ipam:      ipam.New(store, cfg.IPAM),
-		dp:        dp,
-		state:     stateDir{cfg.StateDir},
-		applied:   map[string][]vtep.Peer{},
-		inflight:  map[string]bool{},
-		networks:  map[string]*Network{},
-		views:     map[string]*peerView{},
-		life:      context.Background(),
-		kick:      make(chan struct{}, 1),
-		renewNow:  make(chan struct{}, 1),
-		started:   time.Now(),
+		cfg:      cfg,
+		log:      cfg.Logger,
+		store:    store,
+		ipam:     ipam.New(store, cfg.IPAM),
+		dp:       dp,
+		state:    stateDir{cfg.StateDir},
+		applied:  map[string][]vtep.Peer{},
+		inflight: map[string]bool{},
+		networks: map[string]*Network{},
+		views:    map[string]*peerView{},
+		life:     context.Background(),
+		kick:     make(chan struct{}, 1),
+		renewNow: make(chan struct{}, 1),
+		started:  time.Now(),
 	}
 	if cfg.Egress != nil {
 		ec := *cfg.Egress

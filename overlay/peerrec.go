@@ -18,7 +18,7 @@ import (
 const peersPrefix = "peers/"
 
 func peerKey(networkID, node string) string { return peersPrefix + networkID + "/" + node }
-func peersOf(networkID string) string      { return peersPrefix + networkID + "/" }
+func peersOf(networkID string) string       { return peersPrefix + networkID + "/" }
 
 // PeerRecord is the stored peer record.
 type PeerRecord struct {

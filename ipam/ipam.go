@@ -62,7 +62,8 @@ type NetworkRequest struct {
 	// networks, host routes): an explicit subnet overlapping one is
 	// refused, and an automatic one is picked around them.
 	Avoid []Avoid
-	// Records returns the networks as their records say, by id. The
+	// Records returns the networks as their records say, by id (see
+	// checked for records that do not decode). The
 	// records are the truth: the reservations are checked against them,
 	// so a lost or tampered reservation key cannot hand out a subnet or
 	// VNI twice. It is called after each read of the reservations, so a
@@ -313,8 +314,21 @@ func (a *Allocator) checked(ctx context.Context, reg *registry, records func(con
 		return nil, fmt.Errorf("read network records: %w", err)
 	}
 	out := maps.Clone(recs)
+	// A record that could not be decoded is listed with its id and no
+	// lease (its reservation is kept, with the lease the reservation
+	// says), or, when not even its id could be read, under "": then no
+	// reservation can be known to lack its record, and none is dropped.
+	_, incomplete := recs[""]
+	delete(out, "")
 	for id, l := range reg.Networks {
-		if _, ok := recs[id]; ok {
+		if r, ok := recs[id]; ok {
+			if !r.Subnet.IsValid() {
+				out[id] = l
+			}
+			continue
+		}
+		if incomplete {
+			out[id] = l
 			continue
 		}
 		pairs, _, err := a.store.List(ctx, addrsPrefix+id+"/")
@@ -326,6 +340,11 @@ func (a *Allocator) checked(ctx context.Context, reg *registry, records func(con
 			continue
 		}
 		out[id] = l // its hosts still hold addresses: they republish it
+	}
+	for id, l := range out {
+		if !l.Subnet.IsValid() {
+			delete(out, id) // unreadable and unreserved: nothing to avoid
+		}
 	}
 	return out, nil
 }
@@ -429,8 +448,11 @@ func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLea
 		if errors.Is(err, kvstore.ErrConflict) {
 			// Held already: fine if by the same owner (a retry, or a host
 			// re-reserving what it holds), taken otherwise.
-			if held, herr := a.Addrs(ctx, netID); herr == nil && held[want] == owner {
-				return want, nil
+			if kv, gerr := a.store.Get(ctx, addrKey(netID, want)); gerr == nil {
+				var v addrValue
+				if json.Unmarshal(kv.Value, &v) == nil && v.AddrOwner == owner {
+					return want, nil
+				}
 			}
 			return netip.Addr{}, fmt.Errorf("address %s: %w", want, ErrInUse)
 		}

@@ -83,3 +83,23 @@ func TestReservedAndAvoidedRanges(t *testing.T) {
 		t.Errorf("automatic subnet next to the underlay: %+v, %v", got, err)
 	}
 }
+
+// A record that does not decode keeps its network's reservation: by its
+// id when that can be read, and every reservation when not even that.
+func TestUnreadableRecordsKeepReservations(t *testing.T) {
+	a := New(boltStore(t), Options{})
+	lease := NetworkLease{Subnet: netip.MustParsePrefix("10.2.0.0/24"), Gateway: netip.MustParseAddr("10.2.0.1"), VNI: 400}
+	if err := a.RestoreNetwork(bg, "net-a", lease, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	for name, recs := range map[string]map[string]NetworkLease{
+		"by id": {"net-a": {}},
+		"no id": {"": {}},
+		"both":  {"net-a": {}, "": {}},
+	} {
+		r := func(context.Context) (map[string]NetworkLease, error) { return recs, nil }
+		if _, err := a.AllocateNetwork(bg, "net-x", NetworkRequest{Subnet: lease.Subnet, Records: r}, nil); !errors.Is(err, ErrInUse) {
+			t.Errorf("%s: subnet of a network with an unreadable record: %v", name, err)
+		}
+	}
+}

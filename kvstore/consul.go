@@ -270,6 +270,7 @@ func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
 	go func() {
 		defer close(ch)
 		var index uint64
+		var last uint64 // of the last successful read, kept across errors
 		backoff := 100 * time.Millisecond
 		failing := false
 		for ctx.Err() == nil {
@@ -307,8 +308,9 @@ func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
 			// state, so it is delivered and watching resumes from there.
 			next := max(meta.LastIndex, 1)
 			changed := failing || index == 0 || next != index
+			reset := last != 0 && next < last
 			failing = false
-			index = next
+			index, last = next, next
 			if !changed {
 				continue
 			}
@@ -316,7 +318,7 @@ func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
 			for _, p := range ps {
 				out = append(out, s.pair(p))
 			}
-			sendLatest(ch, Event{Pairs: out, Index: meta.LastIndex})
+			sendLatest(ch, Event{Pairs: out, Index: meta.LastIndex, Reset: reset})
 		}
 	}()
 	return ch

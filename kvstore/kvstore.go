@@ -71,6 +71,10 @@ type Event struct {
 	Pairs []*KV
 	// Index is the store index the snapshot reflects.
 	Index uint64
+	// Reset: the index went backwards since the last snapshot delivered,
+	// as when the store restarted empty or from an older snapshot. What
+	// vanished since may not have been removed by anyone.
+	Reset bool
 	// Err is set (and Pairs is nil) when the store could not be read; the
 	// watch keeps retrying with backoff and sends a fresh snapshot once it
 	// succeeds again.

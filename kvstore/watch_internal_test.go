@@ -492,6 +492,9 @@ func TestConsulWatchIndexBackwards(t *testing.T) {
 	if ev.Index != 5 || !slices.Equal(pairsOf(ev), pairsOf(first)) {
 		t.Fatalf("after the reset: %s, want the same content at index 5", describeEvent(ev))
 	}
+	if !ev.Reset || first.Reset {
+		t.Errorf("Reset: %v on the snapshot after the reset, %v on the first", ev.Reset, first.Reset)
+	}
 	// A repeat of the same snapshot is allowed (consumers diff snapshots),
 	// anything else is not.
 	dups := 0

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -176,9 +177,29 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		a.log.Error("unreadable endpoint journal: nothing of its network that this host cannot account for is removed until it is fixed and the agent restarted", "err", err)
 	}
 	a.locals, a.journalGaps = locals, gaps
+	if have, err := dp.Networks(); err == nil && len(have) > 0 && len(locals) == 0 && !a.stateDirUsed() {
+		// Namespaces of an earlier run, and a state dir that has never
+		// been used: it was wiped, or another one given. The journal
+		// that would say what these namespaces serve is not here, which
+		// is no reason to take them away from their containers.
+		a.log.Error("network namespaces of an earlier run exist but the state dir holds no journal (wiped, or another --state-dir?); nothing of them is removed",
+			"namespaces", have, "netns_dir", cfg.NetNSDir, "state_dir", cfg.StateDir)
+		a.journalGaps[""] = true
+	}
 	a.commits = &committer{a: a, reqs: make(chan *commitReq, 64), published: publishedAddrs(locals)}
 	a.publishView()
 	return a, nil
+}
+
+// stateDirUsed reports whether an agent has run on this state dir before:
+// it leaves its session or the store's identity there.
+func (a *Agent) stateDirUsed() bool {
+	for _, f := range []string{a.sessionFile(), a.identityFile()} {
+		if _, err := os.Stat(f); err == nil {
+			return true
+		}
+	}
+	return false
 }
 
 // publishView copies locals for readers; called with mu held, after every
@@ -592,6 +613,28 @@ func (a *Agent) RemoveNetwork(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
+	if a.lostRecently() {
+		// Hosts may not have put their endpoints back yet: a removal now
+		// would be taken by them for intent.
+		return &codedError{code: api.CodeUnavailable, msg: fmt.Sprintf("network %q: the store lost its state moments ago and hosts are still republishing their endpoints; try again in %s", name, a.holdTime())}
+	}
+	// Two steps, so that an attach cannot publish unseen between the
+	// listing of endpoints and the removal: first mark the record
+	// removing, which changes its index (an attach checks the index it
+	// read when it publishes, and refuses a network being removed), then
+	// list, then remove.
+	if !n.Removing {
+		n.Removing = true
+		data, _ := json.Marshal(n)
+		if err := a.store.CAS(ctx, networkKey(name), data, idx); errors.Is(err, kvstore.ErrConflict) {
+			return conflictf("network %q changed while being removed; try again", name)
+		} else if err != nil {
+			return fmt.Errorf("remove network %s: %w", name, err)
+		}
+		if n, idx, err = a.getNetwork(ctx, name); err != nil {
+			return err
+		}
+	}
 	eps, err := a.Endpoints(ctx, name)
 	if err != nil {
 		return err
@@ -601,10 +644,13 @@ func (a *Agent) RemoveNetwork(ctx context.Context, name string) error {
 		for _, e := range eps {
 			names = append(names, e.Name+" on "+e.Node)
 		}
+		n.Removing = false
+		data, _ := json.Marshal(n)
+		if err := a.store.CAS(ctx, networkKey(name), data, idx); err != nil {
+			a.log.Warn("network left marked as being removed; network rm again, or detach its endpoints and rm", "network", name, "err", err)
+		}
 		return conflictf("network %q has %d endpoint(s): %v; detach them first", name, len(eps), names)
 	}
-	// The CAS on the network key makes a concurrent attach (which checks
-	// the same index when it publishes) fail instead of leaving an orphan.
 	// The tombstone is the intent that hosts which were away act on.
 	ops := append([]kvstore.Op{{Kind: kvstore.OpDeleteCAS, Key: networkKey(name), Index: idx}}, a.tombstoneOps(ctx, n)...)
 	err = a.ipam.ReleaseNetwork(ctx, n.ID, ops)
@@ -639,6 +685,8 @@ func (a *Agent) removeCorruptNetwork(ctx context.Context, name string, idx uint6
 	}
 	ops := []kvstore.Op{{Kind: kvstore.OpDeleteCAS, Key: networkKey(name), Index: idx}}
 	if json.Unmarshal(kv.Value, &loose) == nil && validID(loose.ID) {
+		// A host still running the network learns of the removal.
+		ops = append(ops, a.tombstoneOps(ctx, &Network{ID: loose.ID, Name: name})...)
 		err = a.ipam.ReleaseNetwork(ctx, loose.ID, ops)
 	} else {
 		err = a.store.Txn(ctx, ops)

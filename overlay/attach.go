@@ -90,6 +90,9 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if err != nil {
 		return nil, err
 	}
+	if n.Removing {
+		return nil, conflictf("network %q is being removed", network)
+	}
 	path, nsid, err := a.resolveNetns(req.Netns)
 	if err != nil {
 		return nil, err
@@ -140,7 +143,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		// Our own record of an operation that failed half way (a detach
 		// that could not unpublish, an attach whose rollback could not)
 		// is undone below rather than reported as taken.
-		if e.Node != a.cfg.Node || !a.interrupted(network+"/"+name) {
+		if e.Node != a.cfg.Node || !a.interrupted(ctx, network+"/"+name) {
 			return nil, conflictf("endpoint %q already exists on network %q (node %s)", name, network, e.Node)
 		}
 	} else if !errors.Is(err, kvstore.ErrNotFound) {
@@ -163,7 +166,10 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		// of the same attach must not wait for that pass, nor be told that
 		// the namespace is attached when it is not.
 		if a.interruptedLocked(l) {
-			if err := a.purge(ctx, l); err != nil {
+			pctx, cancel := context.WithTimeout(ctx, rollbackTimeout)
+			err := a.purge(pctx, l)
+			cancel()
+			if err != nil {
 				a.unlock()
 				return nil, fmt.Errorf("attach %s: undo the earlier failed operation on endpoint %q first: %w", name, l.Endpoint.Name, err)
 			}
@@ -239,7 +245,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		a.publishOps(endpointKey(network, name), data)...)
 	err = a.commit(ctx, &commitReq{netID: n.ID, ops: ops, add: ip})
 	if errors.Is(err, kvstore.ErrConflict) {
-		if _, _, gerr := a.getNetwork(ctx, network); gerr != nil {
+		if cur, _, gerr := a.getNetwork(ctx, network); gerr != nil || cur.Removing || cur.ID != n.ID {
 			return nil, conflictf("network %q was removed during attach", network)
 		}
 		return nil, conflictf("endpoint %q already exists on network %q", name, network)
@@ -360,8 +366,10 @@ func (a *Agent) endpointSpec(l *localEndpoint) vtep.EndpointSpec {
 
 // interrupted reports whether a local record is what remains of an attach
 // or detach that failed half way (not one under way).
-func (a *Agent) interrupted(key string) bool {
-	a.mu.Lock()
+func (a *Agent) interrupted(ctx context.Context, key string) bool {
+	if a.mu.LockCtx(ctx) != nil {
+		return false
+	}
 	defer a.mu.Unlock()
 	l := a.locals[key]
 	return l != nil && a.interruptedLocked(l)
@@ -412,14 +420,15 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 		return fmt.Errorf("detach %s: %w", name, err)
 	}
 	a.crashPoint("detach-journal")
-	err := a.purgeKernel(ctx, l)
+	if err := a.purgeKernel(ctx, l); err != nil {
+		a.unlock()
+		return fmt.Errorf("detach %s: %w (the agent finishes it when it can)", name, err)
+	}
 	// In flight while its store half runs outside mu: no pass takes it
 	// for an interrupted operation meanwhile.
-	a.inflight[l.key()] = err == nil
+	a.inflight[l.key()] = true
 	a.unlock()
-	if err == nil {
-		err = a.purgeStore(ctx, l, true)
-	}
+	err := a.purgeStore(ctx, l, true)
 	a.mu.Lock()
 	defer a.unlock()
 	delete(a.inflight, l.key())

@@ -98,8 +98,11 @@ func (a *Agent) republishNetwork(ctx context.Context, n *Network) error {
 		return err
 	}
 	lease := ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway, VNI: n.VNI}
-	err = a.ipam.RestoreNetwork(ctx, n.ID, lease, a.networkRecords,
-		[]kvstore.Op{{Kind: kvstore.OpCAS, Key: networkKey(n.Name), Value: data}})
+	// Not over a removal that happened since its fate was read.
+	err = a.ipam.RestoreNetwork(ctx, n.ID, lease, a.networkRecords, []kvstore.Op{
+		{Kind: kvstore.OpCheckIndex, Key: tombstoneKey(n.ID), Index: 0},
+		{Kind: kvstore.OpCAS, Key: networkKey(n.Name), Value: data},
+	})
 	if errors.Is(err, kvstore.ErrConflict) && a.networkFate(ctx, n) == fatePresent {
 		return nil // another host was first
 	}
@@ -107,9 +110,7 @@ func (a *Agent) republishNetwork(ctx context.Context, n *Network) error {
 }
 
 // networkRecords reads every network record, by id, for the allocator to
-// check its reservations against. A record that does not decode holds
-// nothing: its name is still taken (create checks the key), but its
-// subnet cannot be known.
+// check its reservations against (see ipam.NetworkRequest.Records).
 func (a *Agent) networkRecords(ctx context.Context) (map[string]ipam.NetworkLease, error) {
 	pairs, _, err := a.store.List(ctx, networksPrefix)
 	if err != nil {
@@ -120,6 +121,17 @@ func (a *Agent) networkRecords(ctx context.Context) (map[string]ipam.NetworkLeas
 		var n Network
 		if decodeRecord(kv.Key, kv.Value, &n) == nil {
 			out[n.ID] = ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway, VNI: n.VNI}
+			continue
+		}
+		// Unreadable (corrupt, or written by another release): not a
+		// network whose reservation may be reclaimed.
+		var loose struct {
+			ID string `json:"id"`
+		}
+		if json.Unmarshal(kv.Value, &loose) == nil && validID(loose.ID) {
+			out[loose.ID] = ipam.NetworkLease{}
+		} else {
+			out[""] = ipam.NetworkLease{}
 		}
 	}
 	return out, nil

@@ -55,22 +55,22 @@ func TestVanishedPeersHeldOnlyWhenTheStoreLostItsState(t *testing.T) {
 	if lost, err := a.checkIdentity(ctx); err != nil || lost {
 		t.Fatalf("first identity check: lost %v, %v", lost, err)
 	}
-	if !a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}) || count() != 3 {
+	if !a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, false) || count() != 3 {
 		t.Fatalf("peers %d, want 3 (our own record is no peer)", count())
 	}
-	if a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}) {
+	if a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, false) {
 		t.Error("the same snapshot counted as a change")
 	}
-	a.applyPeers(ctx, v, []*kvstore.KV{h2, mine}) // h3 gone: its host died
+	a.applyPeers(ctx, v, []*kvstore.KV{h2, mine}, false) // h3 gone: its host died
 	if count() != 2 {
 		t.Fatalf("after a host's record went with the store intact: %d peers", count())
 	}
 
-	a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine})
+	a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, false)
 	if err := st.Delete(ctx, identityKey); err != nil { // the store lost its state
 		t.Fatal(err)
 	}
-	a.applyPeers(ctx, v, nil)
+	a.applyPeers(ctx, v, nil, false)
 	if count() != 3 {
 		t.Fatalf("with the store lost, the vanished records are not held: %d peers", count())
 	}
@@ -79,7 +79,7 @@ func TestVanishedPeersHeldOnlyWhenTheStoreLostItsState(t *testing.T) {
 	}
 	// h2 writes its record again, with one endpoint fewer: the new one
 	// counts, not the held one.
-	a.applyPeers(ctx, v, []*kvstore.KV{rec("h2", "192.168.0.2", "10.0.0.2")})
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("h2", "192.168.0.2", "10.0.0.2")}, false)
 	if count() != 2 {
 		t.Fatalf("after h2 republished: %d peers, want 2 (h2's one, h3's held)", count())
 	}

@@ -45,6 +45,8 @@ type Network struct {
 	MTU      int          `json:"mtu,omitempty"` // 0: underlay MTU - 50 on each host
 	Internal bool         `json:"internal,omitempty"`
 	Created  time.Time    `json:"created"`
+	// Removing: network rm is under way; attaches are refused.
+	Removing bool `json:"removing,omitempty"`
 }
 
 // Endpoint is the stored record of one attachment. It carries the VTEP

@@ -89,7 +89,7 @@ func (a *Agent) watchPeers(ctx context.Context, v *peerView) {
 			continue
 		}
 		a.setStoreErr(nil)
-		if a.applyPeers(ctx, v, ev.Pairs) {
+		if a.applyPeers(ctx, v, ev.Pairs, ev.Reset) {
 			a.markDirty(v.id)
 		}
 	}
@@ -99,7 +99,7 @@ func (a *Agent) watchPeers(ctx context.Context, v *peerView) {
 // reports whether anything changed. Only records whose value changed are
 // decoded; a record of another host that vanished is held when the store
 // lost its state (see hold).
-func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV) bool {
+func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV, reset bool) bool {
 	v.mu.Lock()
 	prevRaw, prevRecs, prevSess := v.raw, v.recs, v.sess
 	held, until := v.held, v.holdUntil
@@ -154,7 +154,7 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 			vanished = append(vanished, node)
 		}
 	}
-	if len(vanished) > 0 && a.holdVanished(ctx, len(vanished)) {
+	if len(vanished) > 0 && a.holdVanished(ctx, len(vanished), reset) {
 		if !now.Before(until) {
 			until = now.Add(a.holdTime())
 		}
@@ -173,8 +173,15 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 // leave for good reasons (a detach, their host's session expiring) and
 // for bad ones (the store lost its state); only the store's identity
 // tells which, so it is read when something vanished: one request per
-// removal event, nothing per attach.
-func (a *Agent) holdVanished(ctx context.Context, n int) bool {
+// removal event, nothing per attach. A snapshot whose index went
+// backwards (reset) may be an older one restored, which keeps the
+// identity: what vanished with it is held too.
+func (a *Agent) holdVanished(ctx context.Context, n int, reset bool) bool {
+	if reset {
+		a.log.Warn("the store's index went backwards (restarted or restored from an older snapshot); keeping the entries of vanished hosts until they write them again",
+			"hosts", n, "hold", a.holdTime())
+		return true
+	}
 	lost, err := a.checkIdentity(ctx)
 	switch {
 	case err != nil:
@@ -250,5 +257,5 @@ func (a *Agent) primeView(ctx context.Context, v *peerView) {
 	if err != nil {
 		return
 	}
-	a.applyPeers(ctx, v, pairs)
+	a.applyPeers(ctx, v, pairs, false)
 }

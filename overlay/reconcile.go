@@ -158,7 +158,7 @@ func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 	case !a.identityChecked.Load() || a.lostRecently():
 		added, removed, err = a.dp.UpdatePeers(ctx, p.Spec.Name, nil, p.Peers)
 		if err == nil {
-			a.log.Debug("peers added only: the store may have lost its state", "network", p.Net.Name, "peers", len(p.Peers))
+			a.log.Debug("peers added, none removed, until the store is known to be the one it was", "network", p.Net.Name, "peers", len(p.Peers))
 		}
 		delete(a.applied, p.Spec.Name) // the kernel may hold more: read it next time
 		if err != nil {
@@ -212,10 +212,16 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 			if !synced {
 				continue // removing it needs the store; later
 			}
+			// The kernel half now; the store half by the next pass's
+			// bounded store phase (finishInterrupted), not here under mu
+			// with no bound.
 			a.log.Info("container namespace is gone; removing its endpoint", "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name, "netns", l.Netns)
-			if err := a.purge(ctx, l); err != nil {
+			if err := a.purgeKernel(ctx, l); err != nil {
 				a.log.Warn("remove endpoint of a gone container", "endpoint", l.Endpoint.Name, "err", err)
+			} else if err := a.state.save(l); err != nil {
+				a.log.Warn("journal the removal of a gone container's endpoint", "endpoint", l.Endpoint.Name, "err", err)
 			}
+			a.trigger()
 		case errors.Is(err, vtep.ErrEndpointGone):
 			if _, err := a.dp.AddEndpoint(ctx, spec); err != nil {
 				a.log.Error("recreate endpoint interface", "endpoint", l.Endpoint.Name, "err", err)

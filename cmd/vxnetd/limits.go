@@ -90,7 +90,17 @@ func lockDirs(dirs ...[2]string) (release func(), err error) {
 			l.release()
 		}
 	}
+	seen := map[string]bool{}
 	for _, d := range dirs {
+		// One directory given for both (--run-dir = --state-dir) is
+		// locked once: a second flock of the same file would fail
+		// against ourselves.
+		if abs, err := filepath.Abs(d[1]); err == nil {
+			if seen[abs] {
+				continue
+			}
+			seen[abs] = true
+		}
 		l, err := lockDir(d[0], d[1])
 		if err != nil {
 			release()

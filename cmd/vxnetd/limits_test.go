@@ -116,3 +116,14 @@ func TestFileLimit(t *testing.T) {
 		t.Errorf("cap %d leaves less than 3/4 of %d", c, got)
 	}
 }
+
+// One directory given as both the run dir and the state dir is locked
+// once, not refused against the agent itself.
+func TestLockDirsSameDirOnce(t *testing.T) {
+	dir := t.TempDir()
+	release, err := lockDirs([2]string{"--run-dir", dir}, [2]string{"--state-dir", dir + "/."})
+	if err != nil {
+		t.Fatalf("same dir twice: %v", err)
+	}
+	release()
+}

@@ -105,6 +105,8 @@ type Agent struct {
 	identity string
 	lostAt   time.Time
 	renewNow chan struct{}
+	// fatal carries what stops the agent (a store of another format).
+	fatal chan error
 
 	// views are the peer views of the networks with local endpoints, by
 	// network id (guarded by mu; each view guards itself).
@@ -159,6 +161,7 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		life:     context.Background(),
 		kick:     make(chan struct{}, 1),
 		renewNow: make(chan struct{}, 1),
+		fatal:    make(chan error, 1),
 		started:  time.Now(),
 	}
 	if cfg.Egress != nil {
@@ -264,6 +267,8 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case err := <-a.fatal:
+			return err
 		case <-a.kick:
 		case <-ticker.C:
 			full = true
@@ -360,6 +365,15 @@ func (a *Agent) registerNode(ctx context.Context) {
 	checked := false
 	repeat(ctx, a.cfg.ResyncInterval, a.log, "register node", func(ctx context.Context) error {
 		if !checked {
+			if err := a.checkFormat(ctx); errors.Is(err, errWrongFormat) {
+				select {
+				case a.fatal <- err:
+				default:
+				}
+				return err
+			} else if err != nil {
+				return err
+			}
 			// A store that lost its state while this agent was down is
 			// told apart from a new one here, once per start.
 			lost, err := a.checkIdentity(ctx)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/internal/atomicfile"
+	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 )
@@ -32,6 +33,11 @@ import (
 const (
 	tombstonesPrefix = "removed/"
 	identityKey      = "identity"
+	// formatKey holds the layout of the store's records; an agent that
+	// meets another refuses to work on it rather than misread it.
+	formatKey = "format"
+	// storeFormat 2: peer records per (network, host).
+	storeFormat = 2
 	// tombstoneRetention is how long a network removal is remembered
 	// for hosts that were away. A host away for longer finds its
 	// network absent, not removed, and republishes it: the safe side.
@@ -247,3 +253,33 @@ func (a *Agent) lostRecently() bool {
 	defer a.cmu.RUnlock()
 	return !a.lostAt.IsZero() && time.Since(a.lostAt) < a.holdTime()
 }
+
+// checkFormat compares the store's format with this release's, writing it
+// into a store that has none.
+func (a *Agent) checkFormat(ctx context.Context) error {
+	want := fmt.Sprintf(`{"version":%d}`, storeFormat)
+	kv, err := a.store.Get(ctx, formatKey)
+	if errors.Is(err, kvstore.ErrNotFound) {
+		err = a.store.CAS(ctx, formatKey, []byte(want), 0)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, kvstore.ErrConflict) {
+			return err
+		}
+		kv, err = a.store.Get(ctx, formatKey)
+	}
+	if err != nil {
+		return err
+	}
+	var f struct {
+		Version int `json:"version"`
+	}
+	if json.Unmarshal(kv.Value, &f) != nil || f.Version != storeFormat {
+		return fmt.Errorf("%w: the store holds records of format %q under %q; this agent (%s) reads format %d only",
+			errWrongFormat, kv.Value, formatKey, api.Version, storeFormat)
+	}
+	return nil
+}
+
+var errWrongFormat = errors.New("store format mismatch")

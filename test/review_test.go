@@ -103,3 +103,23 @@ func TestPrivateMountNamespaceWarned(t *testing.T) {
 		t.Errorf("warned in the host's mount namespace:\n%s", b.logTail())
 	}
 }
+
+// An agent that meets a store written in another format refuses to work
+// on it, naming what it found.
+func TestStoreOfAnotherFormatRefused(t *testing.T) {
+	c := newCluster(t, 0)
+	if _, err := c.consul.Request("PUT", "/v1/kv/vxnet/format", `{"version":1}`); err != nil {
+		t.Fatal(err)
+	}
+	h := c.net.AddHost("h1")
+	a := newAgent(t, h, "host1", c.consul.URL("vxnet/"), "--node-ttl", "10s")
+	a.launch()
+	cmd := a.cmd
+	a.waitExit(15 * time.Second)
+	if log := a.log(); !strings.Contains(log, `format "{\"version\":1}"`) || !strings.Contains(log, "reads format 2") {
+		t.Errorf("no word of the formats:\n%s", a.logTail())
+	}
+	if cmd.ProcessState.Success() {
+		t.Error("exited successfully")
+	}
+}

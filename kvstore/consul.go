@@ -5,6 +5,7 @@ import (
 	"errors"
 	"expvar"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -42,13 +43,31 @@ var (
 	// Blocking queries waiting in Consul now: one per watched prefix when
 	// the watches are healthy.
 	consulBlocking = expvar.NewInt("consul_blocking_queries")
+	// What the watches cost: snapshots delivered, and the bytes of the
+	// answers to blocking queries (the figure a watching agent pays per
+	// change).
+	consulWatchEvents = expvar.NewInt("consul_watch_events")
+	consulWatchBytes  = expvar.NewInt("consul_watch_bytes")
 )
 
 type countingTransport struct{ next http.RoundTripper }
 
 func (c countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	consulRequests.Add(1)
-	return c.next.RoundTrip(r)
+	resp, err := c.next.RoundTrip(r)
+	if err == nil && r.URL.Query().Has("index") {
+		resp.Body = countingBody{resp.Body}
+	}
+	return resp, err
+}
+
+// countingBody counts what a blocking query's answer weighs.
+type countingBody struct{ io.ReadCloser }
+
+func (b countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	consulWatchBytes.Add(int64(n))
+	return n, err
 }
 
 type consulStore struct {
@@ -318,6 +337,7 @@ func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
 			for _, p := range ps {
 				out = append(out, s.pair(p))
 			}
+			consulWatchEvents.Add(1)
 			sendLatest(ch, Event{Pairs: out, Index: meta.LastIndex, Reset: reset})
 		}
 	}()

@@ -86,10 +86,12 @@ const (
 )
 
 func (a *Agent) attach(ctx context.Context, network string, req api.AttachRequest) (_ *api.Endpoint, rerr error) {
+	st := newSteps()
 	n, netIdx, err := a.getNetwork(ctx, network)
 	if err != nil {
 		return nil, err
 	}
+	st.mark("network")
 	if n.Removing {
 		return nil, conflictf("network %q is being removed", network)
 	}
@@ -137,18 +139,9 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		}
 	}
 
-	if kv, err := a.store.Get(ctx, endpointKey(network, name)); err == nil {
-		var e Endpoint
-		_ = json.Unmarshal(kv.Value, &e)
-		// Our own record of an operation that failed half way (a detach
-		// that could not unpublish, an attach whose rollback could not)
-		// is undone below rather than reported as taken.
-		if e.Node != a.cfg.Node || !a.interrupted(ctx, network+"/"+name) {
-			return nil, conflictf("endpoint %q already exists on network %q (node %s)", name, network, e.Node)
-		}
-	} else if !errors.Is(err, kvstore.ErrNotFound) {
-		return nil, fmt.Errorf("attach %s: %w", name, err)
-	}
+	// A name taken on another host is found by the publish, which is
+	// create-only: no store round trip here for what is rare.
+	st.mark("checks")
 
 	// mu is held only around changes of the local records and the kernel:
 	// the store round trips of concurrent attaches overlap. The record is
@@ -157,6 +150,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if err := a.mu.LockCtx(ctx); err != nil {
 		return nil, fmt.Errorf("attach %s: waiting for the agent: %w", name, err)
 	}
+	st.mark("lock")
 	for _, l := range a.locals {
 		if l.Endpoint.Network != network || (l.NetnsID != nsid && l.Endpoint.Name != name) {
 			continue
@@ -206,6 +200,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		a.unlock()
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	st.mark("journal")
 	a.locals[l.key()] = l
 	a.inflight[l.key()] = true
 	if a.views[n.ID] == nil {
@@ -229,13 +224,15 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	st.mark("address")
 	a.crashPoint("attach-allocated")
 
 	spec := vtep.NetworkSpec{Name: n.NamespaceName(), VNI: n.VNI, Gateway: netip.PrefixFrom(n.Gateway, n.Subnet.Bits()), MTU: l.MTU}
-	ifName, err := a.attachKernel(ctx, l, spec, ip)
+	ifName, err := a.attachKernel(ctx, l, spec, ip, st)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+
 
 	// The endpoint record and this host's peer record of the network in
 	// one transaction, shared with the attaches and detaches under way
@@ -253,6 +250,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: publish: %w", name, err)
 	}
+	st.mark("publish")
 	a.crashPoint("attach-published")
 	// Program the peers known now, so the container can talk as soon as
 	// attach returns rather than at the watch's first answer: read once,
@@ -263,6 +261,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if v != nil {
 		a.primeView(ctx, v)
 	}
+	st.mark("peers-read")
 
 	// Not LockCtx: the endpoint is published, and giving up here would
 	// undo what every peer may already have programmed.
@@ -279,6 +278,8 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	st.mark("finish")
+	a.log.Debug("attach timing", st.attrs...)
 	a.log.Info("endpoint attached", "network", network, "endpoint", name, "ip", ip, "interface", ifName, "netns", path)
 	out := l.Endpoint.apiView()
 	out.Netns = path
@@ -316,7 +317,7 @@ func (a *Agent) rollback(ctx context.Context, l *localEndpoint, cause error) {
 // attachKernel builds an attaching endpoint's datapath: the network's
 // namespace if needed, the veth pair and the container's gateway
 // interface. The caller's rollback removes whatever it made.
-func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr) (string, error) {
+func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr, st *steps) (string, error) {
 	if err := a.mu.LockCtx(ctx); err != nil {
 		return "", fmt.Errorf("waiting for the agent: %w", err)
 	}
@@ -331,11 +332,13 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	if err != nil {
 		return "", err
 	}
+	st.mark("kernel-network")
 	a.crashPoint("attach-network")
 	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))
 	if err != nil {
 		return "", err
 	}
+	st.mark("kernel-veth")
 	a.crashPoint("attach-veth")
 	l.Endpoint.Interface = ifName
 	// A gateway made here is undone by the rollback's purge: no endpoint
@@ -348,6 +351,7 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 			return "", err
 		}
 	}
+	st.mark("kernel-gateway")
 	a.crashPoint("attach-gateway")
 	return ifName, nil
 }
@@ -364,17 +368,8 @@ func (a *Agent) endpointSpec(l *localEndpoint) vtep.EndpointSpec {
 	}
 }
 
-// interrupted reports whether a local record is what remains of an attach
-// or detach that failed half way (not one under way).
-func (a *Agent) interrupted(ctx context.Context, key string) bool {
-	if a.mu.LockCtx(ctx) != nil {
-		return false
-	}
-	defer a.mu.Unlock()
-	l := a.locals[key]
-	return l != nil && a.interruptedLocked(l)
-}
-
+// interruptedLocked reports whether a local record is what remains of an
+// attach or detach that failed half way (not one under way).
 func (a *Agent) interruptedLocked(l *localEndpoint) bool {
 	return l.Phase != phaseAttached && !a.inflight[l.key()]
 }

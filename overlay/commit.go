@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/netip"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/vxnet/vxnet/kvstore"
@@ -39,6 +40,18 @@ type committer struct {
 	a         *Agent
 	reqs      chan *commitReq
 	published map[string][]netip.Addr
+	// wrote is when each network's record was last written: a view may
+	// not show the write yet (read by the reconciler, hence the lock).
+	wmu   sync.Mutex
+	wrote map[string]time.Time
+}
+
+// recentlyWrote reports whether this host's record of a network was
+// written within d.
+func (c *committer) recentlyWrote(netID string, d time.Duration) bool {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return time.Since(c.wrote[netID]) < d
 }
 
 // commit hands a change to the committer and waits for its transaction.
@@ -172,13 +185,19 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 	if err := c.a.store.Txn(ctx, ops); err != nil {
 		return err
 	}
+	c.wmu.Lock()
+	if c.wrote == nil {
+		c.wrote = map[string]time.Time{}
+	}
 	for id, ips := range next {
 		if len(ips) == 0 {
 			delete(c.published, id)
 		} else {
 			c.published[id] = ips
 		}
+		c.wrote[id] = time.Now()
 	}
+	c.wmu.Unlock()
 	return nil
 }
 

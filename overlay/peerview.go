@@ -32,6 +32,10 @@ type peerView struct {
 	// hosts write them again.
 	held      map[string]*PeerRecord
 	holdUntil time.Time
+	// ownLost: this host's record vanished or changed session in a
+	// snapshot (its session ended, the store lost it): the reconciler
+	// writes it again at its next pass instead of its next full one.
+	ownLost bool
 }
 
 // PeerAddr is one endpoint of another host, as the datapath needs it.
@@ -163,10 +167,22 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 		}
 	}
 	v.mu.Lock()
+	if prevRecs[a.cfg.Node] != nil && (recs[a.cfg.Node] == nil || sess[a.cfg.Node] != prevSess[a.cfg.Node]) {
+		v.ownLost, changed = true, true
+	}
 	v.raw, v.recs, v.sess, v.synced = raw, recs, sess, true
 	v.held, v.holdUntil = newHeld, until
 	v.mu.Unlock()
 	return changed
+}
+
+// takeOwnLost reports, once, that this host's record was lost.
+func (v *peerView) takeOwnLost() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	lost := v.ownLost
+	v.ownLost = false
+	return lost
 }
 
 // holdVanished decides whether records that vanished are held. Records

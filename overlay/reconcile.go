@@ -318,7 +318,10 @@ func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 				continue // not publishable now; the datapath stays
 			}
 		}
-		if !busy[id] {
+		// This host's record is checked on full passes and when its
+		// view saw it lost; not at every event, where the view may not
+		// show this host's own latest write yet.
+		if v := a.views[id]; v != nil && !busy[id] && (v.takeOwnLost() || full && !a.commits.recentlyWrote(id, time.Second)) {
 			a.ensurePublished(ctx, id, ls, session)
 		}
 	}

@@ -87,6 +87,12 @@ type benchResult struct {
 	watches          int
 	dp               *datapathResult
 	total            time.Duration
+	// floor: from one Consul write until a blocking query on every host
+	// has woken, measured in the same run (see floor_test.go).
+	floor []time.Duration
+	// watchBytes: bytes an agent received from its watches per event in
+	// the attach storm (mean of the agents).
+	watchBytes float64
 }
 
 // soloAttaches is how many attaches the one-at-a-time figures are from.
@@ -139,6 +145,8 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	c := newBenchCluster(t, n)
 	r.setup = time.Since(start)
 	logf("%d agents ready", n)
+	r.floor = measureFloor(t, c.cluster, 30)
+	logf("floor measured: p50 %s ms", ms(pct(r.floor, 0.5)))
 
 	var netw api.Network
 	c.agents[0].jsonOut(&netw, "network", "create", "bench", "--subnet", "10.96.0.0/16")
@@ -176,6 +184,7 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 		w.reset()
 	}
 	cpu0 := c.cpu(t)
+	wb0, we0 := c.vars(t, "consul_watch_bytes"), c.vars(t, "consul_watch_events")
 	var all []*benchEP
 	for _, e := range eps {
 		all = append(all, e...)
@@ -183,6 +192,12 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	r.attach = c.storm(t, eps, cfg.parallel, 0, benchAttach)
 	r.conv = converge(t, watches, all, 120*time.Second, (*neighWatch).added)
 	r.runCPU = mean(sub(c.cpu(t), cpu0))
+	wb, we := sub(c.vars(t, "consul_watch_bytes"), wb0), sub(c.vars(t, "consul_watch_events"), we0)
+	for i := range wb {
+		if we[i] > 0 {
+			r.watchBytes += wb[i] / we[i] / float64(len(wb))
+		}
+	}
 	r.runRSS = c.rss(t, "VmHWM")
 	logf("attach storm done: %d endpoints converged on every host", len(all))
 
@@ -195,7 +210,7 @@ func runMesh(t *testing.T, n int, cfg benchConfig) *benchResult {
 	r.idleRSS = c.rss(t, "VmRSS")
 	bq := c.vars(t, "consul_blocking_queries")
 	r.blocking = [2]int{int(slices.Min(bq)), int(slices.Max(bq))}
-	r.watches = 2 // networks/ and endpoints/: the prefixes an agent watches
+	r.watches = 2 // networks/ and the network's peers/: the prefixes an agent watches
 	logf("idle window measured")
 
 	// One at a time: host1 attaches and detaches alone while the cluster
@@ -559,6 +574,8 @@ func benchTable(cfg benchConfig, rs []*benchResult) string {
 	lat := func(name string, get func(*benchResult) []time.Duration, q float64) {
 		row(name, func(r *benchResult) string { return ms(pct(get(r), q)) })
 	}
+	lat("floor: write to all hosts woke p50 (ms)", func(r *benchResult) []time.Duration { return r.floor }, 0.5)
+	lat("floor: write to all hosts woke p99 (ms)", func(r *benchResult) []time.Duration { return r.floor }, 0.99)
 	lat("attach p50 (ms)", func(r *benchResult) []time.Duration { return r.attach }, 0.5)
 	lat("attach p99 (ms)", func(r *benchResult) []time.Duration { return r.attach }, 0.99)
 	lat("convergence p50 (ms)", func(r *benchResult) []time.Duration { return r.conv }, 0.5)
@@ -579,6 +596,7 @@ func benchTable(cfg benchConfig, rs []*benchResult) string {
 	row("cold start: all tables (ms)", func(r *benchResult) string { return ms(r.coldTables) })
 	row("new host: ready (ms)", func(r *benchResult) string { return ms(r.newReady) })
 	row("new host: full mesh (ms)", func(r *benchResult) string { return ms(r.newMesh) })
+	row("watch bytes per event in storm (mean)", func(r *benchResult) string { return fmt.Sprintf("%.0f", r.watchBytes) })
 	row("agent CPU in storm (s, mean)", func(r *benchResult) string { return fmt.Sprintf("%.2f", r.runCPU) })
 	row("agent peak RSS (MB, mean/max)", func(r *benchResult) string { return fmt.Sprintf("%.1f/%.1f", r.runRSS[0], r.runRSS[1]) })
 	row("idle RSS (MB, mean/max)", func(r *benchResult) string { return fmt.Sprintf("%.1f/%.1f", r.idleRSS[0], r.idleRSS[1]) })

@@ -233,7 +233,6 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 
-
 	// The endpoint record and this host's peer record of the network in
 	// one transaction, shared with the attaches and detaches under way
 	// (see commit.go).

@@ -10,8 +10,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/vxnet/vxnet/internal/atomicfile"
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/atomicfile"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 )

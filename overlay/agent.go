@@ -66,10 +66,10 @@ type Agent struct {
 	log   *slog.Logger
 	store kvstore.Store
 	ipam  *ipam.Allocator
-	dp    *vtep.Manager
+	dp    datapath
 	state stateDir
 	// egress and gwAddrs are nil when egress is off.
-	egress  *nat.Manager
+	egress  egress
 	gwAddrs *nat.AddrBook
 	// egressReady: the bridge and rules were checked (guarded by mu).
 	egressReady bool
@@ -147,6 +147,22 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("datapath: %w", err)
 	}
+	var eg egress
+	if cfg.Egress != nil {
+		ec := *cfg.Egress
+		ec.Logger = cfg.Logger
+		m, err := nat.New(ec)
+		if err != nil {
+			return nil, fmt.Errorf("egress: %w", err)
+		}
+		eg = m
+	}
+	return newAgent(cfg, store, dp, eg)
+}
+
+// newAgent is New with the datapath and egress given (nil egress: off).
+func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, error) {
+	var err error
 	a := &Agent{
 		cfg:      cfg,
 		log:      cfg.Logger,
@@ -164,12 +180,8 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 		fatal:    make(chan error, 1),
 		started:  time.Now(),
 	}
-	if cfg.Egress != nil {
-		ec := *cfg.Egress
-		ec.Logger = cfg.Logger
-		if a.egress, err = nat.New(ec); err != nil {
-			return nil, fmt.Errorf("egress: %w", err)
-		}
+	if eg != nil {
+		a.egress = eg
 		gw := a.egress.GatewayAddr()
 		if a.gwAddrs, err = nat.OpenAddrBook(filepath.Join(cfg.StateDir, "gateway-addrs.json"), a.egress.Config().Subnet, gw); err != nil {
 			return nil, fmt.Errorf("egress: %w", err)

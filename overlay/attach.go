@@ -38,7 +38,7 @@ func (a *Agent) resolveNetns(arg string) (string, nsID, error) {
 	if err != nil {
 		return "", nsID{}, invalidf("netns %q: %v", arg, err)
 	}
-	if err := vtep.CheckNetNS(path); errors.Is(err, vtep.ErrNotNetNS) {
+	if err := a.dp.CheckNetNS(path); errors.Is(err, vtep.ErrNotNetNS) {
 		return "", nsID{}, invalidf("netns %q is not a network namespace", arg)
 	} else if err != nil {
 		return "", nsID{}, fmt.Errorf("netns %q: %w", arg, err) // EMFILE and such: not the user's fault

@@ -182,3 +182,7 @@ func onThread(enter, fn func() error) error {
 	}()
 	return <-errc
 }
+
+// CheckNetNS is the package's CheckNetNS, as a method: callers that take
+// the Manager behind an interface check namespaces through it too.
+func (m *Manager) CheckNetNS(path string) error { return CheckNetNS(path) }

@@ -1,0 +1,381 @@
+package overlay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/vtep"
+)
+
+// fakeDatapath keeps in memory what vtep would make in the kernel, so
+// that Attach, Detach and the reconciler run in-process without root.
+type fakeDatapath struct {
+	mu       sync.Mutex
+	dir      string
+	networks map[string]vtep.NetworkSpec
+	eps      map[string]map[string]vtep.EndpointSpec // network -> host veth -> spec
+	peers    map[string][]vtep.Peer
+	failAdd  error // AddEndpoint fails with it
+	routes   []netip.Prefix
+}
+
+func newFakeDatapath(dir string) *fakeDatapath {
+	return &fakeDatapath{dir: dir, networks: map[string]vtep.NetworkSpec{}, eps: map[string]map[string]vtep.EndpointSpec{}, peers: map[string][]vtep.Peer{}}
+}
+
+// CheckNetNS takes any existing file for a namespace: the tests' "containers".
+func (f *fakeDatapath) CheckNetNS(path string) error {
+	_, err := os.Stat(path)
+	return err
+}
+func (f *fakeDatapath) NetNSPath(name string) string { return filepath.Join(f.dir, name) }
+func (f *fakeDatapath) Networks() ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for n := range f.networks {
+		out = append(out, n)
+	}
+	return out, nil
+}
+func (f *fakeDatapath) EnsureNetwork(_ context.Context, s vtep.NetworkSpec) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.networks[s.Name]; ok {
+		return nil, nil
+	}
+	f.networks[s.Name] = s
+	f.eps[s.Name] = map[string]vtep.EndpointSpec{}
+	return []string{"created namespace " + s.Name}, nil
+}
+func (f *fakeDatapath) DeleteNetwork(_ context.Context, name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.networks, name)
+	delete(f.eps, name)
+	delete(f.peers, name)
+	return nil
+}
+func (f *fakeDatapath) RemoveStrays(context.Context) ([]string, error) { return nil, nil }
+func (f *fakeDatapath) AddEndpoint(_ context.Context, s vtep.EndpointSpec) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.failAdd != nil {
+		return "", f.failAdd
+	}
+	eps := f.eps[s.Network]
+	if eps == nil {
+		return "", fmt.Errorf("network %s: %w", s.Network, os.ErrNotExist)
+	}
+	s.IfName = fmt.Sprintf("eth%d", len(eps))
+	eps[s.HostVeth] = s
+	return s.IfName, nil
+}
+func (f *fakeDatapath) CheckEndpoint(_ context.Context, s vtep.EndpointSpec) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.eps[s.Network][s.HostVeth]; !ok {
+		return nil, vtep.ErrEndpointGone
+	}
+	return nil, nil
+}
+func (f *fakeDatapath) RemoveEndpoint(_ context.Context, network, veth string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.eps[network], veth)
+	return nil
+}
+func (f *fakeDatapath) Endpoints(_ context.Context, network string) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for v := range f.eps[network] {
+		out = append(out, v)
+	}
+	return out, nil
+}
+func (f *fakeDatapath) SyncPeers(_ context.Context, network string, peers []vtep.Peer) (int, int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.peers[network] = slices.Clone(peers)
+	return len(peers), 0, nil
+}
+func (f *fakeDatapath) UpdatePeers(_ context.Context, network string, prev, peers []vtep.Peer) (int, int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if prev == nil { // added only
+		for _, p := range peers {
+			if !slices.ContainsFunc(f.peers[network], func(q vtep.Peer) bool { return q.IP == p.IP }) {
+				f.peers[network] = append(f.peers[network], p)
+			}
+		}
+		return len(peers), 0, nil
+	}
+	f.peers[network] = slices.Clone(peers)
+	return len(peers), 0, nil
+}
+func (f *fakeDatapath) HostRoutes() ([]netip.Prefix, error) { return f.routes, nil }
+func (f *fakeDatapath) UnderlayPrefix() (netip.Prefix, error) {
+	return netip.MustParsePrefix("192.0.2.0/24"), nil
+}
+
+func (f *fakeDatapath) endpointCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, eps := range f.eps {
+		n += len(eps)
+	}
+	return n
+}
+
+func (f *fakeDatapath) peerIPs(network string) []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for _, p := range f.peers[network] {
+		out = append(out, p.IP.String())
+	}
+	slices.Sort(out)
+	return out
+}
+
+// countingStore counts transactions that write a peer record.
+type countingStore struct {
+	kvstore.Store
+	peerWrites atomic.Int64
+}
+
+func (c *countingStore) Txn(ctx context.Context, ops []kvstore.Op) error {
+	for _, op := range ops {
+		if len(op.Key) > len(peersPrefix) && op.Key[:len(peersPrefix)] == peersPrefix {
+			c.peerWrites.Add(1)
+			break
+		}
+	}
+	return c.Store.Txn(ctx, ops)
+}
+
+// inProcess is an agent running in the test process on an embedded store
+// and a fake datapath.
+type inProcess struct {
+	*Agent
+	dp    *fakeDatapath
+	store *countingStore
+	dir   string
+}
+
+func startInProcess(t *testing.T, node string, st kvstore.Store) *inProcess {
+	t.Helper()
+	dir := t.TempDir()
+	if st == nil {
+		b, err := kvstore.NewBolt(filepath.Join(dir, "store.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { b.Close() })
+		st = b
+	}
+	cs := &countingStore{Store: st}
+	dp := newFakeDatapath(filepath.Join(dir, "netns"))
+	a, err := newAgent(Config{
+		Node: node, Advertise: netip.MustParseAddr("192.0.2.1"), StateDir: filepath.Join(dir, "state"), NetNSDir: dp.dir,
+		ResyncInterval: time.Hour, NodeTTL: 10 * time.Second, UnderlayMTU: 1500,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}, cs, dp, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	ready := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.Run(ctx, func() { close(ready) })
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-ready:
+	case <-time.After(10 * time.Second):
+		t.Fatal("agent not ready")
+	}
+	return &inProcess{Agent: a, dp: dp, store: cs, dir: dir}
+}
+
+// container makes a file standing for a container's namespace.
+func (p *inProcess) container(t *testing.T, name string) string {
+	t.Helper()
+	path := filepath.Join(p.dir, "c-"+name)
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func eventuallyTrue(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not true after 5s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Attach publishes the endpoint record and this host's peer record in one
+// go and builds the datapath; detach takes both away again, and the peer
+// record goes with the network's last endpoint.
+func TestAttachDetachInProcess(t *testing.T) {
+	a := startInProcess(t, "h1", nil)
+	ctx := context.Background()
+	n, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, "c1"), Name: "c1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.IP != "10.1.0.2" || e.Interface != "eth0" || a.dp.endpointCount() != 1 {
+		t.Fatalf("endpoint %+v, %d in the datapath", e, a.dp.endpointCount())
+	}
+	kv, err := a.store.Get(ctx, peerKey(n.ID, "h1"))
+	if err != nil {
+		t.Fatalf("peer record: %v", err)
+	}
+	var r PeerRecord
+	if err := decodeRecord(kv.Key, kv.Value, &r); err != nil || len(r.Addrs()) != 1 || r.Addrs()[0].String() != "10.1.0.2" {
+		t.Fatalf("peer record %+v, %v", r, err)
+	}
+	if err := a.Detach(ctx, "n", "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if a.dp.endpointCount() != 0 {
+		t.Errorf("%d endpoints left in the datapath", a.dp.endpointCount())
+	}
+	for _, key := range []string{peerKey(n.ID, "h1"), endpointKey("n", "c1")} {
+		if _, err := a.store.Get(ctx, key); !errors.Is(err, kvstore.ErrNotFound) {
+			t.Errorf("%s after the last detach: %v", key, err)
+		}
+	}
+}
+
+// A failed attach leaves nothing: no interface, no record, no address.
+func TestFailedAttachLeavesNothingInProcess(t *testing.T) {
+	a := startInProcess(t, "h1", nil)
+	ctx := context.Background()
+	n, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.dp.mu.Lock()
+	a.dp.failAdd = errors.New("injected")
+	a.dp.mu.Unlock()
+	if _, err := a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, "c1")}); err == nil {
+		t.Fatal("attach succeeded")
+	}
+	if a.dp.endpointCount() != 0 || len(a.viewLocals()) != 0 {
+		t.Errorf("left: %d interfaces, %d local records", a.dp.endpointCount(), len(a.viewLocals()))
+	}
+	if addrs, _ := a.ipam.Addrs(ctx, n.ID); len(addrs) != 0 {
+		t.Errorf("addresses still held: %v", addrs)
+	}
+	if eps, _ := a.Endpoints(ctx, "n"); len(eps) != 0 {
+		t.Errorf("records: %+v", eps)
+	}
+}
+
+// Peers come from the other hosts' peer records of the networks this host
+// has endpoints on, and go with them.
+func TestReconcilerProgramsPeerRecords(t *testing.T) {
+	a := startInProcess(t, "h1", nil)
+	ctx := context.Background()
+	n, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, "c1")}); err != nil {
+		t.Fatal(err)
+	}
+	ns := NamespaceOf(n.ID)
+	put := func(node string, ips ...string) {
+		var addrs []netip.Addr
+		for _, ip := range ips {
+			addrs = append(addrs, netip.MustParseAddr(ip))
+		}
+		data := mustJSON(t, &PeerRecord{Version: 1, Node: node, VTEP: netip.MustParseAddr("192.0.2.9"), IPs: packAddrs(addrs)})
+		if err := a.store.Put(ctx, peerKey(n.ID, node), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("h2", "10.1.0.20", "10.1.0.21")
+	eventuallyTrue(t, "h2's peers programmed", func() bool { return slices.Equal(a.dp.peerIPs(ns), []string{"10.1.0.20", "10.1.0.21"}) })
+	put("h2", "10.1.0.21")
+	eventuallyTrue(t, "a detached peer removed", func() bool { return slices.Equal(a.dp.peerIPs(ns), []string{"10.1.0.21"}) })
+	if err := a.store.Delete(ctx, peerKey(n.ID, "h2")); err != nil {
+		t.Fatal(err)
+	}
+	eventuallyTrue(t, "a gone host's peers removed", func() bool { return len(a.dp.peerIPs(ns)) == 0 })
+}
+
+// Concurrent attaches on one host share writes of its peer record.
+func TestGroupCommit(t *testing.T) {
+	a := startInProcess(t, "h1", nil)
+	ctx := context.Background()
+	if _, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, "first")}); err != nil {
+		t.Fatal(err)
+	}
+	before := a.store.peerWrites.Load()
+	const n = 40
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, fmt.Sprint("c", i))}); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	writes := a.store.peerWrites.Load() - before
+	t.Logf("%d attaches, %d writes of the peer record", n, writes)
+	if writes >= n {
+		t.Errorf("%d attaches made %d peer record writes: no group commit", n, writes)
+	}
+}
+
+// NamespaceOf is the namespace name of a network id.
+func NamespaceOf(id string) string { return (&Network{ID: id}).NamespaceName() }
+
+func mustJSON(t *testing.T, v any) []byte {
+	t.Helper()
+	data, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}

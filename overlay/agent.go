@@ -86,7 +86,7 @@ type Agent struct {
 	journalGaps map[string]bool
 	// applied is, per namespace, the peers its last successful sync
 	// wrote, so that the next one need only write the difference.
-	applied map[string][]vtep.Peer
+	applied map[string]peerSet
 
 	cmu           sync.RWMutex
 	networks      map[string]*Network // store view, by name
@@ -170,7 +170,7 @@ func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, 
 		ipam:     ipam.New(store, cfg.IPAM),
 		dp:       dp,
 		state:    stateDir{cfg.StateDir},
-		applied:  map[string][]vtep.Peer{},
+		applied:  map[string]peerSet{},
 		inflight: map[string]bool{},
 		networks: map[string]*Network{},
 		views:    map[string]*peerView{},

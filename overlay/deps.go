@@ -24,6 +24,7 @@ type datapath interface {
 	Endpoints(ctx context.Context, network string) ([]string, error)
 	SyncPeers(ctx context.Context, network string, peers []vtep.Peer) (added, removed int, err error)
 	UpdatePeers(ctx context.Context, network string, prev, peers []vtep.Peer) (added, removed int, err error)
+	ChangePeers(ctx context.Context, network string, add, remove []vtep.Peer) (added, removed int, err error)
 	HostRoutes() ([]netip.Prefix, error)
 	UnderlayPrefix() (netip.Prefix, error)
 }

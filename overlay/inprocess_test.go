@@ -30,6 +30,7 @@ type fakeDatapath struct {
 	eps      map[string]map[string]vtep.EndpointSpec // network -> host veth -> spec
 	peers    map[string][]vtep.Peer
 	failAdd  error // AddEndpoint fails with it
+	changes  int   // ChangePeers calls: deltas applied
 	routes   []netip.Prefix
 }
 
@@ -127,6 +128,21 @@ func (f *fakeDatapath) UpdatePeers(_ context.Context, network string, prev, peer
 	}
 	f.peers[network] = slices.Clone(peers)
 	return len(peers), 0, nil
+}
+func (f *fakeDatapath) ChangePeers(_ context.Context, network string, add, remove []vtep.Peer) (int, int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.changes++
+	cur := f.peers[network]
+	for _, r := range remove {
+		cur = slices.DeleteFunc(cur, func(q vtep.Peer) bool { return q.IP == r.IP })
+	}
+	for _, p := range add {
+		cur = slices.DeleteFunc(cur, func(q vtep.Peer) bool { return q.IP == p.IP })
+		cur = append(cur, p)
+	}
+	f.peers[network] = cur
+	return len(add), len(remove), nil
 }
 func (f *fakeDatapath) HostRoutes() ([]netip.Prefix, error) { return f.routes, nil }
 func (f *fakeDatapath) UnderlayPrefix() (netip.Prefix, error) {
@@ -331,6 +347,16 @@ func TestReconcilerProgramsPeerRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventuallyTrue(t, "a gone host's peers removed", func() bool { return len(a.dp.peerIPs(ns)) == 0 })
+	a.dp.mu.Lock()
+	changes := a.dp.changes
+	a.dp.mu.Unlock()
+	if changes == 0 {
+		t.Error("every change took the whole list: no delta was applied")
+	}
+	// A host's record with an address outside the subnet: the address
+	// alone is left out.
+	put("h3", "10.1.0.30", "10.9.9.9")
+	eventuallyTrue(t, "h3's good address programmed", func() bool { return slices.Equal(a.dp.peerIPs(ns), []string{"10.1.0.30"}) })
 }
 
 // Concurrent attaches on one host share writes of its peer record.

@@ -36,6 +36,17 @@ type peerView struct {
 	// snapshot (its session ended, the store lost it): the reconciler
 	// writes it again at its next pass instead of its next full one.
 	ownLost bool
+	// delta is what changed since the reconciler last read the whole
+	// list (peersAndReset), by address; deltaOK is false until it has
+	// read it once, or after it could not apply a delta.
+	delta   map[netip.Addr]peerChange
+	deltaOK bool
+}
+
+// peerChange is one address to program (remove false) or to remove.
+type peerChange struct {
+	PeerAddr
+	remove bool
 }
 
 // PeerAddr is one endpoint of another host, as the datapath needs it.
@@ -50,6 +61,106 @@ type PeerAddr struct {
 func (v *peerView) peers() (out []PeerAddr, ok bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	return v.peersLocked()
+}
+
+// peersAndReset is peers, and the start of a new delta: what changes from
+// here on is what takeDelta returns.
+func (v *peerView) peersAndReset() ([]PeerAddr, bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.delta, v.deltaOK = nil, v.synced
+	return v.peersLocked()
+}
+
+// takeDelta returns what changed since the last peersAndReset or
+// takeDelta, removals first; ok is false when only the whole list will do.
+func (v *peerView) takeDelta() (add, del []PeerAddr, ok bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if !v.deltaOK {
+		return nil, nil, false
+	}
+	for _, c := range v.delta {
+		if c.remove {
+			del = append(del, c.PeerAddr)
+		} else {
+			add = append(add, c.PeerAddr)
+		}
+	}
+	v.delta = nil
+	return add, del, true
+}
+
+// invalidate makes the next reader take the whole list.
+func (v *peerView) invalidate() {
+	v.mu.Lock()
+	v.deltaOK = false
+	v.mu.Unlock()
+}
+
+// effective is a node's record as peers counts it: its own, or the one
+// held for it.
+func effective(recs, held map[string]*PeerRecord, holding bool, node string) *PeerRecord {
+	if r := recs[node]; r != nil {
+		return r
+	}
+	if holding {
+		return held[node]
+	}
+	return nil
+}
+
+// recordDelta adds to the view's delta what changed between two states of
+// the records: removals first, so that an address that moved to another
+// node ends up programmed, not removed.
+func (v *peerView) recordDelta(self string, prevRecs, prevHeld map[string]*PeerRecord, prevHolding bool,
+	recs, held map[string]*PeerRecord, holding bool) {
+	nodes := map[string]bool{}
+	for _, m := range []map[string]*PeerRecord{prevRecs, prevHeld, recs, held} {
+		for n := range m {
+			nodes[n] = true
+		}
+	}
+	var adds []PeerAddr
+	for node := range nodes {
+		if node == self {
+			continue
+		}
+		before, after := effective(prevRecs, prevHeld, prevHolding, node), effective(recs, held, holding, node)
+		if before == after {
+			continue // the same decoded record: unchanged
+		}
+		was := map[netip.Addr]netip.Addr{}
+		if before != nil {
+			for _, ip := range before.Addrs() {
+				was[ip] = before.VTEP
+			}
+		}
+		if after != nil {
+			for _, ip := range after.Addrs() {
+				if vtep, ok := was[ip]; !ok || vtep != after.VTEP {
+					adds = append(adds, PeerAddr{Node: node, VTEP: after.VTEP, IP: ip})
+				}
+				delete(was, ip)
+			}
+		}
+		for ip, vtep := range was {
+			if v.delta == nil {
+				v.delta = map[netip.Addr]peerChange{}
+			}
+			v.delta[ip] = peerChange{PeerAddr{Node: node, VTEP: vtep, IP: ip}, true}
+		}
+	}
+	for _, p := range adds {
+		if v.delta == nil {
+			v.delta = map[netip.Addr]peerChange{}
+		}
+		v.delta[p.IP] = peerChange{p, false}
+	}
+}
+
+func (v *peerView) peersLocked() (out []PeerAddr, ok bool) {
 	add := func(r *PeerRecord) {
 		for _, ip := range r.Addrs() {
 			out = append(out, PeerAddr{Node: r.Node, VTEP: r.VTEP, IP: ip})
@@ -169,6 +280,9 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 	v.mu.Lock()
 	if prevRecs[a.cfg.Node] != nil && (recs[a.cfg.Node] == nil || sess[a.cfg.Node] != prevSess[a.cfg.Node]) {
 		v.ownLost, changed = true, true
+	}
+	if v.deltaOK {
+		v.recordDelta(a.cfg.Node, prevRecs, held, now.Before(v.holdUntil), recs, newHeld, now.Before(until))
 	}
 	v.raw, v.recs, v.sess, v.synced = raw, recs, sess, true
 	v.held, v.holdUntil = newHeld, until

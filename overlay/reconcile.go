@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/vxnet/vxnet/ipam"
@@ -52,6 +53,16 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			a.log.Warn("remove stray vxlan devices", "err", err)
 		} else if len(stray) > 0 {
 			a.log.Warn("removed vxlan devices left in the host namespace by a crash", "devices", stray)
+		}
+	}
+	if only != nil {
+		// Networks whose view can say what changed take only that;
+		// the others (a view not read in full yet, a failed write)
+		// take the whole list below.
+		for id := range only {
+			if a.applyDelta(ctx, id) {
+				delete(only, id)
+			}
 		}
 	}
 	peers, viewsSynced := a.viewPeers(only)
@@ -123,7 +134,7 @@ func (a *Agent) viewPeers(only map[string]bool) (map[string][]PeerAddr, map[stri
 		if only != nil && !only[id] {
 			continue
 		}
-		peers[id], synced[id] = v.peers()
+		peers[id], synced[id] = v.peersAndReset()
 	}
 	return peers, synced
 }
@@ -140,6 +151,93 @@ func (a *Agent) syncNetwork(ctx context.Context, netID string) {
 	}
 }
 
+// applyDelta programs what changed in one network's peers since its view
+// was last read, if the view can say and what this host programmed last
+// is known; it reports whether it did. This is the event path: its work
+// is the change's, not the network's.
+func (a *Agent) applyDelta(ctx context.Context, netID string) bool {
+	v := a.views[netID]
+	var net *Network
+	local := map[netip.Addr]bool{}
+	for _, l := range a.locals {
+		if l.Net.ID == netID && l.Phase == phaseAttached {
+			net = &l.Net
+			local[l.Endpoint.IP] = true
+		}
+	}
+	if v == nil || net == nil || !a.identityChecked.Load() || a.lostRecently() {
+		return false
+	}
+	ns := net.NamespaceName()
+	applied, known := a.applied[ns]
+	if !known {
+		return false
+	}
+	add, del, ok := v.takeDelta()
+	if !ok {
+		return false
+	}
+	var addP, delP []vtep.Peer
+	for _, p := range del {
+		if cur, ok := applied[p.IP]; ok && cur.VTEP == p.VTEP {
+			delP = append(delP, cur)
+		}
+	}
+	for _, p := range add {
+		if err := peerError(net, p.IP, local); err != nil {
+			a.log.Warn("skipping a peer address", "network", net.Name, "node", p.Node, "err", err)
+			continue
+		}
+		addP = append(addP, vtep.Peer{IP: p.IP, MAC: ipam.MACFromIP(p.IP), VTEP: p.VTEP})
+	}
+	if len(addP)+len(delP) == 0 {
+		return true
+	}
+	added, removed, err := a.dp.ChangePeers(ctx, ns, addP, delP)
+	if err != nil {
+		a.log.Warn("program peers", "network", net.Name, "err", err)
+		delete(a.applied, ns)
+		v.invalidate()
+		return false
+	}
+	for _, p := range delP {
+		delete(applied, p.IP)
+	}
+	for _, p := range addP {
+		applied[p.IP] = p
+	}
+	a.log.Debug("peers changed", "network", net.Name, "added", added, "removed", removed, "peers", len(applied))
+	return true
+}
+
+// peerSet is what this host programmed of a network's peers, by address.
+type peerSet map[netip.Addr]vtep.Peer
+
+func newPeerSet(peers []vtep.Peer) peerSet {
+	s := make(peerSet, len(peers))
+	for _, p := range peers {
+		if _, dup := s[p.IP]; !dup { // the first wins, as in the kernel
+			s[p.IP] = p
+		}
+	}
+	return s
+}
+
+// same reports whether the set holds exactly these peers.
+func (s peerSet) same(peers []vtep.Peer) bool {
+	return samePeers(s.list(), peers)
+}
+
+// list is the set sorted by address, as desiredState sorts peers.
+func (s peerSet) list() []vtep.Peer {
+	out := make([]vtep.Peer, 0, len(s))
+	for _, p := range s {
+		out = append(out, p)
+	}
+	slices.SortFunc(out, func(a, b vtep.Peer) int { return a.IP.Compare(b.IP) })
+	return out
+}
+
 // syncPeers programs a network's peers. Passes driven by store events
 // write only what changed since the last sync; full passes compare with
 // the kernel's tables, and what they must fix there is drift: someone else
@@ -148,7 +246,7 @@ func (a *Agent) syncNetwork(ctx context.Context, netID string) {
 // its way back.
 func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 	prev, known := a.applied[p.Spec.Name]
-	same := known && samePeers(prev, p.Peers)
+	same := known && prev.same(p.Peers)
 	if same && !full {
 		return
 	}
@@ -168,14 +266,14 @@ func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 	case full || !known:
 		added, removed, err = a.dp.SyncPeers(ctx, p.Spec.Name, p.Peers)
 	default:
-		added, removed, err = a.dp.UpdatePeers(ctx, p.Spec.Name, prev, p.Peers)
+		added, removed, err = a.dp.UpdatePeers(ctx, p.Spec.Name, prev.list(), p.Peers)
 	}
 	if err != nil {
 		a.log.Warn("program peers", "network", p.Net.Name, "err", err)
 		delete(a.applied, p.Spec.Name)
 		return
 	}
-	a.applied[p.Spec.Name] = p.Peers
+	a.applied[p.Spec.Name] = newPeerSet(p.Peers)
 	switch {
 	case added+removed == 0:
 	case full && same:

@@ -109,6 +109,40 @@ func (m *Manager) UpdatePeers(ctx context.Context, network string, prev, peers [
 	return m.sync(ctx, network, peers, prev, false)
 }
 
+// ChangePeers writes the given peers and deletes the removed ones, and
+// nothing else: for a caller that knows what changed (one host's record of
+// a network), a change costs its own entries, whatever the network's size.
+func (m *Manager) ChangePeers(ctx context.Context, network string, add, remove []Peer) (added, removed int, err error) {
+	if err := checkPeers(add); err != nil {
+		return 0, 0, fmt.Errorf("change peers of %s: %w", network, err)
+	}
+	defer m.nets.lock(network)()
+	h, ns, err := m.nsHandle(network)
+	if err != nil {
+		return 0, 0, fmt.Errorf("change peers of %s: %w", network, err)
+	}
+	defer ns.Close()
+	defer h.Close()
+	vx, err := h.LinkByName(VXLANName)
+	if err != nil {
+		return 0, 0, fmt.Errorf("change peers of %s: %s: %w", network, VXLANName, err)
+	}
+	var plan PeerPlan
+	fdbDst := map[string]netip.Addr{}
+	for _, p := range normalize(remove) {
+		plan.DelNeigh = append(plan.DelNeigh, p.IP)
+		plan.DelFDB = append(plan.DelFDB, p.MAC)
+		fdbDst[p.MAC.String()] = p.VTEP
+	}
+	add = normalize(add)
+	plan.AddNeigh, plan.AddFDB = add, add
+	added, removed, err = m.apply(ctx, h, vx.Attrs().Index, plan, fdbDst)
+	if err != nil {
+		err = fmt.Errorf("change peers of %s: %w", network, err)
+	}
+	return added, removed, err
+}
+
 func (m *Manager) sync(ctx context.Context, network string, peers, prev []Peer, read bool) (added, removed int, err error) {
 	if err := checkPeers(peers); err != nil {
 		return 0, 0, fmt.Errorf("sync peers of %s: %w", network, err)
@@ -165,7 +199,12 @@ func (m *Manager) syncPeers(ctx context.Context, network string, peers, prev []P
 			return 0, 0, err
 		}
 	}
-	plan := PlanPeers(peers, haveNeigh, haveFDB)
+	return m.apply(ctx, h, idx, PlanPeers(peers, haveNeigh, haveFDB), haveFDB)
+}
+
+// apply carries a plan out on the VXLAN device idx; fdbDst gives the
+// remote address of each FDB entry to delete.
+func (m *Manager) apply(ctx context.Context, h *netlink.Handle, idx int, plan PeerPlan, fdbDst map[string]netip.Addr) (added, removed int, err error) {
 	// Delete first, so that an address or MAC that moved to another
 	// endpoint is not briefly claimed twice.
 	for _, ip := range plan.DelNeigh {
@@ -183,7 +222,7 @@ func (m *Manager) syncPeers(ctx context.Context, network string, peers, prev []P
 			return added, removed, err
 		}
 		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF, HardwareAddr: mac,
-			IP: net.IP(haveFDB[mac.String()].AsSlice())}
+			IP: net.IP(fdbDst[mac.String()].AsSlice())}
 		if err := h.NeighDel(n); err != nil && !isNoEntry(err) {
 			return added, removed, fmt.Errorf("delete fdb %s: %w", mac, err)
 		}

@@ -471,3 +471,41 @@ func TestNetNSMountsAndThreads(t *testing.T) {
 		t.Errorf("mounts left on %s", p)
 	}
 }
+
+// ChangePeers writes and deletes exactly the entries of the change, and
+// leaves every other entry alone.
+func TestChangePeersTouchesOnlyTheChange(t *testing.T) {
+	tn := testnet.New(t)
+	h := tn.AddHost("h")
+	m := hostManager(t, h)
+	ctx := context.Background()
+	if _, err := m.EnsureNetwork(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	ns := m.NetNSPath(spec.Name)
+	peer := func(ip, vtep string) Peer {
+		return Peer{IP: netip.MustParseAddr(ip), MAC: mac(ip), VTEP: netip.MustParseAddr(vtep)}
+	}
+	a, b, c := peer("10.0.0.3", "192.168.77.2"), peer("10.0.0.4", "192.168.77.2"), peer("10.0.0.5", "192.168.77.3")
+	if _, _, err := m.SyncPeers(ctx, spec.Name, []Peer{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	// An entry someone else made stays: ChangePeers does not read.
+	inNS(t, ns, "ip", "neigh", "add", "10.0.0.77", "lladdr", "02:00:00:00:00:02", "dev", VXLANName, "nud", "permanent")
+	moved := peer("10.0.0.4", "192.168.77.9")
+	if n, r, err := m.ChangePeers(ctx, spec.Name, []Peer{c, moved}, []Peer{a}); err != nil || n != 4 || r != 2 {
+		t.Fatalf("ChangePeers: added %d removed %d %v", n, r, err)
+	}
+	neigh := inNS(t, ns, "ip", "neigh", "show", "dev", VXLANName)
+	fdb := inNS(t, ns, "bridge", "fdb", "show", "dev", VXLANName)
+	if strings.Contains(neigh, "10.0.0.3 ") || !strings.Contains(neigh, "10.0.0.5 ") || !strings.Contains(neigh, "10.0.0.77 ") {
+		t.Errorf("neighbors:\n%s", neigh)
+	}
+	if testnet.LineHas(fdb, a.MAC.String()) || !testnet.LineHas(fdb, moved.MAC.String(), "dst 192.168.77.9") || !testnet.LineHas(fdb, c.MAC.String(), "dst 192.168.77.3") {
+		t.Errorf("fdb:\n%s", fdb)
+	}
+	// Removing what is already gone is no error.
+	if _, _, err := m.ChangePeers(ctx, spec.Name, nil, []Peer{a}); err != nil {
+		t.Errorf("removing a gone peer: %v", err)
+	}
+}

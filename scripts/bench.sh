@@ -7,12 +7,15 @@
 #   scripts/bench.sh --hosts 2,5,10,20    # one column per cluster size
 #   scripts/bench.sh --endpoints 20 --parallel 2 --out /tmp/bench.txt
 #   scripts/bench.sh --hosts 2 --tune "ip netns exec {h1} ethtool -K eth0 gro on"
+#   scripts/bench.sh --virtual-hosts 100,1000   # peer records of N simulated
+#                                               # hosts x 50, churning, 3 real agents
+#   scripts/bench.sh --virtual-hosts 100 --other-networks 20
 #
 # It reports; it does not judge. Everything it makes is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 export VXNET_BENCH=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,6 +26,9 @@ while [ $# -gt 0 ]; do
     --iperf) export VXNET_BENCH_IPERF="$2"; shift 2 ;;
     --tune) export VXNET_BENCH_TUNE="$2"; shift 2 ;;
     --trace) export VXNET_BENCH_TRACE=1; shift ;;
+    --virtual-hosts) export VXNET_BENCH_VHOSTS="$2"; shift 2 ;;
+    --churn) export VXNET_BENCH_CHURN="$2"; shift 2 ;;
+    --other-networks) export VXNET_BENCH_OTHER_NETWORKS="$2"; shift 2 ;;
     --out) export VXNET_BENCH_OUT="$(realpath -m "$2")"; shift 2 ;;
     -h|--help) usage ;;
     *) echo "bench: unknown argument $1" >&2; usage 2 >&2 ;;
@@ -31,4 +37,6 @@ done
 CONSUL_BIN=$(scripts/deps.sh | tail -n 1)
 export CONSUL_BIN
 # -v: the progress lines and the table stream as they come.
-go test -v -count=1 -timeout 60m -run '^TestBenchmarkMesh$' ./test/
+run='^TestBenchmarkMesh$'
+[ -n "${VXNET_BENCH_VHOSTS:-}" ] && run='^TestBenchmarkVirtualHosts$'
+go test -v -count=1 -timeout 60m -run "$run" ./test/

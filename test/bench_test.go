@@ -476,15 +476,7 @@ func (c *benchCluster) cpu(t *testing.T) []float64 {
 	t.Helper()
 	var out []float64
 	for _, a := range c.agents {
-		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", a.cmd.Process.Pid))
-		if err != nil {
-			t.Fatal(err)
-		}
-		// The fields after the command name, which is in parentheses.
-		f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
-		ut, _ := strconv.ParseFloat(f[11], 64)
-		st, _ := strconv.ParseFloat(f[12], 64)
-		out = append(out, (ut+st)/100) // USER_HZ is 100 on Linux
+		out = append(out, procCPU(t, a.cmd.Process.Pid))
 	}
 	return out
 }
@@ -495,18 +487,39 @@ func (c *benchCluster) rss(t *testing.T, field string) [2]float64 {
 	t.Helper()
 	var vals []float64
 	for _, a := range c.agents {
-		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", a.cmd.Process.Pid))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, line := range strings.Split(string(data), "\n") {
-			if rest, ok := strings.CutPrefix(line, field+":"); ok {
-				kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
-				vals = append(vals, kb/1024)
-			}
-		}
+		vals = append(vals, procMB(t, a.cmd.Process.Pid, field))
 	}
 	return [2]float64{mean(vals), slices.Max(vals)}
+}
+
+// procCPU is a process's CPU seconds (user + system) so far.
+func procCPU(t *testing.T, pid int) float64 {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The fields after the command name, which is in parentheses.
+	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ is 100 on Linux
+}
+
+// procMB is a /proc status field of a process (VmRSS, VmHWM), in MB.
+func procMB(t *testing.T, pid int, field string) float64 {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, field+":"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
+			return kb / 1024
+		}
+	}
+	return 0
 }
 
 // vars reads one expvar counter from every agent's debug endpoint.

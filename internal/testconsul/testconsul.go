@@ -337,3 +337,12 @@ func (s *Server) Request(method, path, body string) (string, error) {
 	}
 	return string(out), nil
 }
+
+// Pid is the server's process id (0 when stopped), for tests that measure
+// what it costs.
+func (s *Server) Pid() int {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}

@@ -8,12 +8,13 @@ import (
 	"net"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/vxnet/vxnet/internal/netnsutil"
 )
 
 // ErrGatewayGone says a container's gateway interface no longer exists (the
@@ -194,7 +195,11 @@ func (m *Manager) addGateway(ctx context.Context, s GatewaySpec) (string, []Rout
 	}
 	ifName := s.IfName
 	if ifName == "" {
-		ifName = nextEthName(links)
+		// From eth1: eth0 is left to the overlay even when it is missing
+		// (a failed attach, a gateway recreated first), since a gateway
+		// on eth0 would take the place users and tools expect the
+		// overlay's interface at.
+		ifName = netnsutil.NextEth(links, 1)
 	} else if slices.ContainsFunc(links, func(l netlink.Link) bool { return l.Attrs().Name == ifName }) {
 		return "", nil, fmt.Errorf("container already has an interface named %s", ifName)
 	}
@@ -480,22 +485,6 @@ func defaultRoutes(h *netlink.Handle) ([]netlink.Route, error) {
 func isZeroMask(m net.IPMask) bool {
 	ones, _ := m.Size()
 	return ones == 0
-}
-
-// nextEthName returns the lowest ethN, N >= 1, not used in links. eth0 is
-// left to the overlay even when it is missing (a failed attach, a gateway
-// recreated first): a gateway on eth0 would take the place users and tools
-// expect the overlay's interface at.
-func nextEthName(links []netlink.Link) string {
-	used := map[string]bool{}
-	for _, l := range links {
-		used[l.Attrs().Name] = true
-	}
-	for i := 1; ; i++ {
-		if n := "eth" + strconv.Itoa(i); !used[n] {
-			return n
-		}
-	}
 }
 
 // RemoveGateway deletes a gateway veth pair, an absent one being fine,

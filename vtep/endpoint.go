@@ -12,6 +12,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/vxnet/vxnet/internal/netnsutil"
 )
 
 // EndpointSpec is one container's interface on a network.
@@ -215,7 +217,9 @@ func (m *Manager) createVeth(e *endpointCtx, s EndpointSpec) (string, error) {
 		}
 		ifName := s.IfName
 		if ifName == "" {
-			ifName = nextEth(links)
+			// From eth0: the overlay's interface is the one users and
+			// tools expect there (nat's gateway starts at eth1 for that).
+			ifName = netnsutil.NextEth(links, 0)
 		} else if slices.ContainsFunc(links, func(l netlink.Link) bool { return l.Attrs().Name == ifName }) {
 			return "", fmt.Errorf("interface %s already exists in %s", ifName, s.ContainerNS)
 		}
@@ -306,15 +310,6 @@ func peerOf(e *endpointCtx, l netlink.Link, containerNS string) (netlink.Link, e
 		return nil, fmt.Errorf("ifindex %d in %s is not its peer: %w", a.ParentIndex, containerNS, errPeerElsewhere)
 	}
 	return peer, nil
-}
-
-func nextEth(links []netlink.Link) string {
-	for i := 0; ; i++ {
-		name := fmt.Sprintf("eth%d", i)
-		if !slices.ContainsFunc(links, func(l netlink.Link) bool { return l.Attrs().Name == name }) {
-			return name
-		}
-	}
 }
 
 // RemoveEndpoint deletes an endpoint's veth pair; a missing one, or a
@@ -481,12 +476,6 @@ func (m *Manager) Endpoints(ctx context.Context, network string) ([]string, erro
 }
 
 // dump retries a netlink dump that a concurrent change interrupted: its
-// partial result may lack entries that exist.
-func dump[T any](f func() ([]T, error)) ([]T, error) {
-	for try := 0; ; try++ {
-		out, err := f()
-		if !errors.Is(err, netlink.ErrDumpInterrupted) || try == 9 {
-			return out, err
-		}
-	}
-}
+// partial result may lack entries that exist. It is the package's short
+// name for netnsutil.RetryDump, which nat uses too.
+func dump[T any](f func() (T, error)) (T, error) { return netnsutil.RetryDump(f) }

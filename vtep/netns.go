@@ -6,10 +6,11 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/vxnet/vxnet/internal/netnsutil"
 )
 
 // ErrNotNetNS says that a path exists and is verifiably something other
@@ -107,7 +108,7 @@ func CreateNetNS(path string) error {
 		return fmt.Errorf("create netns %s: %w", path, err)
 	}
 	f.Close()
-	err = onThread(
+	err = netnsutil.OnThread(
 		func() error { return unix.Unshare(unix.CLONE_NEWNET) },
 		func() error {
 			src := fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
@@ -138,49 +139,19 @@ func DeleteNetNS(path string) error {
 
 // WithNetNS runs fn on a locked OS thread inside the namespace at path. The
 // calling goroutine's thread is untouched, and goroutines that fn starts
-// run in the caller's namespace, not in path's.
+// run in the caller's namespace, not in path's. The path is opened with
+// openNetNS, so anything but a network namespace is refused before any
+// thread is switched.
 func WithNetNS(path string, fn func() error) error {
 	target, err := openNetNS(path)
 	if err != nil {
 		return fmt.Errorf("open netns %s: %w", path, err)
 	}
 	defer target.Close()
-	if err := onThread(func() error { return netns.Set(target) }, fn); err != nil {
+	if err := netnsutil.WithNetNS(target, fn); err != nil {
 		return fmt.Errorf("in netns %s: %w", path, err)
 	}
 	return nil
-}
-
-// onThread runs fn on a locked OS thread whose network namespace enter
-// changed, then puts the thread back in its namespace. The calling
-// goroutine's thread is never touched. A thread that cannot be put back is
-// left locked, so that it dies with its goroutine instead of running other
-// goroutines in the wrong namespace.
-func onThread(enter, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := enter(); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter netns: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("return to the original netns: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
 }
 
 // CheckNetNS is the package's CheckNetNS, as a method: callers that take

@@ -20,6 +20,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/vxnet/vxnet/internal/netnsutil"
 )
 
 // Device names inside a network's namespace, as in Docker's overlay.
@@ -591,10 +593,9 @@ func (m *Manager) deleteNetwork(name string) error {
 	return nil
 }
 
-func isNotFound(err error) bool {
-	var nf netlink.LinkNotFoundError
-	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
-}
+// isNotFound reports whether err says a link does not exist, by the typed
+// answers only; nat decides absence by the same shared rule.
+func isNotFound(err error) bool { return netnsutil.IsLinkNotFound(err) }
 
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}

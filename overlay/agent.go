@@ -42,6 +42,10 @@ type Config struct {
 	// get 50 bytes less (the VXLAN/UDP/IPv4 header).
 	UnderlayMTU    int
 	ResyncInterval time.Duration
+	// ReadyTimeout is how long the agent waits for the store before it
+	// says it is ready anyway, its datapath built from its journal
+	// (default 10s).
+	ReadyTimeout time.Duration
 	// NodeTTL is the store session's TTL: a host silent for longer is
 	// considered gone and its endpoints are removed everywhere.
 	NodeTTL time.Duration
@@ -142,6 +146,9 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 	}
 	if cfg.UnderlayMTU == 0 {
 		cfg.UnderlayMTU = 1500
+	}
+	if cfg.ReadyTimeout <= 0 {
+		cfg.ReadyTimeout = 10 * time.Second
 	}
 	dp, err := vtep.New(vtep.Config{NetNSDir: cfg.NetNSDir, Local: cfg.Advertise, VXLANPort: cfg.VXLANPort})
 	if err != nil {
@@ -260,7 +267,7 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 	defer ticker.Stop()
 	// Do not wait forever for the store to announce readiness: the datapath
 	// is built from local records meanwhile, and status says what is wrong.
-	readyTimer := time.NewTimer(10 * time.Second)
+	readyTimer := time.NewTimer(a.cfg.ReadyTimeout)
 	defer readyTimer.Stop()
 	notified := false
 	notify := func() {

@@ -193,11 +193,19 @@ type inProcess struct {
 	dp    *fakeDatapath
 	store *countingStore
 	dir   string
+	stop  func()
 }
 
 func startInProcess(t *testing.T, node string, st kvstore.Store) *inProcess {
 	t.Helper()
-	dir := t.TempDir()
+	return startInProcessAt(t, node, st, t.TempDir(), time.Second)
+}
+
+// startInProcessAt starts an agent on the state in dir (a restart when an
+// agent ran there before) that says it is ready after readyTimeout at the
+// latest.
+func startInProcessAt(t *testing.T, node string, st kvstore.Store, dir string, readyTimeout time.Duration) *inProcess {
+	t.Helper()
 	if st == nil {
 		b, err := kvstore.NewBolt(filepath.Join(dir, "store.db"))
 		if err != nil {
@@ -210,7 +218,7 @@ func startInProcess(t *testing.T, node string, st kvstore.Store) *inProcess {
 	dp := newFakeDatapath(filepath.Join(dir, "netns"))
 	a, err := newAgent(Config{
 		Node: node, Advertise: netip.MustParseAddr("192.0.2.1"), StateDir: filepath.Join(dir, "state"), NetNSDir: dp.dir,
-		ResyncInterval: time.Hour, NodeTTL: 10 * time.Second, UnderlayMTU: 1500,
+		ResyncInterval: time.Hour, NodeTTL: 10 * time.Second, UnderlayMTU: 1500, ReadyTimeout: readyTimeout,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}, cs, dp, nil)
 	if err != nil {
@@ -223,14 +231,18 @@ func startInProcess(t *testing.T, node string, st kvstore.Store) *inProcess {
 		defer close(done)
 		a.Run(ctx, func() { close(ready) })
 	}()
-	t.Cleanup(func() { cancel(); <-done })
+	stop := func() { cancel(); <-done }
+	t.Cleanup(stop)
 	select {
 	case <-ready:
 	case <-time.After(10 * time.Second):
 		t.Fatal("agent not ready")
 	}
-	return &inProcess{Agent: a, dp: dp, store: cs, dir: dir}
+	return &inProcess{Agent: a, dp: dp, store: cs, dir: dir, stop: stop}
 }
+
+// stopped stops the agent (its cleanup then does nothing more).
+func (p *inProcess) stopped(t *testing.T) { p.stop() }
 
 // container makes a file standing for a container's namespace.
 func (p *inProcess) container(t *testing.T, name string) string {
@@ -404,4 +416,70 @@ func mustJSON(t *testing.T, v any) []byte {
 		t.Fatal(err)
 	}
 	return data
+}
+
+// gatedStore holds back the snapshots of the networks watch until open is
+// closed: a store that answers slowly at start.
+type gatedStore struct {
+	kvstore.Store
+	open chan struct{}
+}
+
+func (g *gatedStore) Watch(ctx context.Context, prefix string) <-chan kvstore.Event {
+	in := g.Store.Watch(ctx, prefix)
+	if prefix != networksPrefix {
+		return in
+	}
+	out := make(chan kvstore.Event, 1)
+	go func() {
+		defer close(out)
+		select {
+		case <-g.open:
+		case <-ctx.Done():
+			return
+		}
+		for ev := range in {
+			out <- ev
+		}
+	}()
+	return out
+}
+
+// When the ready timer fires before the store has answered, the first pass
+// with the store's view is still a full one: what a previous life leaked
+// (here an address held for an endpoint that does not exist) goes then,
+// not a whole resync interval later.
+func TestFirstSyncedPassIsFullAfterReadyTimer(t *testing.T) {
+	dir := t.TempDir()
+	b, err := kvstore.NewBolt(filepath.Join(dir, "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	ctx := context.Background()
+	first := startInProcessAt(t, "h1", b, dir, time.Second)
+	n, err := first.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := first.Attach(ctx, "n", api.AttachRequest{Netns: first.container(t, "c1")}); err != nil {
+		t.Fatal(err)
+	}
+	leak := "ipam/addrs/" + n.ID + "/10.1.0.99"
+	if err := b.Put(ctx, leak, []byte(`{"version":1,"node":"h1","endpoint":"ghost"}`)); err != nil {
+		t.Fatal(err)
+	}
+	first.stopped(t)
+
+	g := &gatedStore{Store: b, open: make(chan struct{})}
+	start := time.Now()
+	again := startInProcessAt(t, "h1", g, dir, 100*time.Millisecond) // ready by the timer
+	if time.Since(start) > 5*time.Second {
+		t.Fatal("not ready by the timer")
+	}
+	close(g.open)
+	eventuallyTrue(t, "the leaked address released", func() bool {
+		_, err := again.store.Get(ctx, leak)
+		return errors.Is(err, kvstore.ErrNotFound)
+	})
 }

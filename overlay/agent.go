@@ -125,6 +125,8 @@ type Agent struct {
 	// identityChecked: the store's identity was compared with the one
 	// remembered, once since start; until then peers are only added.
 	identityChecked atomic.Bool
+	// running: Run has started (and with it the session keeper).
+	running atomic.Bool
 	// fates caches, by network id, what the store said of a network
 	// missing from the view when nothing could be done (guarded by mu).
 	fates map[string]fateCache
@@ -258,6 +260,7 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 	a.life = ctx
 	a.ensureViews(ctx)
 	a.unlock()
+	a.running.Store(true)
 	go a.watch(ctx, networksPrefix, a.applyNetworks)
 	go a.commits.run(ctx)
 	go a.registerNode(ctx)

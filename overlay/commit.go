@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
@@ -34,12 +35,20 @@ type commitReq struct {
 // maxBatchOps keeps a batch under Consul's 64 operations a transaction.
 const maxBatchOps = 60
 
+// minCommitTime is the least time a request must have left to join a
+// batch, whose transaction is bounded by its earliest deadline.
+const minCommitTime = time.Second
+
 // committer owns what this host's peer records hold: published, by
 // network id, is the set of addresses of its last successful write.
 type committer struct {
 	a         *Agent
 	reqs      chan *commitReq
 	published map[string][]netip.Addr
+	// unsure are the networks whose record may not be what published
+	// says: a transaction that failed without an answer may have been
+	// applied. Their next write is made whatever published says.
+	unsure map[string]bool
 	// wrote is when each network's record was last written: a view may
 	// not show the write yet (read by the reconciler, hence the lock).
 	wmu   sync.Mutex
@@ -55,11 +64,20 @@ func (c *committer) recentlyWrote(netID string, d time.Duration) bool {
 }
 
 // commit hands a change to the committer and waits for its transaction.
+// Without a store session yet (the agent has just started) it waits for
+// one: a record written without would outlive the host.
 // A change whose context ends before the committer takes it up is never
 // made; once taken up, the caller waits for the outcome (a transaction
 // is bounded by its batch's earliest deadline), so that it always knows
 // whether its change is in the store.
 func (a *Agent) commit(ctx context.Context, r *commitReq) error {
+	for a.currentSession() == "" && a.sessionsInUse() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("no store session yet: %w", ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 	r.ctx, r.done = ctx, make(chan error, 1)
 	select {
 	case a.commits.reqs <- r:
@@ -78,6 +96,12 @@ func (c *committer) run(ctx context.Context) {
 				r.done <- err // given up before it was made
 				return
 			}
+			if d, ok := r.ctx.Deadline(); ok && time.Until(d) < minCommitTime {
+				// Too little time left to wait for a transaction: joining
+				// one would cut it short for every request in it.
+				r.done <- fmt.Errorf("commit: %w", context.DeadlineExceeded)
+				return
+			}
 			batch = append(batch, r)
 			n += len(r.ops) + 1
 		}
@@ -88,7 +112,7 @@ func (c *committer) run(ctx context.Context) {
 			take(r)
 		}
 	drain:
-		for n < maxBatchOps {
+		for n < maxBatchOps-5 { // a request brings at most 4 ops and the record
 			select {
 			case r := <-c.reqs:
 				take(r)
@@ -160,7 +184,7 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 	session := c.a.currentSession()
 	forced := map[string]bool{}
 	for _, r := range batch {
-		forced[r.netID] = forced[r.netID] || r.setOK
+		forced[r.netID] = forced[r.netID] || r.setOK || c.unsure[r.netID]
 	}
 	for id, ips := range next {
 		if !forced[id] && sameAddrs(ips, c.published[id]) {
@@ -183,6 +207,14 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 		return nil
 	}
 	if err := c.a.store.Txn(ctx, ops); err != nil {
+		if !errors.Is(err, kvstore.ErrConflict) {
+			if c.unsure == nil {
+				c.unsure = map[string]bool{}
+			}
+			for id := range next {
+				c.unsure[id] = true
+			}
+		}
 		return err
 	}
 	c.wmu.Lock()
@@ -196,6 +228,7 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 			c.published[id] = ips
 		}
 		c.wrote[id] = time.Now()
+		delete(c.unsure, id)
 	}
 	c.wmu.Unlock()
 	return nil
@@ -224,12 +257,14 @@ func dedupChecks(ops []kvstore.Op) []kvstore.Op {
 	return out
 }
 
-// publishedAddrs is what this host's peer records should hold according
-// to its journal: the addresses of its attached endpoints, by network.
+// publishedAddrs is what this host's peer records may hold according to
+// its journal: the addresses of its endpoints, by network, interrupted
+// ones included (a crash may have come after their publish), so that
+// undoing one writes its record without it.
 func publishedAddrs(locals map[string]*localEndpoint) map[string][]netip.Addr {
 	out := map[string][]netip.Addr{}
 	for _, l := range locals {
-		if l.Phase == phaseAttached && l.Endpoint.IP.IsValid() {
+		if l.Endpoint.IP.IsValid() {
 			out[l.Net.ID] = append(out[l.Net.ID], l.Endpoint.IP)
 		}
 	}

@@ -55,22 +55,22 @@ func TestVanishedPeersHeldOnlyWhenTheStoreLostItsState(t *testing.T) {
 	if lost, err := a.checkIdentity(ctx); err != nil || lost {
 		t.Fatalf("first identity check: lost %v, %v", lost, err)
 	}
-	if !a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, false) || count() != 3 {
+	if !a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, 0, false) || count() != 3 {
 		t.Fatalf("peers %d, want 3 (our own record is no peer)", count())
 	}
-	if a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, false) {
+	if a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, 0, false) {
 		t.Error("the same snapshot counted as a change")
 	}
-	a.applyPeers(ctx, v, []*kvstore.KV{h2, mine}, false) // h3 gone: its host died
+	a.applyPeers(ctx, v, []*kvstore.KV{h2, mine}, 0, false) // h3 gone: its host died
 	if count() != 2 {
 		t.Fatalf("after a host's record went with the store intact: %d peers", count())
 	}
 
-	a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, false)
+	a.applyPeers(ctx, v, []*kvstore.KV{h2, h3, mine}, 0, false)
 	if err := st.Delete(ctx, identityKey); err != nil { // the store lost its state
 		t.Fatal(err)
 	}
-	a.applyPeers(ctx, v, nil, false)
+	a.applyPeers(ctx, v, nil, 0, false)
 	if count() != 3 {
 		t.Fatalf("with the store lost, the vanished records are not held: %d peers", count())
 	}
@@ -79,7 +79,7 @@ func TestVanishedPeersHeldOnlyWhenTheStoreLostItsState(t *testing.T) {
 	}
 	// h2 writes its record again, with one endpoint fewer: the new one
 	// counts, not the held one.
-	a.applyPeers(ctx, v, []*kvstore.KV{rec("h2", "192.168.0.2", "10.0.0.2")}, false)
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("h2", "192.168.0.2", "10.0.0.2")}, 0, false)
 	if count() != 2 {
 		t.Fatalf("after h2 republished: %d peers, want 2 (h2's one, h3's held)", count())
 	}
@@ -134,5 +134,54 @@ func TestJournalGaps(t *testing.T) {
 	a := &Agent{journalGaps: gaps}
 	if !a.journalGap("m") || a.journalGap("n") {
 		t.Errorf("journalGap: m %v, n %v", a.journalGap("m"), a.journalGap("n"))
+	}
+}
+
+// A delta says what each touched address resolves to now, whatever
+// happened to it in between: a host that changed its VTEP and then dropped
+// the address removes it; an address that moved from one host to another
+// in two steps stays, at its new VTEP.
+func TestPeerDeltaResolvesTouchedAddresses(t *testing.T) {
+	ctx := context.Background()
+	a, _ := storeAgent(t)
+	if _, err := a.checkIdentity(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v := &peerView{id: testID("n"), node: "me"}
+	rec := func(node, vtep string, ips ...string) *kvstore.KV {
+		var addrs []netip.Addr
+		for _, ip := range ips {
+			addrs = append(addrs, netip.MustParseAddr(ip))
+		}
+		data, _ := json.Marshal(&PeerRecord{Version: 1, Node: node, VTEP: netip.MustParseAddr(vtep), IPs: packAddrs(addrs)})
+		return &kvstore.KV{Key: peerKey(v.id, node), Value: data}
+	}
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.1", "10.0.0.5")}, 1, false)
+	v.peersAndReset()
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.9", "10.0.0.5")}, 2, false)
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.9")}, 3, false)
+	add, del, ok := v.takeDelta()
+	if !ok || len(add) != 0 || len(del) != 1 || del[0].String() != "10.0.0.5" {
+		t.Errorf("VTEP changed, then the address dropped: add %v del %v ok %v", add, del, ok)
+	}
+
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.1", "10.0.0.6")}, 4, false)
+	v.peersAndReset()
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.1", "10.0.0.6"), rec("B", "192.168.0.2", "10.0.0.6")}, 5, false)
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.1"), rec("B", "192.168.0.2", "10.0.0.6")}, 6, false)
+	add, del, ok = v.takeDelta()
+	if !ok || len(del) != 0 || len(add) != 1 || add[0].VTEP.String() != "192.168.0.2" {
+		t.Errorf("address moved from A to B in two steps: add %v del %v ok %v", add, del, ok)
+	}
+	// An older snapshot (an attach's first read racing with the watch)
+	// does not take the view back.
+	if a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.1", "10.0.0.6")}, 5, false) {
+		t.Error("an older snapshot was taken")
+	}
+	// An unreadable record keeps the host's last good one.
+	bad := &kvstore.KV{Key: peerKey(v.id, "B"), Value: []byte("{torn")}
+	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.1"), bad}, 7, false)
+	if p, _ := v.peers(); len(p) != 1 || p[0].Node != "B" {
+		t.Errorf("after a torn record of B: %v", p)
 	}
 }

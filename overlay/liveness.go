@@ -21,6 +21,9 @@ const alivePrefix = "alive/"
 
 func (a *Agent) sessionFile() string { return filepath.Join(a.cfg.StateDir, "session") }
 
+// sessionsInUse: the agent runs and holds (or is getting) a session.
+func (a *Agent) sessionsInUse() bool { return a.running.Load() }
+
 func (a *Agent) currentSession() string {
 	a.cmu.RLock()
 	defer a.cmu.RUnlock()

@@ -3,6 +3,7 @@ package overlay
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -36,17 +37,22 @@ type peerView struct {
 	// snapshot (its session ended, the store lost it): the reconciler
 	// writes it again at its next pass instead of its next full one.
 	ownLost bool
-	// delta is what changed since the reconciler last read the whole
-	// list (peersAndReset), by address; deltaOK is false until it has
-	// read it once, or after it could not apply a delta.
-	delta   map[netip.Addr]peerChange
+	// claims is, by address, which other hosts' effective records hold
+	// it and with which VTEP: what an address resolves to now, kept up
+	// to date per changed record.
+	claims map[netip.Addr]map[string]netip.Addr
+	// touched are the addresses whose claims changed since the reconciler
+	// last read the whole list (peersAndReset) or a delta; deltaOK is
+	// false until it has read the list once, or after a change a delta
+	// cannot carry (a hold that ended, a failed write).
+	touched map[netip.Addr]bool
 	deltaOK bool
-}
-
-// peerChange is one address to program (remove false) or to remove.
-type peerChange struct {
-	PeerAddr
-	remove bool
+	// index is that of the snapshot the view holds: an older one (the
+	// first read of an attach racing with the watch) is not taken.
+	index uint64
+	// wmu makes each apply one step: the watch and an attach's first
+	// read both apply snapshots.
+	wmu sync.Mutex
 }
 
 // PeerAddr is one endpoint of another host, as the datapath needs it.
@@ -69,27 +75,53 @@ func (v *peerView) peers() (out []PeerAddr, ok bool) {
 func (v *peerView) peersAndReset() ([]PeerAddr, bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	v.delta, v.deltaOK = nil, v.synced
-	return v.peersLocked()
+	v.touched, v.deltaOK = nil, v.synced
+	out, ok := v.peersLocked()
+	// The claims index from scratch, as the list just read says.
+	v.claims = make(map[netip.Addr]map[string]netip.Addr, len(out))
+	for _, p := range out {
+		c := v.claims[p.IP]
+		if c == nil {
+			c = map[string]netip.Addr{}
+			v.claims[p.IP] = c
+		}
+		c[p.Node] = p.VTEP
+	}
+	return out, ok
 }
 
 // takeDelta returns what changed since the last peersAndReset or
-// takeDelta, removals first; ok is false when only the whole list will do.
-func (v *peerView) takeDelta() (add, del []PeerAddr, ok bool) {
+// takeDelta: each touched address as it resolves now, programmed (add)
+// or, claimed by no other host, removed (del, by address alone); ok is
+// false when only the whole list will do.
+func (v *peerView) takeDelta() (add []PeerAddr, del []netip.Addr, ok bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if !v.deltaOK {
 		return nil, nil, false
 	}
-	for _, c := range v.delta {
-		if c.remove {
-			del = append(del, c.PeerAddr)
+	for ip := range v.touched {
+		if p, ok := resolve(v.claims, ip); ok {
+			add = append(add, p)
 		} else {
-			add = append(add, c.PeerAddr)
+			del = append(del, ip)
 		}
 	}
-	v.delta = nil
+	v.touched = nil
 	return add, del, true
+}
+
+// resolve is the peer an address stands for: when several hosts claim
+// it (which IPAM prevents, but records can say anything), the first by
+// name, as the whole list sorts them.
+func resolve(claims map[netip.Addr]map[string]netip.Addr, ip netip.Addr) (PeerAddr, bool) {
+	var best PeerAddr
+	for node, vtep := range claims[ip] {
+		if best.Node == "" || node < best.Node {
+			best = PeerAddr{Node: node, VTEP: vtep, IP: ip}
+		}
+	}
+	return best, best.Node != ""
 }
 
 // invalidate makes the next reader take the whole list.
@@ -111,18 +143,26 @@ func effective(recs, held map[string]*PeerRecord, holding bool, node string) *Pe
 	return nil
 }
 
-// recordDelta adds to the view's delta what changed between two states of
-// the records: removals first, so that an address that moved to another
-// node ends up programmed, not removed.
-func (v *peerView) recordDelta(self string, prevRecs, prevHeld map[string]*PeerRecord, prevHolding bool,
+// updateClaims moves the claims index from one state of the records to
+// the next, node by changed node, and marks the addresses it touched.
+// Called with mu held.
+func (v *peerView) updateClaims(self string, prevRecs, prevHeld map[string]*PeerRecord, prevHolding bool,
 	recs, held map[string]*PeerRecord, holding bool) {
+	if v.claims == nil {
+		v.claims = map[netip.Addr]map[string]netip.Addr{}
+	}
+	touch := func(ip netip.Addr) {
+		if v.touched == nil {
+			v.touched = map[netip.Addr]bool{}
+		}
+		v.touched[ip] = true
+	}
 	nodes := map[string]bool{}
 	for _, m := range []map[string]*PeerRecord{prevRecs, prevHeld, recs, held} {
 		for n := range m {
 			nodes[n] = true
 		}
 	}
-	var adds []PeerAddr
 	for node := range nodes {
 		if node == self {
 			continue
@@ -131,32 +171,28 @@ func (v *peerView) recordDelta(self string, prevRecs, prevHeld map[string]*PeerR
 		if before == after {
 			continue // the same decoded record: unchanged
 		}
-		was := map[netip.Addr]netip.Addr{}
 		if before != nil {
 			for _, ip := range before.Addrs() {
-				was[ip] = before.VTEP
+				if c := v.claims[ip]; c != nil {
+					delete(c, node)
+					if len(c) == 0 {
+						delete(v.claims, ip)
+					}
+				}
+				touch(ip)
 			}
 		}
 		if after != nil {
 			for _, ip := range after.Addrs() {
-				if vtep, ok := was[ip]; !ok || vtep != after.VTEP {
-					adds = append(adds, PeerAddr{Node: node, VTEP: after.VTEP, IP: ip})
+				c := v.claims[ip]
+				if c == nil {
+					c = map[string]netip.Addr{}
+					v.claims[ip] = c
 				}
-				delete(was, ip)
+				c[node] = after.VTEP
+				touch(ip)
 			}
 		}
-		for ip, vtep := range was {
-			if v.delta == nil {
-				v.delta = map[netip.Addr]peerChange{}
-			}
-			v.delta[ip] = peerChange{PeerAddr{Node: node, VTEP: vtep, IP: ip}, true}
-		}
-	}
-	for _, p := range adds {
-		if v.delta == nil {
-			v.delta = map[netip.Addr]peerChange{}
-		}
-		v.delta[p.IP] = peerChange{p, false}
 	}
 }
 
@@ -204,7 +240,7 @@ func (a *Agent) watchPeers(ctx context.Context, v *peerView) {
 			continue
 		}
 		a.setStoreErr(nil)
-		if a.applyPeers(ctx, v, ev.Pairs, ev.Reset) {
+		if a.applyPeers(ctx, v, ev.Pairs, ev.Index, ev.Reset) {
 			a.markDirty(v.id)
 		}
 	}
@@ -214,8 +250,14 @@ func (a *Agent) watchPeers(ctx context.Context, v *peerView) {
 // reports whether anything changed. Only records whose value changed are
 // decoded; a record of another host that vanished is held when the store
 // lost its state (see hold).
-func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV, reset bool) bool {
+func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV, index uint64, reset bool) bool {
+	v.wmu.Lock()
+	defer v.wmu.Unlock()
 	v.mu.Lock()
+	if v.synced && index != 0 && index < v.index && !reset {
+		v.mu.Unlock()
+		return false // older than what the view holds
+	}
 	prevRaw, prevRecs, prevSess := v.raw, v.recs, v.sess
 	held, until := v.held, v.holdUntil
 	wasSynced := v.synced
@@ -235,12 +277,20 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 		} else {
 			changed = true
 			var r PeerRecord
-			if err := decodeRecord(kv.Key, kv.Value, &r); err != nil {
-				a.log.Warn("skipping bad peer record", "err", err)
-			} else if r.Node != node {
-				a.log.Warn("skipping peer record filed under another node", "key", kv.Key, "node", r.Node)
-			} else {
+			err := decodeRecord(kv.Key, kv.Value, &r)
+			if err == nil && r.Node != node {
+				err = fmt.Errorf("record of node %q filed under %q", r.Node, node)
+			}
+			switch {
+			case err == nil:
 				recs[node] = &r
+			case prevRecs[node] != nil:
+				// An unreadable value says nothing about the host's
+				// endpoints: the last good record stays in force.
+				a.log.Warn("bad peer record; keeping the host's last good one", "err", err)
+				recs[node] = prevRecs[node]
+			default:
+				a.log.Warn("skipping bad peer record", "err", err)
 			}
 		}
 		sess[node] = kv.Session
@@ -281,8 +331,20 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 	if prevRecs[a.cfg.Node] != nil && (recs[a.cfg.Node] == nil || sess[a.cfg.Node] != prevSess[a.cfg.Node]) {
 		v.ownLost, changed = true, true
 	}
-	if v.deltaOK {
-		v.recordDelta(a.cfg.Node, prevRecs, held, now.Before(v.holdUntil), recs, newHeld, now.Before(until))
+	v.updateClaims(a.cfg.Node, prevRecs, held, now.Before(v.holdUntil), recs, newHeld, now.Before(until))
+	if index > v.index || reset {
+		v.index = index
+	}
+	if now.Before(until) && !now.Before(v.holdUntil) {
+		// A hold begins: when it ends, what it kept must go, which no
+		// snapshot will say.
+		time.AfterFunc(time.Until(until)+10*time.Millisecond, func() {
+			v.mu.Lock()
+			v.deltaOK = false
+			v.claims = nil
+			v.mu.Unlock()
+			a.markDirty(v.id)
+		})
 	}
 	v.raw, v.recs, v.sess, v.synced = raw, recs, sess, true
 	v.held, v.holdUntil = newHeld, until
@@ -383,9 +445,9 @@ func (a *Agent) primeView(ctx context.Context, v *peerView) {
 	if _, _, synced := v.own(); synced {
 		return
 	}
-	pairs, _, err := a.store.List(ctx, peersOf(v.id))
+	pairs, index, err := a.store.List(ctx, peersOf(v.id))
 	if err != nil {
 		return
 	}
-	a.applyPeers(ctx, v, pairs, false)
+	a.applyPeers(ctx, v, pairs, index, false)
 }

@@ -142,6 +142,9 @@ func (a *Agent) viewPeers(only map[string]bool) (map[string][]PeerAddr, map[stri
 // syncNetwork programs one network's peers from its view; called with mu
 // held, by an attach.
 func (a *Agent) syncNetwork(ctx context.Context, netID string) {
+	if a.applyDelta(ctx, netID) {
+		return // not the whole list of a large network on every attach
+	}
 	only := map[string]bool{netID: true}
 	peers, synced := a.viewPeers(only)
 	for _, p := range desiredState(peers, a.locals, a.localMTU(), only) {
@@ -178,15 +181,21 @@ func (a *Agent) applyDelta(ctx context.Context, netID string) bool {
 		return false
 	}
 	var addP, delP []vtep.Peer
-	for _, p := range del {
-		if cur, ok := applied[p.IP]; ok && cur.VTEP == p.VTEP {
-			delP = append(delP, cur)
+	for _, ip := range del {
+		if cur, ok := applied[ip]; ok {
+			delP = append(delP, cur) // as programmed: its VTEP is the FDB entry's
 		}
 	}
 	for _, p := range add {
 		if err := peerError(net, p.IP, local); err != nil {
 			a.log.Warn("skipping a peer address", "network", net.Name, "node", p.Node, "err", err)
+			if cur, ok := applied[p.IP]; ok {
+				delP = append(delP, cur)
+			}
 			continue
+		}
+		if cur, ok := applied[p.IP]; ok && cur.VTEP == p.VTEP {
+			continue // programmed as it is
 		}
 		addP = append(addP, vtep.Peer{IP: p.IP, MAC: ipam.MACFromIP(p.IP), VTEP: p.VTEP})
 	}
@@ -484,6 +493,9 @@ func (a *Agent) ensurePublished(ctx context.Context, netID string, ls []*localEn
 	}
 	if err := a.commit(ctx, &commitReq{netID: netID, set: want, setOK: true}); err != nil {
 		a.log.Warn("write this host's peer record", "network", ls[0].Net.Name, "err", err)
+		v.mu.Lock()
+		v.ownLost = true // again at the next pass, not the next full one
+		v.mu.Unlock()
 		return
 	}
 	switch {

@@ -2,7 +2,6 @@ package overlay
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -342,12 +341,8 @@ func TestReconcilerProgramsPeerRecords(t *testing.T) {
 	}
 	ns := NamespaceOf(n.ID)
 	put := func(node string, ips ...string) {
-		var addrs []netip.Addr
-		for _, ip := range ips {
-			addrs = append(addrs, netip.MustParseAddr(ip))
-		}
-		data := mustJSON(t, &PeerRecord{Version: 1, Node: node, VTEP: netip.MustParseAddr("192.0.2.9"), IPs: packAddrs(addrs)})
-		if err := a.store.Put(ctx, peerKey(n.ID, node), data); err != nil {
+		kv := peerKV(n.ID, node, "192.0.2.9", ips...)
+		if err := a.store.Put(ctx, kv.Key, kv.Value); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -408,15 +403,6 @@ func TestGroupCommit(t *testing.T) {
 
 // NamespaceOf is the namespace name of a network id.
 func NamespaceOf(id string) string { return (&Network{ID: id}).NamespaceName() }
-
-func mustJSON(t *testing.T, v any) []byte {
-	t.Helper()
-	data, err := json.Marshal(v)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return data
-}
 
 // gatedStore holds back the snapshots of the networks watch until open is
 // closed: a store that answers slowly at start.

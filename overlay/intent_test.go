@@ -39,14 +39,7 @@ func TestVanishedPeersHeldOnlyWhenTheStoreLostItsState(t *testing.T) {
 	ctx := context.Background()
 	a, st := storeAgent(t)
 	v := &peerView{id: testID("n"), node: "me"}
-	rec := func(node, vtep string, ips ...string) *kvstore.KV {
-		var addrs []netip.Addr
-		for _, ip := range ips {
-			addrs = append(addrs, netip.MustParseAddr(ip))
-		}
-		data, _ := json.Marshal(&PeerRecord{Version: 1, Node: node, VTEP: netip.MustParseAddr(vtep), IPs: packAddrs(addrs)})
-		return &kvstore.KV{Key: peerKey(v.id, node), Value: data}
-	}
+	rec := func(node, vtep string, ips ...string) *kvstore.KV { return peerKV(v.id, node, vtep, ips...) }
 	h2 := rec("h2", "192.168.0.2", "10.0.0.2", "10.0.0.3")
 	h3 := rec("h3", "192.168.0.3", "10.0.0.4")
 	mine := rec("me", "192.168.0.1", "10.0.0.9")
@@ -148,14 +141,7 @@ func TestPeerDeltaResolvesTouchedAddresses(t *testing.T) {
 		t.Fatal(err)
 	}
 	v := &peerView{id: testID("n"), node: "me"}
-	rec := func(node, vtep string, ips ...string) *kvstore.KV {
-		var addrs []netip.Addr
-		for _, ip := range ips {
-			addrs = append(addrs, netip.MustParseAddr(ip))
-		}
-		data, _ := json.Marshal(&PeerRecord{Version: 1, Node: node, VTEP: netip.MustParseAddr(vtep), IPs: packAddrs(addrs)})
-		return &kvstore.KV{Key: peerKey(v.id, node), Value: data}
-	}
+	rec := func(node, vtep string, ips ...string) *kvstore.KV { return peerKV(v.id, node, vtep, ips...) }
 	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.1", "10.0.0.5")}, 1, false)
 	v.peersAndReset()
 	a.applyPeers(ctx, v, []*kvstore.KV{rec("A", "192.168.0.9", "10.0.0.5")}, 2, false)
@@ -184,4 +170,14 @@ func TestPeerDeltaResolvesTouchedAddresses(t *testing.T) {
 	if p, _ := v.peers(); len(p) != 1 || p[0].Node != "B" {
 		t.Errorf("after a torn record of B: %v", p)
 	}
+}
+
+// peerKV is a stored peer record of node on network id.
+func peerKV(id, node, vtep string, ips ...string) *kvstore.KV {
+	var addrs []netip.Addr
+	for _, ip := range ips {
+		addrs = append(addrs, netip.MustParseAddr(ip))
+	}
+	data, _ := json.Marshal(&PeerRecord{Version: 1, Node: node, VTEP: netip.MustParseAddr(vtep), IPs: packAddrs(addrs)})
+	return &kvstore.KV{Key: peerKey(id, node), Value: data}
 }

@@ -620,6 +620,37 @@ func (m *Manager) HasOwnDefaultRoute(ctx context.Context, containerNS string) (b
 	return slices.ContainsFunc(defs, func(r netlink.Route) bool { return !m.isOurRoute(r) }), nil
 }
 
+// OwnDefaultRoutes records the container's IPv4 default routes of its own
+// (not through the gateway subnet) as AddGateway with ReplaceDefault would
+// record what it replaces: a caller that keeps them before the gateway is
+// added can put them back even if it dies half way.
+func (m *Manager) OwnDefaultRoutes(ctx context.Context, containerNS string) ([]Route, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("nat: default routes of %s: %w", containerNS, err)
+	}
+	c, err := openContainer(containerNS)
+	if err != nil {
+		return nil, fmt.Errorf("nat: default routes of %s: %w", containerNS, err)
+	}
+	defer c.close()
+	defs, err := defaultRoutes(c.h)
+	if err != nil {
+		return nil, fmt.Errorf("nat: default routes of %s: %w", containerNS, err)
+	}
+	var out []Route
+	for _, r := range defs {
+		if m.isOurRoute(r) {
+			continue
+		}
+		rec, err := recordRoute(c.h, c.path, c.id, r)
+		if err != nil {
+			return nil, fmt.Errorf("nat: default routes of %s: %w", containerNS, err)
+		}
+		out = append(out, rec)
+	}
+	return out, nil
+}
+
 // Gateways lists the host-side veths enslaved to the bridge, so the agent can
 // delete those no endpoint accounts for.
 func (m *Manager) Gateways(ctx context.Context) ([]string, error) {

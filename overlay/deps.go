@@ -40,6 +40,7 @@ type egress interface {
 	CheckGateway(ctx context.Context, s nat.GatewaySpec) ([]string, error)
 	RemoveGateway(ctx context.Context, hostVeth string, restore []nat.Route) error
 	HasOwnDefaultRoute(ctx context.Context, containerNS string) (bool, error)
+	OwnDefaultRoutes(ctx context.Context, containerNS string) ([]nat.Route, error)
 	SetPublished(ps []nat.Publish) bool
 	SyncPublished(ctx context.Context) ([]string, error)
 }

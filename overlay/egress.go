@@ -95,6 +95,20 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 	}
 	spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: veth, Addr: prefixFor(ip, a.egress.Config().Subnet.Bits()),
 		ReplaceDefault: rep.ReplaceDefault}
+	if rep.ReplaceDefault {
+		// On disk before they go: a crash between their removal and
+		// their record would lose the container's own routes for good.
+		own, err := a.egress.OwnDefaultRoutes(ctx, l.Netns)
+		if err == nil && len(own) > 0 {
+			err = a.gwAddrs.SetRoutes(owner, append(a.gwAddrs.Routes(owner), own...))
+		}
+		if err != nil {
+			if !exists {
+				a.gwAddrs.Release(owner)
+			}
+			return false, fmt.Errorf("gateway interface: record the container's default routes: %w", err)
+		}
+	}
 	_, replaced, err := a.egress.AddGateway(ctx, spec)
 	if err != nil {
 		// The bridge may have gone since it was last checked: check it

@@ -123,3 +123,40 @@ func TestStoreOfAnotherFormatRefused(t *testing.T) {
 		t.Error("exited successfully")
 	}
 }
+
+// A container's own default route is kept; --default-route replaces it
+// with the gateway bridge's (the old one recorded first), and the detach
+// of its last endpoint puts it back. Publishing a port with its own route
+// kept is refused: replies would bypass the NAT.
+func TestContainerDefaultRouteKeptOrReplaced(t *testing.T) {
+	c := newCluster(t, 1)
+	a := c.agents[0]
+	a.mustVxnet("network", "create", "r", "--subnet", "10.19.0.0/24")
+	ns := c.net.AddNS("own")
+	for _, cmd := range [][]string{
+		{"ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"}, {"ip", "addr", "add", "10.99.0.2/24", "dev", "d0"},
+		{"ip", "link", "set", "d1", "up"}, {"ip", "link", "set", "d0", "up"},
+		{"ip", "route", "add", "default", "via", "10.99.0.1", "dev", "d0"},
+	} {
+		if out, err := testnet.Exec(ns, cmd...); err != nil {
+			t.Fatalf("%v: %v %s", cmd, err, out)
+		}
+	}
+	route := func() string { out, _ := testnet.Exec(ns, "ip", "route", "show", "default"); return out }
+	if out, err := a.vxnet("attach", "r", ns, "-p", "8081:80"); err == nil || !strings.Contains(out, "--default-route") {
+		t.Errorf("publish with the container's own default route: %v %s", err, out)
+	}
+	a.mustVxnet("attach", "r", ns, "--name", "kept")
+	if r := route(); !strings.Contains(r, "via 10.99.0.1") || strings.Contains(r, "172.18.") {
+		t.Errorf("own default route not kept: %s", r)
+	}
+	a.mustVxnet("detach", "r", "kept")
+	a.mustVxnet("attach", "r", ns, "--name", "repl", "--default-route")
+	if r := route(); strings.Contains(r, "via 10.99.0.1") || !strings.Contains(r, "172.18.") {
+		t.Errorf("default route not replaced: %s", r)
+	}
+	a.mustVxnet("detach", "r", "repl")
+	if r := route(); !strings.Contains(r, "via 10.99.0.1 dev d0") {
+		t.Errorf("own default route not restored by the detach: %s", r)
+	}
+}

@@ -181,6 +181,12 @@ func (c *cli) printNetworks(ns []api.Network) error {
 	}
 	rows := make([][]string, 0, len(ns))
 	for _, n := range ns {
+		if n.Error != "" {
+			// A record that does not decode: its name is taken, and
+			// "network rm" removes it.
+			rows = append(rows, []string{"-", n.Name, "unreadable record: " + n.Error, "", "", "", ""})
+			continue
+		}
 		rows = append(rows, []string{short(n.ID), n.Name, n.Subnet, n.Gateway, fmt.Sprint(n.VNI), fmt.Sprint(n.MTU), fmt.Sprint(n.Internal)})
 	}
 	c.table("NETWORK ID\tNAME\tSUBNET\tGATEWAY\tVNI\tMTU\tINTERNAL", rows)

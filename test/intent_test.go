@@ -51,6 +51,20 @@ func recordsBack(t *testing.T, agents []*agent, network, id string, endpoints ..
 	return time.Since(start)
 }
 
+// pingingPair is two hosts on network name (subnet net.0/24), endpoint e1
+// on the first host and e2 (net.20) on the second, c1 reaching c2.
+func pingingPair(t *testing.T, name, net string) (*cluster, api.Network, string, string) {
+	t.Helper()
+	c := newCluster(t, 2)
+	var n api.Network
+	c.agents[0].jsonOut(&n, "network", "create", name, "--subnet", net+".0/24")
+	c1, c2 := c.net.AddNS("c1"), c.net.AddNS("c2")
+	c.agents[0].mustVxnet("attach", name, c1, "--name", "e1")
+	c.agents[1].mustVxnet("attach", name, c2, "--name", "e2", "--ip", net+".20")
+	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, net+".20") })
+	return c, n, c1, c2
+}
+
 func lossOf(t *testing.T, res chan string) string {
 	t.Helper()
 	out := <-res
@@ -66,14 +80,8 @@ func lossOf(t *testing.T, res chan string) string {
 // prefix: pings between two hosts lose nothing, and every record is back
 // within seconds, with the same ids, VNI, subnet and addresses.
 func TestStoreLostKeepsDatapath(t *testing.T) {
-	c := newCluster(t, 2)
-	a1, a2 := c.agents[0], c.agents[1]
-	var n api.Network
-	a1.jsonOut(&n, "network", "create", "lost", "--subnet", "10.12.0.0/24")
-	c1, c2 := c.net.AddNS("c1"), c.net.AddNS("c2")
-	a1.mustVxnet("attach", "lost", c1, "--name", "e1")
-	a2.mustVxnet("attach", "lost", c2, "--name", "e2", "--ip", "10.12.0.20")
-	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, "10.12.0.20") })
+	c, n, c1, c2 := pingingPair(t, "lost", "10.12.0")
+	a2 := c.agents[1]
 
 	res, stop := pingLoss(t, c1, "10.12.0.20", 12*time.Second)
 	defer stop()
@@ -121,14 +129,8 @@ func TestStoreLostKeepsDatapath(t *testing.T) {
 // reappears as it was; a tampered reservation key cannot hand its subnet
 // or VNI out twice, the records being the truth.
 func TestNetworkKeyDeletedByHand(t *testing.T) {
-	c := newCluster(t, 2)
+	c, n, c1, _ := pingingPair(t, "cnet", "10.13.0")
 	a1, a2 := c.agents[0], c.agents[1]
-	var n api.Network
-	a1.jsonOut(&n, "network", "create", "cnet", "--subnet", "10.13.0.0/24")
-	c1, c2 := c.net.AddNS("c1"), c.net.AddNS("c2")
-	a1.mustVxnet("attach", "cnet", c1, "--name", "e1")
-	a2.mustVxnet("attach", "cnet", c2, "--name", "e2", "--ip", "10.13.0.20")
-	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, "10.13.0.20") })
 
 	res, stop := pingLoss(t, c1, "10.13.0.20", 8*time.Second)
 	defer stop()

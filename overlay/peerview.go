@@ -338,13 +338,27 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 	if now.Before(until) && !now.Before(v.holdUntil) {
 		// A hold begins: when it ends, what it kept must go, which no
 		// snapshot will say.
-		time.AfterFunc(time.Until(until)+10*time.Millisecond, func() {
+		var expire func()
+		expire = func() {
+			if a.life.Err() != nil {
+				return // the agent stopped
+			}
+			if _, err := a.checkIdentity(a.life); err != nil {
+				// Still no word from the store on whether these left on
+				// purpose: keep them rather than let time decide.
+				v.mu.Lock()
+				v.holdUntil = time.Now().Add(a.holdTime())
+				v.mu.Unlock()
+				time.AfterFunc(a.holdTime(), expire)
+				return
+			}
 			v.mu.Lock()
 			v.deltaOK = false
 			v.claims = nil
 			v.mu.Unlock()
 			a.markDirty(v.id)
-		})
+		}
+		time.AfterFunc(time.Until(until)+10*time.Millisecond, expire)
 	}
 	v.raw, v.recs, v.sess, v.synced = raw, recs, sess, true
 	v.held, v.holdUntil = newHeld, until

@@ -82,6 +82,9 @@ type Agent struct {
 	// attach, detach and reconcile never interleave.
 	mu     ctxMutex
 	locals map[string]*localEndpoint
+	// ops orders a pass's store repairs of a network against the
+	// network's attaches and detaches (see netOps); taken before mu.
+	ops netOps
 	// inflight marks the attaches under way: a reconcile leaves their
 	// records and interfaces alone.
 	inflight map[string]bool
@@ -128,7 +131,8 @@ type Agent struct {
 	// running: Run has started (and with it the session keeper).
 	running atomic.Bool
 	// fates caches, by network id, what the store said of a network
-	// missing from the view when nothing could be done (guarded by mu).
+	// missing from the view when nothing could be done (the pass's own:
+	// only its store phase uses it).
 	fates map[string]fateCache
 
 	kick    chan struct{}

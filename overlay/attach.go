@@ -92,6 +92,9 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		return nil, err
 	}
 	st.mark("network")
+	// For the whole attach, rollback included: a pass repairs no record
+	// of the network meanwhile.
+	defer a.ops.enter(network)()
 	if n.Removing {
 		return nil, conflictf("network %q is being removed", network)
 	}
@@ -147,6 +150,9 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	// the store round trips of concurrent attaches overlap. The record is
 	// marked in flight so that a reconcile running in between neither
 	// undoes it nor takes its interfaces for leaks.
+	if err := a.undoInterrupted(ctx, network, nsid, name); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
 	if err := a.mu.LockCtx(ctx); err != nil {
 		return nil, fmt.Errorf("attach %s: waiting for the agent: %w", name, err)
 	}
@@ -155,21 +161,11 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		if l.Endpoint.Network != network || (l.NetnsID != nsid && l.Endpoint.Name != name) {
 			continue
 		}
-		// What is left of an attach or detach that failed when the store
-		// went away is undone at the next pass with the store back; a retry
-		// of the same attach must not wait for that pass, nor be told that
-		// the namespace is attached when it is not.
-		if a.interruptedLocked(l) {
-			pctx, cancel := context.WithTimeout(ctx, rollbackTimeout)
-			err := a.purge(pctx, l)
-			cancel()
-			if err != nil {
-				a.unlock()
-				return nil, fmt.Errorf("attach %s: undo the earlier failed operation on endpoint %q first: %w", name, l.Endpoint.Name, err)
-			}
-			continue
-		}
 		a.unlock()
+		if a.interruptedLocked(l) {
+			// Another attach of it failed since undoInterrupted looked.
+			return nil, conflictf("endpoint %q of network %q is being undone after a failed operation; try again", l.Endpoint.Name, network)
+		}
 		if l.Endpoint.Name == name {
 			return nil, conflictf("endpoint %q already exists on network %q", name, network)
 		}
@@ -313,6 +309,47 @@ func (a *Agent) rollback(ctx context.Context, l *localEndpoint, cause error) {
 	}
 }
 
+// undoInterrupted undoes what is left of an attach or detach of the same
+// endpoint or namespace that failed when the store went away: a retry
+// must neither wait for the pass that would undo it nor be told that the
+// namespace is attached when it is not. The kernel half holds mu, the
+// store half does not (the record is in flight meanwhile, so no pass
+// works on it).
+func (a *Agent) undoInterrupted(ctx context.Context, network string, nsid nsID, name string) error {
+	for {
+		if err := a.mu.LockCtx(ctx); err != nil {
+			return fmt.Errorf("waiting for the agent: %w", err)
+		}
+		var l *localEndpoint
+		for _, c := range a.locals {
+			if c.Endpoint.Network == network && (c.NetnsID == nsid || c.Endpoint.Name == name) && a.interruptedLocked(c) {
+				l = c
+				break
+			}
+		}
+		if l == nil {
+			a.unlock()
+			return nil
+		}
+		err := a.purgeKernel(ctx, l)
+		if err == nil {
+			a.inflight[l.key()] = true
+		}
+		a.unlock()
+		if err == nil {
+			pctx, cancel := context.WithTimeout(ctx, rollbackTimeout)
+			err = a.purgeStore(pctx, l, true)
+			cancel()
+			a.mu.Lock()
+			delete(a.inflight, l.key())
+			a.unlock()
+		}
+		if err != nil {
+			return fmt.Errorf("undo the earlier failed operation on endpoint %q first: %w", l.Endpoint.Name, err)
+		}
+	}
+}
+
 // attachKernel builds an attaching endpoint's datapath: the network's
 // namespace if needed, the veth pair and the container's gateway
 // interface. The caller's rollback removes whatever it made.
@@ -383,6 +420,7 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 	if err := ValidateName("endpoint", name); err != nil {
 		return &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
+	defer a.ops.enter(network)() // a pass repairs no record of the network meanwhile
 	// Fail early and change nothing when the store cannot be written;
 	// asked before taking mu, which attaches would wait behind.
 	if _, err := a.store.Get(ctx, networkKey(network)); err != nil && !errors.Is(err, kvstore.ErrNotFound) {

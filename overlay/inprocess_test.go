@@ -469,3 +469,76 @@ func TestFirstSyncedPassIsFullAfterReadyTimer(t *testing.T) {
 		return errors.Is(err, kvstore.ErrNotFound)
 	})
 }
+
+// stallingStore holds back Gets of one key until open is closed: a store
+// that stops answering in the middle of a pass's repair.
+type stallingStore struct {
+	kvstore.Store
+	key     string
+	open    chan struct{}
+	stalled chan struct{} // closed at the first stalled Get
+	once    sync.Once
+}
+
+func (s *stallingStore) Get(ctx context.Context, key string) (*kvstore.KV, error) {
+	if key == s.key {
+		s.once.Do(func() { close(s.stalled) })
+		select {
+		case <-s.open:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return s.Store.Get(ctx, key)
+}
+
+// A pass repairing one network's records waits for the store without the
+// kernel lock: an attach on another network goes through meanwhile.
+func TestStoreRepairHoldsUpNoAttach(t *testing.T) {
+	dir := t.TempDir()
+	b, err := kvstore.NewBolt(filepath.Join(dir, "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	st := &stallingStore{Store: b, key: endpointKey("a", "c1"), open: make(chan struct{}), stalled: make(chan struct{})}
+	a := startInProcessAt(t, "h1", st, dir, time.Second)
+	ctx := context.Background()
+	na, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "a", Subnet: "10.1.0.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "b", Subnet: "10.2.0.0/24"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Attach(ctx, "a", api.AttachRequest{Netns: a.container(t, "c1"), Name: "c1"}); err != nil {
+		t.Fatal(err)
+	}
+	// This host's peer record of a vanishes: the pass that sees it
+	// checks the endpoint record, and the store does not answer.
+	if err := b.Delete(ctx, peerKey(na.ID, "h1")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-st.stalled:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no pass repaired the lost peer record")
+	}
+	start := time.Now()
+	if _, err := a.Attach(ctx, "b", api.AttachRequest{Netns: a.container(t, "c2"), Name: "c2"}); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	select {
+	case <-st.open:
+	default:
+		close(st.open)
+	}
+	if took > time.Second {
+		t.Errorf("an attach on another network took %s while a repair waited for the store", took)
+	}
+	eventuallyTrue(t, "the lost peer record republished", func() bool {
+		_, err := b.Get(ctx, peerKey(na.ID, "h1"))
+		return err == nil
+	})
+}

@@ -27,16 +27,42 @@ import (
 // resync interval) also check every device, interface, rule and address
 // against the desired state, to repair drift and remove leaks.
 func (a *Agent) reconcile(ctx context.Context, full bool) {
-	a.mu.Lock()
-	defer a.unlock()
 	synced := a.synced()
 	storeUp := !a.storeDown()
-	// The store phases hold mu, which attaches wait for: a store that
-	// stopped answering (frozen, partitioned) may cost them one request
-	// timeout in all, not one per record.
-	sctx, cancel := context.WithTimeout(ctx, storePhaseTimeout)
-	defer cancel()
-	a.finishInterrupted(sctx, synced && storeUp)
+	interrupted := a.reconcileKernel(ctx, full, synced && storeUp)
+	if ctx.Err() != nil {
+		return // cut short: not a complete pass
+	}
+	if synced && storeUp {
+		// The store phase holds no kernel lock: attaches and detaches of
+		// other networks go on meanwhile. Bounded as a whole, so that a
+		// store that stopped answering (frozen, partitioned) costs one
+		// timeout, not one per record.
+		sctx, cancel := context.WithTimeout(ctx, storePhaseTimeout)
+		a.finishInterrupted(sctx, interrupted)
+		a.reconcileStore(sctx, full)
+		cancel()
+		if sctx.Err() != nil && ctx.Err() == nil {
+			// Passes skip the store until it answers a watch or a
+			// renewal again.
+			a.setStoreErr(fmt.Errorf("a pass's store work did not finish within %s: %w", storePhaseTimeout, kvstore.ErrUnavailable))
+		}
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	a.cmu.Lock()
+	a.lastReconcile = time.Now()
+	a.ready = a.ready || synced
+	a.cmu.Unlock()
+}
+
+// reconcileKernel is a pass's kernel phase, under mu. It returns the
+// interrupted operations whose kernel half it undid, for the store phase.
+func (a *Agent) reconcileKernel(ctx context.Context, full, withStore bool) []*localEndpoint {
+	a.mu.Lock()
+	defer a.unlock()
+	interrupted := a.undoInterruptedKernel(ctx)
 	a.ensureViews(a.life)
 	// A light pass works on the networks whose peers changed; a full one
 	// on every network, against the kernel.
@@ -69,10 +95,10 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	plans := desiredState(peers, a.locals, a.localMTU(), only)
 	for _, p := range plans {
 		if ctx.Err() != nil {
-			return
+			return nil
 		}
 		if full {
-			a.ensurePlan(ctx, p, synced && storeUp)
+			a.ensurePlan(ctx, p, withStore)
 		}
 		if viewsSynced[p.Net.ID] {
 			a.syncPeers(ctx, p, full)
@@ -100,22 +126,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 			}
 		}
 	}
-	if synced && storeUp && sctx.Err() == nil {
-		a.reconcileStore(sctx, full)
-	}
-	if sctx.Err() != nil && ctx.Err() == nil {
-		// The store stopped answering (a frozen server, a partition
-		// the session renewal has not met yet): passes skip the store
-		// until it answers a watch or a renewal again.
-		a.setStoreErr(fmt.Errorf("a pass's store work did not finish within %s: %w", storePhaseTimeout, kvstore.ErrUnavailable))
-	}
-	if ctx.Err() != nil {
-		return // cut short: not a complete pass
-	}
-	a.cmu.Lock()
-	a.lastReconcile = time.Now()
-	a.ready = a.ready || synced
-	a.cmu.Unlock()
+	return interrupted
 }
 
 // journalGap reports whether this host's journal of a network could not
@@ -356,27 +367,50 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 	}
 }
 
-// finishInterrupted completes or undoes attaches and detaches that a crash
-// or a store outage cut short. Without the store only their kernel part
-// is undone (a container must not keep the interfaces of an attach that
-// failed); the record and the address wait for the store.
-func (a *Agent) finishInterrupted(ctx context.Context, withStore bool) {
+// undoInterruptedKernel undoes the kernel half of attaches and detaches
+// that a crash or a store outage cut short (a container must not keep the
+// interfaces of an attach that failed) and returns them: their record and
+// address wait for the store phase (finishInterrupted).
+func (a *Agent) undoInterruptedKernel(ctx context.Context) []*localEndpoint {
+	var out []*localEndpoint
 	for _, l := range a.locals {
-		if l.Phase == phaseAttached || a.inflight[l.key()] {
+		if !a.interruptedLocked(l) {
 			continue
 		}
-		if !withStore {
-			if err := a.purgeKernel(ctx, l); err != nil {
-				a.log.Warn("remove interfaces of an interrupted operation", "endpoint", l.Endpoint.Name, "err", err)
+		if err := a.purgeKernel(ctx, l); err != nil {
+			a.log.Warn("remove interfaces of an interrupted operation", "endpoint", l.Endpoint.Name, "err", err)
+			continue
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
+// finishInterrupted is the store half of undoInterruptedKernel's
+// operations, without mu: their records, addresses and journal entries.
+func (a *Agent) finishInterrupted(ctx context.Context, ls []*localEndpoint) {
+	for _, l := range ls {
+		if ctx.Err() != nil {
+			return
+		}
+		release, ok := a.ops.exclusive(l.Endpoint.Network)
+		if !ok {
+			continue // an attach of the network may be retrying it: next pass
+		}
+		a.mu.Lock()
+		still := a.locals[l.key()] == l && a.interruptedLocked(l)
+		a.unlock()
+		if still {
+			a.log.Warn("cleaning up an interrupted operation", "phase", l.Phase, "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name)
+			if err := a.purgeStore(ctx, l, true); err != nil {
+				a.log.Warn("clean up interrupted operation", "endpoint", l.Endpoint.Name, "err", err)
+			} else {
+				a.mu.Lock()
+				a.dropIdleNetwork(ctx, l.Net.NamespaceName())
+				a.unlock()
 			}
-			continue
 		}
-		a.log.Warn("cleaning up an interrupted operation", "phase", l.Phase, "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name)
-		if err := a.purge(ctx, l); err != nil {
-			a.log.Warn("clean up interrupted operation", "endpoint", l.Endpoint.Name, "err", err)
-			continue
-		}
-		a.dropIdleNetwork(ctx, l.Net.NamespaceName())
+		release()
 	}
 }
 
@@ -393,33 +427,84 @@ func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 	a.cmu.RLock()
 	networks := maps.Clone(a.networks)
 	a.cmu.RUnlock()
-	byNet := map[string][]*localEndpoint{}
-	busy := map[string]bool{}
-	for key, l := range a.locals {
-		if a.inflight[key] {
-			busy[l.Net.ID] = true // its record is being written: next pass
+	a.mu.Lock()
+	names := map[string]bool{}
+	for _, l := range a.locals {
+		names[l.Endpoint.Network] = true
+	}
+	a.unlock()
+	for name := range names {
+		if ctx.Err() != nil {
+			return
 		}
+		release, ok := a.ops.exclusive(name)
+		if !ok {
+			continue // an attach or detach of it is writing its records: next pass
+		}
+		a.reconcileNetworkStore(ctx, name, networks[name], full, session)
+		release()
+	}
+}
+
+// networkStoreWork is what one network's store repair reads of the local
+// state, copied under mu: while the repair holds the network's lock, no
+// attach or detach changes it.
+type networkStoreWork struct {
+	byNet map[string][]*localEndpoint // attached endpoints, by network id
+	views map[string]*peerView
+	names map[string]map[string]bool // every local endpoint's name, by network id
+}
+
+func (a *Agent) networkStoreWork(name string) networkStoreWork {
+	a.mu.Lock()
+	defer a.unlock()
+	w := networkStoreWork{byNet: map[string][]*localEndpoint{}, views: map[string]*peerView{}, names: map[string]map[string]bool{}}
+	for _, l := range a.locals {
+		if l.Endpoint.Network != name {
+			continue
+		}
+		id := l.Net.ID
+		if w.names[id] == nil {
+			w.names[id] = map[string]bool{}
+		}
+		w.names[id][l.Endpoint.Name] = true
 		if l.Phase == phaseAttached {
-			byNet[l.Net.ID] = append(byNet[l.Net.ID], l)
+			w.byNet[id] = append(w.byNet[id], l)
+			w.views[id] = a.views[id]
 		}
 	}
-	for id, ls := range byNet {
+	return w
+}
+
+// reconcileNetworkStore is reconcileStore for the networks of one name
+// (one, unless it was replaced), holding its lock and not mu.
+func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Network, full bool, session string) {
+	w := a.networkStoreWork(name)
+	for id, ls := range w.byNet {
 		if ctx.Err() != nil {
 			return
 		}
 		n := &ls[0].Net
-		if cur := networks[n.Name]; cur == nil || cur.ID != id {
+		if cur == nil || cur.ID != id {
 			switch a.fateOf(ctx, n) {
 			case fateRemoved:
 				// network rm went through while this host was cut off
 				// (its endpoints had expired): that is intent.
 				for _, l := range ls {
 					a.log.Warn("removing an endpoint whose network was removed while this host was away", "endpoint", l.key())
-					if err := a.purge(ctx, l); err != nil {
+					a.mu.Lock()
+					err := a.purgeKernel(ctx, l)
+					a.unlock()
+					if err == nil {
+						err = a.purgeStore(ctx, l, true)
+					}
+					if err != nil {
 						a.log.Warn("remove endpoint of a removed network", "endpoint", l.key(), "err", err)
 					}
 				}
+				a.mu.Lock()
 				a.dropIdleNetwork(ctx, n.NamespaceName())
+				a.unlock()
 				continue
 			case fateReplaced, fateUnknown:
 				continue // not publishable now; the datapath stays
@@ -428,16 +513,10 @@ func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 		// This host's record is checked on full passes and when its
 		// view saw it lost; not at every event, where the view may not
 		// show this host's own latest write yet.
-		if v := a.views[id]; v != nil && !busy[id] && (v.takeOwnLost() || full && !a.commits.recentlyWrote(id, time.Second)) {
-			a.ensurePublished(ctx, id, ls, session)
+		if v := w.views[id]; v != nil && (v.takeOwnLost() || full && !a.commits.recentlyWrote(id, time.Second)) {
+			a.ensurePublished(ctx, v, ls, session)
 		}
-	}
-	if !full {
-		return
-	}
-	for id, ls := range byNet {
-		n := &ls[0].Net
-		if a.journalGap(n.Name) {
+		if !full || a.journalGap(n.Name) {
 			continue
 		}
 		addrs, err := a.ipam.Addrs(ctx, id)
@@ -446,10 +525,7 @@ func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 			continue
 		}
 		for ip, o := range addrs {
-			if o.Node != a.cfg.Node {
-				continue
-			}
-			if l := a.locals[n.Name+"/"+o.Endpoint]; l != nil && l.Net.ID == id {
+			if o.Node != a.cfg.Node || w.names[id][o.Endpoint] {
 				continue
 			}
 			if err := a.ipam.ReleaseAddr(ctx, id, ip, o); err == nil {
@@ -463,11 +539,8 @@ func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 // attached endpoints there and, if the store's differs (absent, other
 // addresses, another session), puts their endpoint records back where
 // they are missing and then writes the peer record.
-func (a *Agent) ensurePublished(ctx context.Context, netID string, ls []*localEndpoint, session string) {
-	v := a.views[netID]
-	if v == nil {
-		return
-	}
+func (a *Agent) ensurePublished(ctx context.Context, v *peerView, ls []*localEndpoint, session string) {
+	netID := ls[0].Net.ID
 	own, ownSession, synced := v.own()
 	if !synced {
 		return

@@ -204,10 +204,15 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	}
 	a.unlock()
 	a.crashPoint("attach-journal")
+	// Each step below pushes its undo before it changes anything, and a
+	// failure runs them (see rollback). After a crash the journal entry
+	// above is what is left, and purge undoes it all instead.
+	var undo undoLog
+	undo.store(func(context.Context) error { return a.forget(l) })
 	ok := false
 	defer func() {
 		if !ok {
-			a.rollback(context.WithoutCancel(ctx), l, rerr)
+			a.rollback(context.WithoutCancel(ctx), l, &undo, rerr)
 			return
 		}
 		a.mu.Lock()
@@ -216,15 +221,17 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	}()
 
 	lease := ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway, VNI: n.VNI}
-	ip, err := a.ipam.AllocateAddr(ctx, n.ID, lease, want, ipam.AddrOwner{Node: a.cfg.Node, Endpoint: name})
+	owner := ipam.AddrOwner{Node: a.cfg.Node, Endpoint: name}
+	ip, err := a.ipam.AllocateAddr(ctx, n.ID, lease, want, owner)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
+	undo.store(func(ctx context.Context) error { return a.releaseAddr(ctx, n.ID, ip, owner) })
 	st.mark("address")
 	a.crashPoint("attach-allocated")
 
 	spec := vtep.NetworkSpec{Name: n.NamespaceName(), VNI: n.VNI, Gateway: netip.PrefixFrom(n.Gateway, n.Subnet.Bits()), MTU: l.MTU}
-	ifName, err := a.attachKernel(ctx, l, spec, ip, st)
+	ifName, err := a.attachKernel(ctx, l, spec, ip, &undo, st)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
@@ -235,6 +242,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	data, _ := json.Marshal(&l.Endpoint)
 	ops := append([]kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: networkKey(network), Index: netIdx}},
 		a.publishOps(endpointKey(network, name), data)...)
+	undo.store(func(ctx context.Context) error { return a.unpublish(ctx, l) }) // a failed commit may have been applied
 	err = a.commit(ctx, &commitReq{netID: n.ID, ops: ops, add: ip})
 	if errors.Is(err, kvstore.ErrConflict) {
 		if cur, _, gerr := a.getNetwork(ctx, network); gerr != nil || cur.Removing || cur.ID != n.ID {
@@ -281,24 +289,49 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	return &out, nil
 }
 
-// rollback undoes a failed attach. The kernel half runs under mu and is
-// not bounded: it needs no store and must finish. The store half runs
-// outside mu, with its own short bound, so that rollbacks meeting a store
-// that does not answer neither queue behind each other nor hold up other
-// attaches; the record stays in flight meanwhile so that no pass works on
-// it, and, no longer attaching, is given no gateway. If the store cannot
-// take it, a later pass finishes it.
-func (a *Agent) rollback(ctx context.Context, l *localEndpoint, cause error) {
+// undoLog is what an attach has to undo if a later step fails: the undo
+// of each step, pushed before the step changes anything (an undo finds
+// its part gone and does nothing, so a step that failed half way is
+// undone too).
+type undoLog struct {
+	kernel, stores []func(context.Context) error
+}
+
+func (u *undoLog) onKernel(f func(context.Context) error) { u.kernel = append(u.kernel, f) }
+func (u *undoLog) store(f func(context.Context) error)    { u.stores = append(u.stores, f) }
+
+// runUndos runs undos last first and stops at the first that fails: what
+// is left keeps what it depends on (a record, no longer attaching, keeps
+// the address held until a later pass's purge finishes it).
+func runUndos(ctx context.Context, undos []func(context.Context) error) error {
+	for i := len(undos) - 1; i >= 0; i-- {
+		if err := undos[i](ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// rollback undoes a failed attach, the kernel's steps first, since they
+// need no store: a container must not keep the interfaces of an attach
+// that failed while the store is away. They run under mu and are not
+// bounded: they must finish. The store's run outside mu, with their own
+// short bound, so that rollbacks meeting a store that does not answer
+// neither queue behind each other nor hold up other attaches; the record
+// stays in flight meanwhile so that no pass works on it, and, no longer
+// attaching, is given no gateway. If the store cannot take them, a later
+// pass's purge finishes them.
+func (a *Agent) rollback(ctx context.Context, l *localEndpoint, u *undoLog, cause error) {
 	a.mu.Lock()
 	l.Phase = phaseDetaching
-	err := a.purgeKernel(ctx, l)
+	err := runUndos(ctx, u.kernel)
 	a.unlock()
 	// An attach that failed for want of the store leaves the store half
 	// to a later pass: trying now would only wait for the store again.
 	storeDown := errors.Is(cause, kvstore.ErrUnavailable) || errors.Is(cause, context.DeadlineExceeded)
 	if err == nil && !storeDown {
 		rctx, cancel := context.WithTimeout(ctx, rollbackTimeout)
-		err = a.purgeStore(rctx, l, true)
+		err = runUndos(rctx, u.stores)
 		cancel()
 	}
 	a.mu.Lock()
@@ -352,8 +385,8 @@ func (a *Agent) undoInterrupted(ctx context.Context, network string, nsid nsID, 
 
 // attachKernel builds an attaching endpoint's datapath: the network's
 // namespace if needed, the veth pair and the container's gateway
-// interface. The caller's rollback removes whatever it made.
-func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr, st *steps) (string, error) {
+// interface, each with its undo in u.
+func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr, u *undoLog, st *steps) (string, error) {
 	if err := a.mu.LockCtx(ctx); err != nil {
 		return "", fmt.Errorf("waiting for the agent: %w", err)
 	}
@@ -361,6 +394,10 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	// Not journaled again until the end: a purge after a crash finds the
 	// address by its owner and the veth by its name.
 	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
+	u.onKernel(func(ctx context.Context) error {
+		a.dropIdleNetworkExcept(ctx, spec.Name, l) // if nothing else uses it, this attach made it
+		return nil
+	})
 	changes, err := a.dp.EnsureNetwork(ctx, spec)
 	if len(changes) > 0 {
 		delete(a.applied, spec.Name) // a new VTEP has no entries
@@ -370,6 +407,7 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	}
 	st.mark("kernel-network")
 	a.crashPoint("attach-network")
+	u.onKernel(func(ctx context.Context) error { return a.dp.RemoveEndpoint(ctx, spec.Name, l.Endpoint.HostVeth()) })
 	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))
 	if err != nil {
 		return "", err
@@ -377,12 +415,17 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	st.mark("kernel-veth")
 	a.crashPoint("attach-veth")
 	l.Endpoint.Interface = ifName
-	// A gateway made here is undone by the rollback's purge: no endpoint
-	// of the container needs it then.
+	// Undone when no endpoint of the container needs the gateway any
+	// more, which, once this one is no longer attaching, may be none.
+	u.onKernel(func(ctx context.Context) error {
+		a.dropIdleGateway(ctx, l.NetnsID)
+		return nil
+	})
 	if _, err := a.ensureGateway(ctx, l); err != nil {
 		return "", err
 	}
 	if len(l.Endpoint.Ports) > 0 {
+		u.onKernel(func(ctx context.Context) error { return a.syncPublished(ctx) })
 		if err := a.syncPublished(ctx); err != nil {
 			return "", err
 		}
@@ -515,10 +558,25 @@ func (a *Agent) purgeKernel(ctx context.Context, l *localEndpoint) error {
 // journal entry last. With unlocked, the caller does not hold mu, which
 // is then taken for the journal entry alone.
 func (a *Agent) purgeStore(ctx context.Context, l *localEndpoint, unlocked bool) error {
+	if err := a.unpublish(ctx, l); err != nil {
+		return err
+	}
+	a.crashPoint("purge-unpublished")
+	if err := a.releaseAddrs(ctx, l); err != nil {
+		return err
+	}
+	a.crashPoint("purge-released")
+	if unlocked {
+		return a.forget(l)
+	}
+	return a.forgetLocked(l)
+}
+
+// unpublish removes the endpoint's record, if it is still its own, and its
+// address from this host's peer record, in one transaction (the committer
+// writes the peer record only if the address was in it).
+func (a *Agent) unpublish(ctx context.Context, l *localEndpoint) error {
 	e := &l.Endpoint
-	// The endpoint record, if it is still ours, and the address in this
-	// host's peer record go in one transaction (the committer writes the
-	// peer record only if the address was in it).
 	var ops []kvstore.Op
 	kv, err := a.store.Get(ctx, endpointKey(e.Network, e.Name))
 	switch {
@@ -533,34 +591,48 @@ func (a *Agent) purgeStore(ctx context.Context, l *localEndpoint, unlocked bool)
 	if err := a.commit(ctx, &commitReq{netID: l.Net.ID, ops: ops, del: e.IP}); err != nil {
 		return fmt.Errorf("unpublish endpoint: %w", err)
 	}
-	a.crashPoint("purge-unpublished")
+	return nil
+}
 
-	owner := ipam.AddrOwner{Node: a.cfg.Node, Endpoint: e.Name}
-	if e.IP.IsValid() {
-		if err := a.ipam.ReleaseAddr(ctx, l.Net.ID, e.IP, owner); err != nil && !errors.Is(err, ipam.ErrInUse) {
-			return fmt.Errorf("release %s: %w", e.IP, err)
-		}
-	} else {
-		// A crash between allocating and recording the address: find it
-		// by owner.
-		addrs, err := a.ipam.Addrs(ctx, l.Net.ID)
-		if err != nil {
-			return fmt.Errorf("release address: %w", err)
-		}
-		for ip, o := range addrs {
-			if o == owner {
-				if err := a.ipam.ReleaseAddr(ctx, l.Net.ID, ip, owner); err != nil && !errors.Is(err, ipam.ErrInUse) {
-					return fmt.Errorf("release %s: %w", ip, err)
-				}
+// releaseAddrs releases the endpoint's address; without one recorded (a
+// crash between allocating and recording it), whatever its owner holds.
+func (a *Agent) releaseAddrs(ctx context.Context, l *localEndpoint) error {
+	owner := ipam.AddrOwner{Node: a.cfg.Node, Endpoint: l.Endpoint.Name}
+	if l.Endpoint.IP.IsValid() {
+		return a.releaseAddr(ctx, l.Net.ID, l.Endpoint.IP, owner)
+	}
+	addrs, err := a.ipam.Addrs(ctx, l.Net.ID)
+	if err != nil {
+		return fmt.Errorf("release address: %w", err)
+	}
+	for ip, o := range addrs {
+		if o == owner {
+			if err := a.releaseAddr(ctx, l.Net.ID, ip, owner); err != nil {
+				return err
 			}
 		}
 	}
-	a.crashPoint("purge-released")
-	if unlocked {
-		a.mu.Lock()
-		defer a.unlock()
+	return nil
+}
+
+// releaseAddr releases one address if the owner still holds it.
+func (a *Agent) releaseAddr(ctx context.Context, netID string, ip netip.Addr, owner ipam.AddrOwner) error {
+	if err := a.ipam.ReleaseAddr(ctx, netID, ip, owner); err != nil && !errors.Is(err, ipam.ErrInUse) {
+		return fmt.Errorf("release %s: %w", ip, err)
 	}
-	if err := a.state.remove(e.Network, e.Name); err != nil {
+	return nil
+}
+
+// forget drops the endpoint's journal entry and local record; mu is taken
+// for it.
+func (a *Agent) forget(l *localEndpoint) error {
+	a.mu.Lock()
+	defer a.unlock()
+	return a.forgetLocked(l)
+}
+
+func (a *Agent) forgetLocked(l *localEndpoint) error {
+	if err := a.state.remove(l.Endpoint.Network, l.Endpoint.Name); err != nil {
 		return err
 	}
 	delete(a.locals, l.key())
@@ -570,8 +642,14 @@ func (a *Agent) purgeStore(ctx context.Context, l *localEndpoint, unlocked bool)
 // dropIdleNetwork removes a network's namespace once its last local
 // endpoint is gone.
 func (a *Agent) dropIdleNetwork(ctx context.Context, ns string) {
+	a.dropIdleNetworkExcept(ctx, ns, nil)
+}
+
+// dropIdleNetworkExcept is dropIdleNetwork with the record except not
+// counted: an attach being rolled back.
+func (a *Agent) dropIdleNetworkExcept(ctx context.Context, ns string, except *localEndpoint) {
 	for _, l := range a.locals {
-		if l.Net.NamespaceName() == ns {
+		if l != except && l.Net.NamespaceName() == ns {
 			return
 		}
 	}

@@ -316,14 +316,49 @@ func TestFailedAttachLeavesNothingInProcess(t *testing.T) {
 	if _, err := a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, "c1")}); err == nil {
 		t.Fatal("attach succeeded")
 	}
-	if a.dp.endpointCount() != 0 || len(a.viewLocals()) != 0 {
-		t.Errorf("left: %d interfaces, %d local records", a.dp.endpointCount(), len(a.viewLocals()))
-	}
-	if addrs, _ := a.ipam.Addrs(ctx, n.ID); len(addrs) != 0 {
-		t.Errorf("addresses still held: %v", addrs)
-	}
+	a.assertNothingLeft(t, n.ID)
 	if eps, _ := a.Endpoints(ctx, "n"); len(eps) != 0 {
 		t.Errorf("records: %+v", eps)
+	}
+}
+
+// assertNothingLeft fails unless this host has nothing of the network:
+// no interface, no namespace, no local record, no address.
+func (p *inProcess) assertNothingLeft(t *testing.T, netID string) {
+	t.Helper()
+	nets, _ := p.dp.Networks()
+	if p.dp.endpointCount() != 0 || len(nets) != 0 || len(p.viewLocals()) != 0 {
+		t.Errorf("left: %d interfaces, namespaces %v, %d local records", p.dp.endpointCount(), nets, len(p.viewLocals()))
+	}
+	if addrs, _ := p.ipam.Addrs(context.Background(), netID); len(addrs) != 0 {
+		t.Errorf("addresses still held: %v", addrs)
+	}
+}
+
+// An attach that fails at its last step, the publish (the name is taken
+// on another host), undoes every step before it, and nothing of the other
+// host's.
+func TestAttachFailingAtPublishUndoesEveryStep(t *testing.T) {
+	a := startInProcess(t, "h1", nil)
+	ctx := context.Background()
+	n, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs := []byte(`{"version":1,"id":"other","name":"c1","network":"n","node":"h2","ip":"10.1.0.77"}`)
+	if err := a.store.Put(ctx, endpointKey("n", "c1"), theirs); err != nil {
+		t.Fatal(err)
+	}
+	_, err = a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, "c1"), Name: "c1"})
+	if ErrorCode(err) != api.CodeConflict {
+		t.Fatalf("attach of a name taken elsewhere: %v", err)
+	}
+	a.assertNothingLeft(t, n.ID)
+	if kv, err := a.store.Get(ctx, endpointKey("n", "c1")); err != nil || string(kv.Value) != string(theirs) {
+		t.Errorf("the other host's record: %v", err)
+	}
+	if _, err := a.store.Get(ctx, peerKey(n.ID, "h1")); !errors.Is(err, kvstore.ErrNotFound) {
+		t.Errorf("this host's peer record after the failed attach: %v", err)
 	}
 }
 

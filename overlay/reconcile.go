@@ -41,12 +41,12 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		sctx, cancel := context.WithTimeout(ctx, storePhaseTimeout)
 		a.finishInterrupted(sctx, interrupted)
 		a.reconcileStore(sctx, full)
-		cancel()
 		if sctx.Err() != nil && ctx.Err() == nil {
 			// Passes skip the store until it answers a watch or a
 			// renewal again.
 			a.setStoreErr(fmt.Errorf("a pass's store work did not finish within %s: %w", storePhaseTimeout, kvstore.ErrUnavailable))
 		}
+		cancel()
 	}
 	if ctx.Err() != nil {
 		return

@@ -70,6 +70,12 @@ type Node struct {
 	Started  time.Time `json:"started"`
 	LastSeen time.Time `json:"last_seen"`
 	State    string    `json:"state"`
+	// Liveness is how the node's death is noticed: "gossip+ttl" (through
+	// a Consul client agent on the node) or "ttl" (its session's TTL).
+	Liveness string `json:"liveness,omitempty"`
+	// ConsulNode is the Consul node its session belongs to, when it has
+	// one of its own.
+	ConsulNode string `json:"consul_node,omitempty"`
 }
 
 // Status describes the local agent.
@@ -88,6 +94,11 @@ type Status struct {
 	// store (what systemd is told with READY=1).
 	Ready   bool      `json:"ready"`
 	Started time.Time `json:"started"`
+	// Liveness and ConsulNode: as in Node, once the store has said.
+	Liveness   string `json:"liveness,omitempty"`
+	ConsulNode string `json:"consul_node,omitempty"`
+	// SessionError says why the store refuses this node a session.
+	SessionError string `json:"session_error,omitempty"`
 }
 
 // CreateNetworkRequest creates a network; absent fields are chosen by the

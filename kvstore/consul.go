@@ -73,6 +73,9 @@ func (b countingBody) Read(p []byte) (int, error) {
 type consulStore struct {
 	kv      *api.KV
 	session *api.Session
+	agent   *api.Agent
+	status  *api.Status
+	health  *api.Health
 	prefix  string
 	timeout time.Duration
 }
@@ -122,7 +125,7 @@ func NewConsul(cfg ConsulConfig) (Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("consul client: %w", err)
 	}
-	return &consulStore{kv: client.KV(), session: client.Session(), prefix: cfg.Prefix, timeout: cfg.Timeout}, nil
+	return &consulStore{kv: client.KV(), session: client.Session(), agent: client.Agent(), status: client.Status(), health: client.Health(), prefix: cfg.Prefix, timeout: cfg.Timeout}, nil
 }
 
 func (s *consulStore) q(ctx context.Context) (*api.QueryOptions, context.CancelFunc) {
@@ -144,6 +147,10 @@ func unavailable(op, key string, err error) error {
 	if errors.As(err, &se) && se.Code == http.StatusForbidden || strings.Contains(strings.ToLower(err.Error()), "permission denied") && !errors.As(err, new(*net.OpError)) {
 		// Not an outage: retrying will not help, the token must change.
 		return fmt.Errorf("consul %s %s: %w: check the ACL token (CONSUL_HTTP_TOKEN)", op, key, ErrForbidden)
+	}
+	if notJoined(err) {
+		// An outage to wait out, but one with a likely cause to name.
+		return fmt.Errorf("consul %s %s: %w: %s (check its retry_join): %v", op, key, ErrUnavailable, ErrNotJoined, err)
 	}
 	return fmt.Errorf("consul %s %s: %w: %v", op, key, ErrUnavailable, err)
 }
@@ -366,11 +373,141 @@ func (s *consulStore) CreateSession(ctx context.Context, name string, ttl time.D
 	// LockDelay 0 would mean Consul's default of 15s, during which the
 	// keys of an expired session cannot be locked again: a returning host
 	// would wait that long to republish. 1ms is as good as none.
+	// No node and no checks given: Consul binds the session to the node
+	// of the agent that takes the request, with its serfHealth check, so
+	// that through a client agent on this host gossip ends it within
+	// seconds of the host's death (see Liveness).
 	id, _, err := s.session.Create(&api.SessionEntry{Name: name, TTL: ttl.String(), Behavior: api.SessionBehaviorDelete, LockDelay: time.Millisecond}, w)
 	if err != nil {
-		return "", unavailable("create session", name, err)
+		return "", sessionError(err, name)
 	}
 	return id, nil
+}
+
+// sessionError names what is wrong when Consul refuses a session: an ACL
+// token without session:write, or an agent that knows no server.
+func sessionError(err error, name string) error {
+	var se api.StatusError
+	msg := err.Error()
+	switch {
+	case errors.As(err, &se) && se.Code == http.StatusForbidden || strings.Contains(strings.ToLower(msg), "permission denied"):
+		return fmt.Errorf("consul create session: %w: the ACL token needs session:write on the Consul node the store's agent runs as (a session or session_prefix rule with policy \"write\"): %v", ErrForbidden, err)
+	}
+	return unavailable("create session", name, err)
+}
+
+// notJoined: a Consul agent answered that it has no server to ask.
+func notJoined(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "No known Consul servers") || strings.Contains(msg, "No cluster leader") || strings.Contains(msg, "No path to datacenter")
+}
+
+// Liveness is how the store's sessions are kept alive, which says how
+// fast a dead host is noticed.
+type Liveness struct {
+	// LocalAgent: the store is a Consul client agent, whose sessions also
+	// end when gossip finds its node failed (its serfHealth check): a
+	// dead host is noticed in seconds. Otherwise (a server, or the
+	// embedded store) only the session's TTL notices it.
+	LocalAgent bool
+	// Node is the name of the Consul node that sessions belong to.
+	Node string
+}
+
+// Mode names the liveness mode for logs and status.
+func (l Liveness) Mode() string {
+	if l.LocalAgent {
+		return "gossip+ttl"
+	}
+	return "ttl"
+}
+
+// LivenessReporter is a store that can say how its sessions are kept
+// alive, and what gossip says of a node.
+type LivenessReporter interface {
+	Liveness(ctx context.Context) (Liveness, error)
+	NodeHealth(ctx context.Context, node string) (NodeHealth, error)
+}
+
+// NodeHealth is what Consul's gossip says of a node.
+type NodeHealth int
+
+const (
+	// NodeAlive: its serfHealth check passes.
+	NodeAlive NodeHealth = iota
+	// NodeFailed: gossip cannot reach it (serfHealth critical): dead, or
+	// cut off.
+	NodeFailed
+	// NodeLeft: it is not in the catalog: its agent left the cluster
+	// gracefully (stopped for a restart, or its host shutting down).
+	NodeLeft
+)
+
+func (h NodeHealth) String() string {
+	return [...]string{"alive", "failed", "left"}[h]
+}
+
+// NodeHealth reads a node's serfHealth check.
+func (s *consulStore) NodeHealth(ctx context.Context, node string) (NodeHealth, error) {
+	q, cancel := s.q(ctx)
+	defer cancel()
+	checks, _, err := s.health.Node(node, q)
+	if err != nil {
+		return NodeAlive, unavailable("health of node", node, err)
+	}
+	for _, c := range checks {
+		if c.CheckID == "serfHealth" {
+			if c.Status == api.HealthCritical {
+				return NodeFailed, nil
+			}
+			return NodeAlive, nil
+		}
+	}
+	return NodeLeft, nil
+}
+
+// ErrNotJoined means a Consul client agent has joined no server: nothing
+// written through it reaches the cluster.
+var ErrNotJoined = errors.New("the Consul agent has joined no server")
+
+// Liveness asks the agent behind the address whether it is a server or a
+// client, and, for a client, whether it has joined a cluster.
+func (s *consulStore) Liveness(ctx context.Context) (Liveness, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	// Self takes no options: the context bounds it through the leader
+	// check below only, so it is asked in a goroutine.
+	type answer struct {
+		self map[string]map[string]any
+		err  error
+	}
+	ch := make(chan answer, 1)
+	go func() {
+		self, err := s.agent.Self()
+		ch <- answer{self, err}
+	}()
+	var a answer
+	select {
+	case a = <-ch:
+	case <-ctx.Done():
+		return Liveness{}, fmt.Errorf("consul agent self: %w: %v", ErrUnavailable, ctx.Err())
+	}
+	if a.err != nil {
+		return Liveness{}, unavailable("agent self", "", a.err)
+	}
+	server, _ := a.self["Config"]["Server"].(bool)
+	node, _ := a.self["Config"]["NodeName"].(string)
+	l := Liveness{LocalAgent: !server, Node: node}
+	if !server {
+		leader, err := s.status.LeaderWithQueryOptions((&api.QueryOptions{}).WithContext(ctx))
+		if err != nil && notJoined(err) || err == nil && leader == "" {
+			return l, fmt.Errorf("consul client agent %q: %w (check its retry_join and that a server answers)", node, ErrNotJoined)
+		}
+		if err != nil {
+			return l, unavailable("status leader", "", err)
+		}
+	}
+	return l, nil
 }
 
 func (s *consulStore) RenewSession(ctx context.Context, id string) error {

@@ -49,6 +49,15 @@ type Config struct {
 	// NodeTTL is the store session's TTL: a host silent for longer is
 	// considered gone and its endpoints are removed everywhere.
 	NodeTTL time.Duration
+	// HoldDown and HoldLeft are how long a peer's entries stay after its
+	// records vanished with its session while it runs a Consul client
+	// agent (see holdFor): HoldLeft while gossip says that agent left the
+	// cluster gracefully, as it does to restart, HoldDown when gossip
+	// found it failed. Records written again within the hold change
+	// nothing in the kernel. A host that removed its records itself (its
+	// last detach) or whose TTL ran out is not held. Defaults 1s and 15s;
+	// negative: none.
+	HoldDown, HoldLeft time.Duration
 	// StoreName is shown in status (the store URL without secrets).
 	StoreName string
 	IPAM      ipam.Options
@@ -103,6 +112,11 @@ type Agent struct {
 	lastReconcile time.Time
 	ready         bool   // a reconcile with a complete store view has run
 	session       string // the node's store session, "" while it has none
+	// liveness is how the session is kept alive, once the store said
+	// (nil before).
+	liveness *kvstore.Liveness
+	// sessionErr: why the store refuses a session, if it does.
+	sessionErr error
 	// localsView is a copy of locals and of their records for readers
 	// (status, listings), so that they never wait for a reconcile or an
 	// attach holding mu. Readers must not change it.
@@ -130,6 +144,9 @@ type Agent struct {
 	identityChecked atomic.Bool
 	// running: Run has started (and with it the session keeper).
 	running atomic.Bool
+	// republishAll: a new session was made; the next pass puts every
+	// record of this host back under it.
+	republishAll atomic.Bool
 	// fates caches, by network id, what the store said of a network
 	// missing from the view when nothing could be done (the pass's own:
 	// only its store phase uses it).
@@ -149,6 +166,12 @@ func New(cfg Config, store kvstore.Store) (*Agent, error) {
 	}
 	if cfg.NodeTTL < 10*time.Second {
 		cfg.NodeTTL = 15 * time.Second // Consul's minimum is 10s
+	}
+	if cfg.HoldDown == 0 {
+		cfg.HoldDown = defaultHoldDown
+	}
+	if cfg.HoldLeft == 0 {
+		cfg.HoldLeft = defaultHoldLeft
 	}
 	if cfg.UnderlayMTU == 0 {
 		cfg.UnderlayMTU = 1500
@@ -362,6 +385,9 @@ func (a *Agent) setStoreErr(err error) {
 	case err == nil && a.storeErr != nil:
 		a.log.Info("store reachable again", "down_for", time.Since(a.downSince).Round(time.Millisecond))
 		a.downSince = time.Time{}
+		// The session may have ended meanwhile (a local Consul agent
+		// that restarted ends it): check it now, not at the next renewal.
+		a.kickRenew()
 	}
 	a.storeErr = err
 }
@@ -390,6 +416,12 @@ func (a *Agent) registerNode(ctx context.Context) {
 	}
 	checked := false
 	repeat(ctx, a.cfg.ResyncInterval, a.log, "register node", func(ctx context.Context) error {
+		// First: a local Consul agent that has joined no server fails
+		// everything after with less to say about it.
+		l, err := a.detectLiveness(ctx)
+		if err != nil {
+			return err
+		}
 		if !checked {
 			if err := a.checkFormat(ctx); errors.Is(err, errWrongFormat) {
 				select {
@@ -412,6 +444,7 @@ func (a *Agent) registerNode(ctx context.Context) {
 				a.storeLost("its identity changed or vanished while this agent was down")
 			}
 		}
+		rec.Liveness, rec.ConsulNode = l.Mode(), l.Node
 		rec.Seen = time.Now().UTC()
 		data, _ := json.Marshal(rec)
 		return a.store.Put(ctx, nodeKey(a.cfg.Node), data)
@@ -419,14 +452,17 @@ func (a *Agent) registerNode(ctx context.Context) {
 }
 
 // repeat runs fn every period, and sooner while it fails (backing off from
-// one second up to the period), until ctx is done.
+// a quarter second up to the period or 1s), until ctx is done.
 func repeat(ctx context.Context, period time.Duration, log *slog.Logger, what string, fn func(context.Context) error) {
 	repeatOrKick(ctx, period, nil, log, what, fn)
 }
 
 // repeatOrKick is repeat that also runs fn at once when kick fires.
 func repeatOrKick(ctx context.Context, period time.Duration, kick <-chan struct{}, log *slog.Logger, what string, fn func(context.Context) error) {
-	backoff := time.Second
+	// From a quarter second: a local Consul agent that restarts is back
+	// in about a second, and this host's session must be too.
+	const first = 250 * time.Millisecond
+	backoff := first
 	for {
 		wait := period
 		if err := fn(ctx); err != nil {
@@ -434,9 +470,9 @@ func repeatOrKick(ctx context.Context, period time.Duration, kick <-chan struct{
 				return
 			}
 			log.Debug(what, "err", err)
-			wait, backoff = min(backoff, period), min(backoff*2, period)
+			wait, backoff = min(backoff, period), min(backoff*2, period, time.Second)
 		} else {
-			backoff = time.Second
+			backoff = first
 		}
 		select {
 		case <-ctx.Done():
@@ -796,7 +832,8 @@ func (a *Agent) Nodes(ctx context.Context) ([]api.Node, error) {
 		if alive[n.Name] {
 			state = "up"
 		}
-		out = append(out, api.Node{Name: n.Name, Address: n.Address.String(), Version: n.Agent, Started: n.Started, LastSeen: n.Seen, State: state})
+		out = append(out, api.Node{Name: n.Name, Address: n.Address.String(), Version: n.Agent, Started: n.Started, LastSeen: n.Seen, State: state,
+			Liveness: n.Liveness, ConsulNode: n.ConsulNode})
 	}
 	return out, nil
 }
@@ -815,6 +852,12 @@ func (a *Agent) Status() api.Status {
 		Node: a.cfg.Node, Address: a.cfg.Advertise.String(), Version: api.Version, Store: a.cfg.StoreName,
 		StoreReachable: a.storeErr == nil && a.netSynced, Networks: len(a.networks), LocalEndpoints: nlocal,
 		LastReconcile: a.lastReconcile, Started: a.started, StoreDownSince: a.downSince, Ready: a.ready,
+	}
+	if a.liveness != nil {
+		s.Liveness, s.ConsulNode = a.liveness.Mode(), a.liveness.Node
+	}
+	if a.sessionErr != nil {
+		s.SessionError = a.sessionErr.Error()
 	}
 	if a.storeErr != nil {
 		s.StoreError = a.storeErr.Error()

@@ -241,7 +241,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	// (see commit.go).
 	data, _ := json.Marshal(&l.Endpoint)
 	ops := append([]kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: networkKey(network), Index: netIdx}},
-		a.publishOps(endpointKey(network, name), data)...)
+		a.publishOps(endpointKey(network, name), data, "")...) // bound to the session by the committer
 	undo.store(func(ctx context.Context) error { return a.unpublish(ctx, l) }) // a failed commit may have been applied
 	err = a.commit(ctx, &commitReq{netID: n.ID, ops: ops, add: ip})
 	if errors.Is(err, kvstore.ErrConflict) {

@@ -182,6 +182,16 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 	}
 	ops = dedupChecks(ops)
 	session := c.a.currentSession()
+	if session == "" && c.a.sessionsInUse() {
+		// Lost since commit waited for it (a renewal found it ended):
+		// written now, the records would outlive the host.
+		return fmt.Errorf("commit: no store session: %w", kvstore.ErrUnavailable)
+	}
+	for i, op := range ops {
+		if op.Kind == kvstore.OpLock && op.Session == "" {
+			ops[i].Session = session // publishOps left it to the committer
+		}
+	}
 	forced := map[string]bool{}
 	for _, r := range batch {
 		forced[r.netID] = forced[r.netID] || r.setOK || c.unsure[r.netID]

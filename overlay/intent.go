@@ -232,10 +232,7 @@ func (a *Agent) storeLost(why string) {
 	a.cmu.Lock()
 	a.lostAt = time.Now()
 	a.cmu.Unlock()
-	select {
-	case a.renewNow <- struct{}{}:
-	default:
-	}
+	a.kickRenew()
 	a.trigger()
 }
 

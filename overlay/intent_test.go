@@ -78,7 +78,10 @@ func TestVanishedPeersHeldOnlyWhenTheStoreLostItsState(t *testing.T) {
 	}
 	// The hold ends.
 	v.mu.Lock()
-	v.holdUntil = time.Now().Add(-time.Second)
+	for node, h := range v.held {
+		h.until = time.Now().Add(-time.Second)
+		v.held[node] = h
+	}
 	v.mu.Unlock()
 	if count() != 1 {
 		t.Fatalf("held past the hold time: %d peers", count())
@@ -180,4 +183,79 @@ func peerKV(id, node, vtep string, ips ...string) *kvstore.KV {
 	}
 	data, _ := json.Marshal(&PeerRecord{Version: 1, Node: node, VTEP: netip.MustParseAddr(vtep), IPs: packAddrs(addrs)})
 	return &kvstore.KV{Key: peerKey(id, node), Value: data}
+}
+
+// A host whose records went with its session while its Consul client
+// agent left the cluster (restarting) keeps its entries; one that removed
+// its record itself (its alive key still held), one that has no agent of
+// its own (its TTL ran out) and, here with no hold-down, one whose agent
+// gossip found failed do not.
+func TestHoldDownOnlyForSessionsOfLocalAgents(t *testing.T) {
+	ctx := context.Background()
+	a, st := storeAgent(t)
+	a.cfg.HoldDown, a.cfg.HoldLeft = -1, time.Minute // no hold for a failed agent: a death
+	a.store = &gossipStore{Store: st, health: map[string]kvstore.NodeHealth{"c-restarting": kvstore.NodeLeft, "c-dead": kvstore.NodeFailed, "c-detached": kvstore.NodeAlive}}
+	v := &peerView{id: testID("n"), node: "me"}
+	if _, err := a.checkIdentity(ctx); err != nil {
+		t.Fatal(err)
+	}
+	node := func(name, liveness string) {
+		data, _ := json.Marshal(Node{Version: recordVersion, Name: name, Liveness: liveness, ConsulNode: "c-" + name})
+		if err := st.Put(ctx, nodeKey(name), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	node("restarting", "gossip+ttl")
+	node("ttl", "ttl")
+	node("detached", "gossip+ttl")
+	node("dead", "gossip+ttl")
+	sess, err := st.CreateSession(ctx, "detached", 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Txn(ctx, []kvstore.Op{{Kind: kvstore.OpLock, Key: aliveKey("detached"), Value: []byte("detached"), Session: sess}}); err != nil {
+		t.Fatal(err)
+	}
+	restarting := peerKV(v.id, "restarting", "192.168.0.2", "10.0.0.2")
+	all := []*kvstore.KV{restarting, peerKV(v.id, "ttl", "192.168.0.3", "10.0.0.3"), peerKV(v.id, "detached", "192.168.0.4", "10.0.0.4"), peerKV(v.id, "dead", "192.168.0.5", "10.0.0.5")}
+	nodes := func() []string {
+		p, _ := v.peers()
+		var out []string
+		for _, x := range p {
+			out = append(out, x.Node)
+		}
+		return out
+	}
+	a.applyPeers(ctx, v, all, 0, false)
+	a.applyPeers(ctx, v, nil, 0, false)
+	if got := nodes(); len(got) != 1 || got[0] != "restarting" {
+		t.Fatalf("after every record vanished: peers of %v, want only the restarting host's", got)
+	}
+	// It comes back with the same record: in force again, no longer held.
+	a.applyPeers(ctx, v, []*kvstore.KV{restarting}, 0, false)
+	v.mu.Lock()
+	held := len(v.held)
+	v.mu.Unlock()
+	if got := nodes(); len(got) != 1 || held != 0 {
+		t.Fatalf("after it wrote its record again: peers of %v, %d held", got, held)
+	}
+}
+
+// gossipStore is a store behind a Consul client agent: it reports gossip's
+// view of nodes.
+type gossipStore struct {
+	kvstore.Store
+	health map[string]kvstore.NodeHealth
+}
+
+func (g *gossipStore) Liveness(context.Context) (kvstore.Liveness, error) {
+	return kvstore.Liveness{LocalAgent: true, Node: "c-me"}, nil
+}
+
+func (g *gossipStore) NodeHealth(_ context.Context, node string) (kvstore.NodeHealth, error) {
+	h, ok := g.health[node]
+	if !ok {
+		return kvstore.NodeLeft, nil
+	}
+	return h, nil
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/internal/atomicfile"
@@ -60,14 +61,41 @@ func (a *Agent) keepAlive(ctx context.Context) {
 		// A renewal is the first request to notice a partition: the
 		// watches' blocking queries may hang for their whole wait time
 		// before they fail. Any answer means the store is reachable.
+		if !errors.Is(err, kvstore.ErrForbidden) {
+			a.setSessionErr(nil)
+		}
 		switch {
 		case err == nil:
 			a.setStoreErr(nil)
+		case errors.Is(err, kvstore.ErrForbidden) && ctx.Err() == nil:
+			// Not an outage, but nothing this host publishes can be
+			// bound to its life without it: say what right is missing.
+			a.setSessionErr(err)
 		case errors.Is(err, kvstore.ErrUnavailable) && ctx.Err() == nil:
 			a.setStoreErr(err)
 		}
 		return err
 	})
+}
+
+// setSessionErr records why the store refuses this node a session (an
+// ACL token without session:write), for status, logged once.
+func (a *Agent) setSessionErr(err error) {
+	a.cmu.Lock()
+	defer a.cmu.Unlock()
+	if err != nil && (a.sessionErr == nil || a.sessionErr.Error() != err.Error()) {
+		a.log.Error("store session refused: endpoints cannot be published bound to this host's life", "err", err)
+	}
+	a.sessionErr = err
+}
+
+// kickRenew renews (or replaces) the session now rather than at the next
+// renewal: the store is back, or this host's records vanished.
+func (a *Agent) kickRenew() {
+	select {
+	case a.renewNow <- struct{}{}:
+	default:
+	}
 }
 
 func (a *Agent) renewOrCreate(ctx context.Context) error {
@@ -104,6 +132,7 @@ func (a *Agent) renewOrCreate(ctx context.Context) error {
 	}
 	// Endpoints bound to a previous session are gone from the store; the
 	// reconciler publishes them again under the new one.
+	a.republishAll.Store(true)
 	a.trigger()
 	return nil
 }
@@ -117,16 +146,18 @@ func (a *Agent) lockAlive(ctx context.Context, id string) error {
 	return a.store.Txn(ctx, []kvstore.Op{{Kind: kvstore.OpLock, Key: aliveKey(a.cfg.Node), Value: []byte(a.cfg.Node), Session: id}})
 }
 
-// publishOps are the operations that create an endpoint record: create-only,
-// and bound to the node's session when it has one.
-func (a *Agent) publishOps(key string, data []byte) []kvstore.Op {
-	if id := a.currentSession(); id != "" {
-		return []kvstore.Op{
-			{Kind: kvstore.OpCheckIndex, Key: key, Index: 0},
-			{Kind: kvstore.OpLock, Key: key, Value: data, Session: id},
-		}
+// publishOps are the operations that create an endpoint record:
+// create-only, and bound to session. With session "", the committer binds
+// them to the node's session when it writes them (and refuses to write
+// them without one): a record must never outlive its host.
+func (a *Agent) publishOps(key string, data []byte, session string) []kvstore.Op {
+	if session == "" && !a.sessionsInUse() {
+		return []kvstore.Op{{Kind: kvstore.OpCAS, Key: key, Value: data}} // no agent running: no session to bind to
 	}
-	return []kvstore.Op{{Kind: kvstore.OpCAS, Key: key, Value: data}}
+	return []kvstore.Op{
+		{Kind: kvstore.OpCheckIndex, Key: key, Index: 0},
+		{Kind: kvstore.OpLock, Key: key, Value: data, Session: session},
+	}
 }
 
 // RemoveNode forgets a host that is gone: its endpoint records and the
@@ -202,4 +233,98 @@ func (a *Agent) RemoveNode(ctx context.Context, name string) error {
 	}
 	a.log.Info("node removed", "node", name, "endpoints_removed", removed, "addresses_released", released)
 	return nil
+}
+
+// detectLiveness asks the store, once, how this node's session is kept
+// alive, and says it in the log: through a Consul client agent on this
+// host, gossip ends the session within seconds of the host's death;
+// against a server (or the embedded store), only its TTL does. A client
+// agent that has joined no server is an error that names the fix; it is
+// asked again until it has.
+func (a *Agent) detectLiveness(ctx context.Context) (kvstore.Liveness, error) {
+	a.cmu.RLock()
+	known := a.liveness
+	a.cmu.RUnlock()
+	if known != nil {
+		return *known, nil
+	}
+	var l kvstore.Liveness
+	if r, ok := a.store.(kvstore.LivenessReporter); ok {
+		var err error
+		l, err = r.Liveness(ctx)
+		switch {
+		case errors.Is(err, kvstore.ErrForbidden):
+			// Gossip still ends a session made through a client agent:
+			// only the log and status cannot say so.
+			a.log.Warn("cannot ask the Consul agent whether it is a client or a server (the ACL token lacks agent:read); liveness is shown as TTL alone", "err", err)
+			l = kvstore.Liveness{}
+		case errors.Is(err, kvstore.ErrNotJoined):
+			a.setStoreErr(err)
+			a.log.Error("store: the local Consul agent has joined no Consul server, so nothing reaches the cluster", "err", err)
+			return l, err
+		case err != nil:
+			return l, err
+		}
+	}
+	if !l.LocalAgent {
+		l.Node = "" // a server's node is not this host's
+	}
+	a.cmu.Lock()
+	a.liveness = &l
+	a.cmu.Unlock()
+	if l.LocalAgent {
+		a.log.Info("liveness: gossip and TTL: the store is this host's Consul client agent, whose node's serfHealth check ends the session within seconds of the host's death",
+			"consul_node", l.Node, "ttl", a.cfg.NodeTTL, "peer_hold_down", a.cfg.HoldDown, "peer_hold_left", a.cfg.HoldLeft)
+	} else {
+		a.log.Info("liveness: TTL alone: the store is a Consul server (or the embedded store); a dead host is noticed when its session's TTL runs out. Run a Consul client agent on every host and give vxnetd --store consul://127.0.0.1:8500 for death detection in seconds",
+			"ttl", a.cfg.NodeTTL)
+	}
+	return l, nil
+}
+
+// defaultHoldDown and defaultHoldLeft: see Config. Gossip notices a dead
+// host in about two seconds here; with the hold-down its entries go
+// within 5. A Consul agent restarted gracefully is back, and its host
+// republished, in about five seconds.
+const (
+	defaultHoldDown = time.Second
+	defaultHoldLeft = 15 * time.Second
+)
+
+// holdFor says, for a host whose peer record vanished, how long its
+// entries stay. A host that removed its record itself (its alive key is
+// still held by a session), or that has no Consul agent of its own (its
+// TTL ran out: it has been silent that long), is not held. A host whose
+// record went with its session while it runs a Consul client agent is
+// held while gossip says that agent left the cluster gracefully (a
+// restart), HoldLeft at most; for HoldDown when gossip found it failed
+// (dead, or a killed agent coming back); briefly if the store cannot say.
+func (a *Agent) holdFor(ctx context.Context, node string) (time.Duration, string) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	kv, err := a.store.Get(ctx, aliveKey(node))
+	switch {
+	case err == nil && kv.Session != "":
+		return 0, "removed by its host"
+	case err != nil && !errors.Is(err, kvstore.ErrNotFound):
+		return a.cfg.HoldDown, "the store cannot say why"
+	}
+	var n Node
+	if kv, err = a.store.Get(ctx, nodeKey(node)); err != nil || decodeRecord(kv.Key, kv.Value, &n) != nil {
+		return 0, "no node record"
+	}
+	r, ok := a.store.(kvstore.LivenessReporter)
+	if !ok || n.Liveness != (kvstore.Liveness{LocalAgent: true}).Mode() || n.ConsulNode == "" {
+		return 0, "its session TTL ran out"
+	}
+	switch h, err := r.NodeHealth(ctx, n.ConsulNode); {
+	case err != nil:
+		return a.cfg.HoldDown, "the store cannot say why"
+	case h == kvstore.NodeLeft:
+		return a.cfg.HoldLeft, "its Consul agent left the cluster (restarting?)"
+	case h == kvstore.NodeFailed:
+		return a.cfg.HoldDown, "gossip found its Consul agent failed"
+	default:
+		return a.cfg.HoldDown, "its Consul agent is alive"
+	}
 }

@@ -78,6 +78,11 @@ type Node struct {
 	Agent    string       `json:"agent_version"`
 	Started  time.Time    `json:"started"`
 	Seen     time.Time    `json:"last_seen"`
+	// Liveness and ConsulNode: see api.Node. Peers read them when the
+	// node's records vanish, to tell a Consul agent restarting from a
+	// death (see hold-down in peerview.go).
+	Liveness   string `json:"liveness,omitempty"`
+	ConsulNode string `json:"consul_node,omitempty"`
 }
 
 // HardwareAddr marshals as the usual colon form.

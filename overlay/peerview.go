@@ -28,11 +28,11 @@ type peerView struct {
 	raw    map[string][]byte      // key -> value: only a changed value is decoded
 	recs   map[string]*PeerRecord // node -> valid record
 	sess   map[string]string      // node -> session holding its record
-	// held are records of other hosts that vanished with the store's
-	// state (see hold): still programmed until holdUntil or until their
-	// hosts write them again.
-	held      map[string]*PeerRecord
-	holdUntil time.Time
+	// held are records of other hosts that vanished but are still
+	// programmed, until their hosts write them again or their time is up:
+	// with the store's state (see holdVanished), or with their session
+	// while their Consul agent may be restarting (see holdFor).
+	held map[string]heldRecord
 	// ownLost: this host's record vanished or changed session in a
 	// snapshot (its session ended, the store lost it): the reconciler
 	// writes it again at its next pass instead of its next full one.
@@ -53,6 +53,26 @@ type peerView struct {
 	// wmu makes each apply one step: the watch and an attach's first
 	// read both apply snapshots.
 	wmu sync.Mutex
+}
+
+// heldRecord is a vanished record still in force until until.
+type heldRecord struct {
+	rec   *PeerRecord
+	until time.Time
+	// lost: held because the store may have lost its state; extended
+	// while the store cannot say (see expireHolds).
+	lost bool
+}
+
+// activeHeld is the held records still in force at now.
+func activeHeld(held map[string]heldRecord, now time.Time) map[string]*PeerRecord {
+	out := make(map[string]*PeerRecord, len(held))
+	for node, h := range held {
+		if now.Before(h.until) {
+			out[node] = h.rec
+		}
+	}
+	return out
 }
 
 // PeerAddr is one endpoint of another host, as the datapath needs it.
@@ -133,21 +153,17 @@ func (v *peerView) invalidate() {
 
 // effective is a node's record as peers counts it: its own, or the one
 // held for it.
-func effective(recs, held map[string]*PeerRecord, holding bool, node string) *PeerRecord {
+func effective(recs, held map[string]*PeerRecord, node string) *PeerRecord {
 	if r := recs[node]; r != nil {
 		return r
 	}
-	if holding {
-		return held[node]
-	}
-	return nil
+	return held[node]
 }
 
 // updateClaims moves the claims index from one state of the records to
 // the next, node by changed node, and marks the addresses it touched.
 // Called with mu held.
-func (v *peerView) updateClaims(self string, prevRecs, prevHeld map[string]*PeerRecord, prevHolding bool,
-	recs, held map[string]*PeerRecord, holding bool) {
+func (v *peerView) updateClaims(self string, prevRecs, prevHeld, recs, held map[string]*PeerRecord) {
 	if v.claims == nil {
 		v.claims = map[netip.Addr]map[string]netip.Addr{}
 	}
@@ -167,7 +183,7 @@ func (v *peerView) updateClaims(self string, prevRecs, prevHeld map[string]*Peer
 		if node == self {
 			continue
 		}
-		before, after := effective(prevRecs, prevHeld, prevHolding, node), effective(recs, held, holding, node)
+		before, after := effective(prevRecs, prevHeld, node), effective(recs, held, node)
 		if before == after {
 			continue // the same decoded record: unchanged
 		}
@@ -207,11 +223,9 @@ func (v *peerView) peersLocked() (out []PeerAddr, ok bool) {
 			add(r)
 		}
 	}
-	if time.Now().Before(v.holdUntil) {
-		for node, r := range v.held {
-			if v.recs[node] == nil {
-				add(r)
-			}
+	for node, r := range activeHeld(v.held, time.Now()) {
+		if v.recs[node] == nil {
+			add(r)
 		}
 	}
 	slices.SortFunc(out, func(a, b PeerAddr) int {
@@ -259,7 +273,7 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 		return false // older than what the view holds
 	}
 	prevRaw, prevRecs, prevSess := v.raw, v.recs, v.sess
-	held, until := v.held, v.holdUntil
+	held := v.held
 	wasSynced := v.synced
 	v.mu.Unlock()
 
@@ -302,68 +316,98 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 		changed = true
 	}
 	// Records that vanished: held while the store is known to have lost
-	// its state, dropped otherwise (a detach of the last endpoint, a
-	// host's session expiring).
+	// its state, or for a moment when they went with their host's
+	// session while it runs through a Consul agent; dropped otherwise (a
+	// detach of the last endpoint, a host's TTL running out).
 	now := time.Now()
-	newHeld := map[string]*PeerRecord{}
-	if now.Before(until) {
-		for node, r := range held {
-			if recs[node] == nil {
-				newHeld[node] = r
-			}
+	newHeld := map[string]heldRecord{}
+	for node, h := range held {
+		if recs[node] == nil && now.Before(h.until) {
+			newHeld[node] = h
 		}
 	}
 	var vanished []string
 	for node := range prevRecs {
-		if node != a.cfg.Node && recs[node] == nil && newHeld[node] == nil {
+		if _, isHeld := newHeld[node]; node != a.cfg.Node && recs[node] == nil && !isHeld {
 			vanished = append(vanished, node)
 		}
 	}
-	if len(vanished) > 0 && a.holdVanished(ctx, len(vanished), reset) {
-		if !now.Before(until) {
-			until = now.Add(a.holdTime())
-		}
-		for _, node := range vanished {
-			newHeld[node] = prevRecs[node]
+	var newHolds []heldRecord
+	if len(vanished) > 0 {
+		if a.holdVanished(ctx, len(vanished), reset) {
+			for _, node := range vanished {
+				h := heldRecord{rec: prevRecs[node], until: now.Add(a.holdTime()), lost: true}
+				newHeld[node] = h
+				newHolds = append(newHolds, h)
+			}
+		} else {
+			for _, node := range vanished {
+				d, why := a.holdFor(ctx, node)
+				if d <= 0 {
+					continue
+				}
+				a.log.Info("a host's records went with its session; keeping its entries until it writes them again",
+					"node", node, "why", why, "at_most", d)
+				h := heldRecord{rec: prevRecs[node], until: now.Add(d)}
+				newHeld[node] = h
+				newHolds = append(newHolds, h)
+			}
 		}
 	}
 	v.mu.Lock()
 	if prevRecs[a.cfg.Node] != nil && (recs[a.cfg.Node] == nil || sess[a.cfg.Node] != prevSess[a.cfg.Node]) {
 		v.ownLost, changed = true, true
+		a.kickRenew() // its session may have ended: a new one, sooner than the next renewal
 	}
-	v.updateClaims(a.cfg.Node, prevRecs, held, now.Before(v.holdUntil), recs, newHeld, now.Before(until))
+	v.updateClaims(a.cfg.Node, prevRecs, activeHeld(held, now), recs, activeHeld(newHeld, now))
 	if index > v.index || reset {
 		v.index = index
 	}
-	if now.Before(until) && !now.Before(v.holdUntil) {
-		// A hold begins: when it ends, what it kept must go, which no
-		// snapshot will say.
-		var expire func()
-		expire = func() {
-			if a.life.Err() != nil {
-				return // the agent stopped
-			}
-			if _, err := a.checkIdentity(a.life); err != nil {
-				// Still no word from the store on whether these left on
-				// purpose: keep them rather than let time decide.
-				v.mu.Lock()
-				v.holdUntil = time.Now().Add(a.holdTime())
-				v.mu.Unlock()
-				time.AfterFunc(a.holdTime(), expire)
-				return
-			}
-			v.mu.Lock()
-			v.deltaOK = false
-			v.claims = nil
-			v.mu.Unlock()
-			a.markDirty(v.id)
+	// When a hold ends, what it kept must go, which no snapshot will
+	// say: one timer for the holds begun together.
+	ends := map[time.Time]bool{}
+	for _, h := range newHolds {
+		if !ends[h.until] {
+			ends[h.until] = true
+			time.AfterFunc(time.Until(h.until)+10*time.Millisecond, func() { a.expireHolds(v, h.lost) })
 		}
-		time.AfterFunc(time.Until(until)+10*time.Millisecond, expire)
 	}
 	v.raw, v.recs, v.sess, v.synced = raw, recs, sess, true
-	v.held, v.holdUntil = newHeld, until
+	v.held = newHeld
 	v.mu.Unlock()
 	return changed
+}
+
+// expireHolds runs when holds of the view end: the reconciler then takes
+// the whole list, without what they kept. Holds of a store that may have
+// lost its state are extended instead while its identity cannot be read:
+// time alone must not decide that those hosts left.
+func (a *Agent) expireHolds(v *peerView, lost bool) {
+	if a.life.Err() != nil {
+		return // the agent stopped
+	}
+	if lost {
+		if _, err := a.checkIdentity(a.life); err != nil {
+			v.wmu.Lock()
+			v.mu.Lock()
+			until := time.Now().Add(a.holdTime())
+			for node, h := range v.held {
+				if h.lost {
+					h.until = until
+					v.held[node] = h
+				}
+			}
+			v.mu.Unlock()
+			v.wmu.Unlock()
+			time.AfterFunc(a.holdTime(), func() { a.expireHolds(v, true) })
+			return
+		}
+	}
+	v.mu.Lock()
+	v.deltaOK = false
+	v.claims = nil
+	v.mu.Unlock()
+	a.markDirty(v.id)
 }
 
 // takeOwnLost reports, once, that this host's record was lost.

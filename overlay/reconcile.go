@@ -433,15 +433,21 @@ func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 		names[l.Endpoint.Network] = true
 	}
 	a.unlock()
+	// A new session (the old one ended: a local Consul agent restarted,
+	// the host was cut off): every record goes back under it now.
+	forced := session != "" && a.republishAll.Swap(false)
 	for name := range names {
 		if ctx.Err() != nil {
+			a.republishAll.Store(a.republishAll.Load() || forced)
 			return
 		}
 		release, ok := a.ops.exclusive(name)
 		if !ok {
-			continue // an attach or detach of it is writing its records: next pass
+			// An attach or detach of it is writing its records: next pass.
+			a.republishAll.Store(a.republishAll.Load() || forced)
+			continue
 		}
-		a.reconcileNetworkStore(ctx, name, networks[name], full, session)
+		a.reconcileNetworkStore(ctx, name, networks[name], full, forced, session)
 		release()
 	}
 }
@@ -478,7 +484,7 @@ func (a *Agent) networkStoreWork(name string) networkStoreWork {
 
 // reconcileNetworkStore is reconcileStore for the networks of one name
 // (one, unless it was replaced), holding its lock and not mu.
-func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Network, full bool, session string) {
+func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Network, full, forced bool, session string) {
 	w := a.networkStoreWork(name)
 	for id, ls := range w.byNet {
 		if ctx.Err() != nil {
@@ -513,7 +519,10 @@ func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Net
 		// This host's record is checked on full passes and when its
 		// view saw it lost; not at every event, where the view may not
 		// show this host's own latest write yet.
-		if v := w.views[id]; v != nil && (v.takeOwnLost() || full && !a.commits.recentlyWrote(id, time.Second)) {
+		// Never without a session: records written without one would
+		// outlive the host. The session keeper asks for this pass again
+		// once it has one.
+		if v := w.views[id]; v != nil && session != "" && (v.takeOwnLost() || forced || full && !a.commits.recentlyWrote(id, time.Second)) {
 			a.ensurePublished(ctx, v, ls, session)
 		}
 		if !full || a.journalGap(n.Name) {
@@ -614,7 +623,7 @@ func (a *Agent) ensureEndpointRecord(ctx context.Context, l *localEndpoint, sess
 		return fmt.Errorf("cannot hold the address %s of a running endpoint again: %w", l.Endpoint.IP, err)
 	}
 	data, _ := json.Marshal(&l.Endpoint)
-	if err := a.store.Txn(ctx, a.publishOps(key, data)); err != nil {
+	if err := a.store.Txn(ctx, a.publishOps(key, data, session)); err != nil {
 		return err
 	}
 	a.log.Error("endpoint was missing from the store; republished from this host's journal", "endpoint", l.key())

@@ -3,8 +3,18 @@
 # three simulated hosts (network namespaces on one underlay switch), with a
 # real Consul and one vxnetd per host. Everything it makes is removed at
 # the end, also on failure or Ctrl-C.
+#
+#   scripts/demo.sh                 # every vxnetd talks to the Consul server
+#   scripts/demo.sh --local-consul  # a Consul client agent on every host, as
+#                                   # Consul is usually run; vxnetd asks it
 set -euo pipefail
 cd "$(dirname "$0")/.."
+local_consul=
+case "${1:-}" in
+  "") ;;
+  --local-consul) local_consul=1 ;;
+  *) echo "demo: unknown argument $1 (try --local-consul)" >&2; exit 2 ;;
+esac
 CONSUL_BIN=$(scripts/deps.sh | tail -n 1)
 
 p="vxdemo$$"              # prefix of everything the demo creates
@@ -66,11 +76,32 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 
+store=consul://192.168.77.254:8500
+if [ -n "$local_consul" ]; then
+  bold "A Consul client agent per host, joined to the server, on 127.0.0.1:8500 of its host"
+  i=1
+  for h in "${hosts[@]}"; do
+    mkdir -p "$work/$h/consul"
+    nsenter --net="/var/run/netns/$p-$h" "$CONSUL_BIN" agent -node "$h" -bind "192.168.77.$i" -client 127.0.0.1 \
+      -retry-join 192.168.77.254 -data-dir "$work/$h/consul" -dns-port -1 -grpc-port -1 -grpc-tls-port -1 \
+      -hcl 'disable_update_check = true' >"$work/$h/consul.log" 2>&1 &
+    pids+=($!)
+    i=$((i + 1))
+  done
+  for h in "${hosts[@]}"; do
+    for _ in $(seq 150); do
+      nsenter --net="/var/run/netns/$p-$h" curl -sf http://127.0.0.1:8500/v1/status/leader 2>/dev/null | grep -q : && break
+      sleep 0.2
+    done
+  done
+  store=consul://127.0.0.1:8500
+fi
+
 bold "One vxnetd per host"
 i=1
 for h in "${hosts[@]}"; do
   mkdir -p "$work/$h"
-  nsenter --net="/var/run/netns/$p-$h" vxnetd --store consul://192.168.77.254:8500 \
+  nsenter --net="/var/run/netns/$p-$h" vxnetd --store "$store" \
     --node "$h" --advertise "192.168.77.$i" --state-dir "$work/$h/state" --run-dir "$work/$h/run" \
     --socket "$work/$h/vxnet.sock" >"$work/$h/vxnetd.log" 2>&1 &
   pids+=($!)

@@ -365,9 +365,9 @@ func (c *cli) nodeList() *cobra.Command {
 				}
 				rows := make([][]string, 0, len(ns))
 				for _, n := range ns {
-					rows = append(rows, []string{n.Name, n.Address, n.State, n.LastSeen.Local().Format(time.DateTime), n.Version})
+					rows = append(rows, []string{n.Name, n.Address, n.State, livenessText(n.Liveness, n.ConsulNode, n.Name), n.LastSeen.Local().Format(time.DateTime), n.Version})
 				}
-				c.table("NAME\tADDRESS\tSTATE\tLAST SEEN\tVERSION", rows)
+				c.table("NAME\tADDRESS\tSTATE\tLIVENESS\tLAST SEEN\tVERSION", rows)
 				return nil
 			})
 		},
@@ -415,10 +415,28 @@ func (c *cli) status() *cobra.Command {
 				if !s.LastReconcile.IsZero() {
 					fmt.Fprintf(w, "Last reconcile:\t%s\n", s.LastReconcile.Local().Format(time.DateTime))
 				}
+				if s.Liveness != "" {
+					fmt.Fprintf(w, "Liveness:\t%s\n", livenessText(s.Liveness, s.ConsulNode, s.Node))
+				}
+				if s.SessionError != "" {
+					fmt.Fprintf(w, "Session:\tREFUSED: %s\n", s.SessionError)
+				}
 				return w.Flush()
 			})
 		},
 	}
+}
+
+// livenessText says how a node's death is noticed, with its Consul node
+// where that is not named as the node is.
+func livenessText(mode, consulNode, node string) string {
+	switch {
+	case mode == "":
+		return "-" // an agent of before liveness was recorded
+	case mode == "gossip+ttl" && consulNode != "" && consulNode != node:
+		return mode + " (consul node " + consulNode + ")"
+	}
+	return mode
 }
 
 func (c *cli) version() *cobra.Command {

@@ -41,7 +41,7 @@ type options struct {
 	noEgress, cleanup                                             bool
 	debugAddr                                                     string
 	vxlanPort                                                     int
-	resync, nodeTTL                                               time.Duration
+	resync, nodeTTL, holdDown, holdLeft                           time.Duration
 	caFile, certFile, keyFile                                     string
 	version                                                       bool
 }
@@ -65,6 +65,8 @@ func parseFlags() (*options, error) {
 	fs.StringVar(&o.socketGroup, "socket-group", "", "group that may use the API socket (mode 0660)")
 	fs.IntVar(&o.vxlanPort, "vxlan-port", 4789, "VXLAN UDP port")
 	fs.DurationVar(&o.resync, "resync-interval", 30*time.Second, "period of the full reconcile that repairs drift")
+	fs.DurationVar(&o.holdDown, "peer-hold-down", time.Second, "how long a host's entries stay after its records went with its session when gossip found its local Consul agent failed (dead, or killed and restarting); 0 for none")
+	fs.DurationVar(&o.holdLeft, "peer-hold-left", 15*time.Second, "how long at most a host's entries stay after its records went with its session when its local Consul agent left the cluster gracefully (a restart); 0 for none")
 	fs.DurationVar(&o.nodeTTL, "node-ttl", 15*time.Second, "store session TTL: a host silent for longer is considered gone (min 10s; Consul may take up to twice this to notice)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.pool, "pool", "10.0.0.0/8", "pool that networks without --subnet get a /24 from")
@@ -179,6 +181,14 @@ func run() error {
 	if o.nodeTTL < 10*time.Second {
 		return fmt.Errorf("--node-ttl %s is below Consul's minimum of 10s", o.nodeTTL)
 	}
+	for _, f := range []struct {
+		name string
+		d    time.Duration
+	}{{"--peer-hold-down", o.holdDown}, {"--peer-hold-left", o.holdLeft}} {
+		if f.d < 0 || f.d > 5*time.Minute {
+			return fmt.Errorf("%s %s: give 0 (none) up to 5m", f.name, f.d)
+		}
+	}
 	if o.vxlanPort < 1 || o.vxlanPort > 65535 {
 		return fmt.Errorf("--vxlan-port %d is out of range", o.vxlanPort)
 	}
@@ -215,7 +225,7 @@ func run() error {
 
 	agent, err := overlay.New(overlay.Config{
 		Node: o.node, Advertise: addr, StateDir: o.stateDir, NetNSDir: filepath.Join(o.runDir, "netns"),
-		VXLANPort: o.vxlanPort, UnderlayMTU: mtu, ResyncInterval: o.resync, NodeTTL: o.nodeTTL,
+		VXLANPort: o.vxlanPort, UnderlayMTU: mtu, ResyncInterval: o.resync, NodeTTL: o.nodeTTL, HoldDown: holdConfig(o.holdDown), HoldLeft: holdConfig(o.holdLeft),
 		StoreName: redact(o.store), IPAM: ipam.Options{Pool: pool}, Egress: egress, Logger: log,
 		CrashAt: os.Getenv("VXNETD_TEST_CRASH_AT"), PauseAt: os.Getenv("VXNETD_TEST_PAUSE_AT"), PauseFor: 2 * time.Second,
 	}, store)
@@ -477,4 +487,13 @@ func warnPrivateMounts(log *slog.Logger, runDir string) {
 	log.Warn("vxnetd runs in a mount namespace other than the host's: the network namespaces it mounts under the run dir vanish when it exits, "+
 		"and every container's overlay with them; start it from systemd or with nsenter --net=, not ip netns exec",
 		"self", self, "host", host, "run_dir", runDir)
+}
+
+// holdConfig maps a hold flag to overlay.Config's, where 0 means the
+// default and a negative value none.
+func holdConfig(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }

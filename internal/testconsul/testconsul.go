@@ -29,6 +29,7 @@ type Server struct {
 	hcl     []string // extra configuration
 	join    []string // serf LAN addresses of the other servers (cluster)
 	expect  int      // -bootstrap-expect (cluster)
+	client  bool     // a client agent (StartClient)
 	name    string
 	tls     bool
 	dataDir string
@@ -150,6 +151,38 @@ func StartCluster(t testing.TB, addrs []string, opts ...Option) []*Server {
 	return servers
 }
 
+// StartClient runs a Consul client agent inside the network namespace at
+// netns, as a host runs one beside its programs: bound to bind (the host's
+// underlay address), joined to server, its HTTP API on 127.0.0.1 of that
+// namespace. It waits until the agent knows the server's leader.
+func StartClient(t testing.TB, server *Server, netns, bind, node string) *Server {
+	t.Helper()
+	s := StartClientNoWait(t, net.JoinHostPort(server.addr, fmt.Sprint(server.ports["serf_lan"])), netns, bind, node)
+	if err := s.WaitLeader(30 * time.Second); err != nil {
+		t.Fatalf("consul client agent: %v\n%s", err, s.logTail())
+	}
+	return s
+}
+
+// StartClientNoWait is StartClient with the server's serf address given,
+// not waiting for the join (which may never happen).
+func StartClientNoWait(t testing.TB, join, netns, bind, node string) *Server {
+	t.Helper()
+	s := prepare(t, WithNetNS(netns))
+	s.client, s.addr, s.name = true, bind, node
+	s.join = []string{join}
+	s.launch()
+	// Its API first: the agent serves it before it has joined.
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(s.get("/v1/agent/self"), "NodeName") {
+		if time.Now().After(deadline) {
+			t.Fatalf("consul client agent: no API after 30s\n%s", s.logTail())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return s
+}
+
 // Leader returns the address (host:port of the server RPC) of the leader
 // as this server sees it.
 func (s *Server) Leader() string {
@@ -181,7 +214,11 @@ func (s *Server) start() {
 
 func (s *Server) launch() {
 	s.t.Helper()
-	args := []string{"agent", "-bind", s.addr, "-client", s.addr, "-advertise", s.addr,
+	client := s.addr
+	if s.client {
+		client = "127.0.0.1" // the host's programs ask it on loopback
+	}
+	args := []string{"agent", "-bind", s.addr, "-client", client, "-advertise", s.addr,
 		"-http-port", fmt.Sprint(s.ports["http"]), "-serf-lan-port", fmt.Sprint(s.ports["serf_lan"]),
 		"-serf-wan-port", fmt.Sprint(s.ports["serf_wan"]), "-server-port", fmt.Sprint(s.ports["server"]),
 		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1", "-log-level", "warn", "-disable-host-node-id",
@@ -193,7 +230,13 @@ func (s *Server) launch() {
 	for _, h := range s.hcl {
 		args = append(args, "-hcl", h)
 	}
-	if s.persist {
+	switch {
+	case s.client:
+		args = append(args, "-data-dir", s.dataDir, "-node", s.name)
+		for _, j := range s.join {
+			args = append(args, "-retry-join", j, "-retry-interval", "1s")
+		}
+	case s.persist:
 		expect := max(s.expect, 1)
 		name := s.name
 		if name == "" {
@@ -203,7 +246,7 @@ func (s *Server) launch() {
 		for _, j := range s.join {
 			args = append(args, "-retry-join", j)
 		}
-	} else {
+	default:
 		args = append(args, "-dev")
 	}
 	name := s.bin
@@ -271,8 +314,29 @@ func (s *Server) Keys(prefix string) []string {
 	return keys
 }
 
-// Addr is host:port of the HTTP API.
-func (s *Server) Addr() string { return net.JoinHostPort(s.addr, fmt.Sprint(s.ports["http"])) }
+// Addr is host:port of the HTTP API (a client agent's is on loopback in
+// its namespace).
+func (s *Server) Addr() string {
+	if s.client {
+		return net.JoinHostPort("127.0.0.1", fmt.Sprint(s.ports["http"]))
+	}
+	return net.JoinHostPort(s.addr, fmt.Sprint(s.ports["http"]))
+}
+
+// Kill ends the agent at once (SIGKILL), as a crash or a host's death
+// would: no leave.
+func (s *Server) Kill() {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Kill()
+	<-s.done
+	s.cmd = nil
+}
+
+// Launch starts a stopped agent again on the same ports and data dir,
+// without waiting for it.
+func (s *Server) Launch() { s.launch() }
 
 // HTTPSAddr is host:port of the HTTPS API (WithTLS).
 func (s *Server) HTTPSAddr() string { return net.JoinHostPort(s.addr, fmt.Sprint(s.ports["https"])) }
@@ -324,7 +388,15 @@ func (s *Server) Signal(sig syscall.Signal) {
 // Request sends one HTTP request to the server's API (for tests that
 // tamper with the store by hand) and returns the body.
 func (s *Server) Request(method, path, body string) (string, error) {
+	return s.RequestToken(method, path, body, "")
+}
+
+// RequestToken is Request with an ACL token ("": none).
+func (s *Server) RequestToken(method, path, body, token string) (string, error) {
 	args := []string{"curl", "-sS", "-f", "-m", "5", "-X", method, "http://" + s.Addr() + path}
+	if token != "" {
+		args = append(args, "-H", "X-Consul-Token: "+token)
+	}
 	if body != "" {
 		args = append(args, "--data-binary", body)
 	}

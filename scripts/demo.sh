@@ -22,6 +22,7 @@ work=$(mktemp -d /tmp/vxnet-demo.XXXXXX)
 sw="$p-sw"
 hosts=(h1 h2 h3)
 pids=()
+declare -A agent_pid # vxnetd's pid by host
 
 bold() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 run() { printf '\033[36m$ %s\033[0m\n' "$*"; "$@"; }
@@ -105,6 +106,7 @@ for h in "${hosts[@]}"; do
     --node "$h" --advertise "192.168.77.$i" --state-dir "$work/$h/state" --run-dir "$work/$h/run" \
     --socket "$work/$h/vxnet.sock" >"$work/$h/vxnetd.log" 2>&1 &
   pids+=($!)
+  agent_pid[$h]=$!
   i=$((i + 1))
 done
 for h in "${hosts[@]}"; do
@@ -185,7 +187,7 @@ on h2 detach net1 net1c2
 sleep 0.5
 run nsenter --net="$work/h1/run/netns/$ns" ip neigh show dev vxlan1
 bold "Stop h1's agent and remove its egress rules and bridge (vxnetd --cleanup)"
-kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
+kill "${agent_pid[h1]}"; wait "${agent_pid[h1]}" 2>/dev/null || true
 run nsenter --net="/var/run/netns/$p-h1" vxnetd --cleanup --state-dir "$work/h1/state"
 run ip netns exec "$p-h1" iptables -t nat -S
 bold "Demo done; cleaning up"

@@ -206,12 +206,7 @@ func startInProcess(t *testing.T, node string, st kvstore.Store) *inProcess {
 func startInProcessAt(t *testing.T, node string, st kvstore.Store, dir string, readyTimeout time.Duration) *inProcess {
 	t.Helper()
 	if st == nil {
-		b, err := kvstore.NewBolt(filepath.Join(dir, "store.db"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { b.Close() })
-		st = b
+		st = testBolt(t, dir)
 	}
 	cs := &countingStore{Store: st}
 	dp := newFakeDatapath(filepath.Join(dir, "netns"))
@@ -238,6 +233,17 @@ func startInProcessAt(t *testing.T, node string, st kvstore.Store, dir string, r
 		t.Fatal("agent not ready")
 	}
 	return &inProcess{Agent: a, dp: dp, store: cs, dir: dir, stop: stop}
+}
+
+// testBolt is an embedded store in dir, closed when the test ends.
+func testBolt(t *testing.T, dir string) kvstore.Store {
+	t.Helper()
+	b, err := kvstore.NewBolt(filepath.Join(dir, "store.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b
 }
 
 // stopped stops the agent (its cleanup then does nothing more).
@@ -472,11 +478,7 @@ func (g *gatedStore) Watch(ctx context.Context, prefix string) <-chan kvstore.Ev
 // not a whole resync interval later.
 func TestFirstSyncedPassIsFullAfterReadyTimer(t *testing.T) {
 	dir := t.TempDir()
-	b, err := kvstore.NewBolt(filepath.Join(dir, "store.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
+	b := testBolt(t, dir)
 	ctx := context.Background()
 	first := startInProcessAt(t, "h1", b, dir, time.Second)
 	n, err := first.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"})
@@ -531,11 +533,7 @@ func (s *stallingStore) Get(ctx context.Context, key string) (*kvstore.KV, error
 // kernel lock: an attach on another network goes through meanwhile.
 func TestStoreRepairHoldsUpNoAttach(t *testing.T) {
 	dir := t.TempDir()
-	b, err := kvstore.NewBolt(filepath.Join(dir, "store.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
+	b := testBolt(t, dir)
 	st := &stallingStore{Store: b, key: endpointKey("a", "c1"), open: make(chan struct{}), stalled: make(chan struct{})}
 	a := startInProcessAt(t, "h1", st, dir, time.Second)
 	ctx := context.Background()

@@ -211,13 +211,7 @@ func TestLocalAgentMisconfigured(t *testing.T) {
 	lonely := testconsul.StartClientNoWait(t, "192.168.77.253:8301", h1.Path, h1.Addr.String(), h1.Name)
 	a1 := newAgent(t, h1, "host1", lonely.URL("vxnet/"))
 	a1.startNoWait()
-	eventually(t, 15*time.Second, "status names the unjoined agent", func() error {
-		out, _ := a1.vxnet("status")
-		if !strings.Contains(out, "has joined no server") {
-			return fmt.Errorf("status:\n%s", out)
-		}
-		return nil
-	})
+	statusSays(t, a1, "has joined no server")
 
 	// A token that may write the keys but not create sessions.
 	policy := `{"Name":"kv-only","Rules":"key_prefix \"vxnet/\" { policy = \"write\" }\nnode_prefix \"\" { policy = \"read\" }"}`
@@ -235,13 +229,7 @@ func TestLocalAgentMisconfigured(t *testing.T) {
 	a2 := newAgent(t, c.net.AddHost("h2"), "host2", c.consul.URL("vxnet/"))
 	a2.env = []string{"CONSUL_HTTP_TOKEN=" + tok.SecretID}
 	a2.startNoWait()
-	eventually(t, 15*time.Second, "status names the missing right", func() error {
-		out, _ := a2.vxnet("status")
-		if !strings.Contains(out, "session:write") {
-			return fmt.Errorf("status:\n%s", out)
-		}
-		return nil
-	})
+	statusSays(t, a2, "session:write")
 }
 
 // A host's Consul agent down for longer than the hold: its peers drop the
@@ -272,4 +260,16 @@ func TestLocalAgentDownLongerThanHold(t *testing.T) {
 	back := time.Now()
 	eventually(t, 10*time.Second, "c1 reaches c2 again", func() error { return testnet.Ping(c1, "10.23.0.20") })
 	t.Logf("h2 republished and reachable %s after its Consul agent answered", time.Since(back).Round(time.Millisecond))
+}
+
+// statusSays waits until the agent's status names what.
+func statusSays(t *testing.T, a *agent, what string) {
+	t.Helper()
+	eventually(t, 15*time.Second, "status says "+what, func() error {
+		out, _ := a.vxnet("status")
+		if !strings.Contains(out, what) {
+			return fmt.Errorf("status:\n%s", out)
+		}
+		return nil
+	})
 }

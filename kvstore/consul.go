@@ -73,7 +73,7 @@ func (b countingBody) Read(p []byte) (int, error) {
 type consulStore struct {
 	kv      *api.KV
 	session *api.Session
-	agent   *api.Agent
+	raw     *api.Raw
 	status  *api.Status
 	health  *api.Health
 	prefix  string
@@ -125,7 +125,7 @@ func NewConsul(cfg ConsulConfig) (Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("consul client: %w", err)
 	}
-	return &consulStore{kv: client.KV(), session: client.Session(), agent: client.Agent(), status: client.Status(), health: client.Health(), prefix: cfg.Prefix, timeout: cfg.Timeout}, nil
+	return &consulStore{kv: client.KV(), session: client.Session(), raw: client.Raw(), status: client.Status(), health: client.Health(), prefix: cfg.Prefix, timeout: cfg.Timeout}, nil
 }
 
 func (s *consulStore) q(ctx context.Context) (*api.QueryOptions, context.CancelFunc) {
@@ -278,10 +278,20 @@ func (s *consulStore) Txn(ctx context.Context, ops []Op) error {
 				msgs = append(msgs, fmt.Sprintf("%s: %s", key, e.What))
 			}
 		}
+		if strings.Contains(strings.Join(msgs, " "), "invalid session") {
+			// The session ended (its renewal has not noticed yet): not
+			// a conflict of the caller's, which "already exists" would
+			// tell, but an outage of the node's own liveness.
+			return fmt.Errorf("txn rolled back (%s): %w: %w", strings.Join(msgs, "; "), ErrUnavailable, ErrSessionEnded)
+		}
 		return fmt.Errorf("txn rolled back (%s): %w", strings.Join(msgs, "; "), ErrConflict)
 	}
 	return nil
 }
+
+// ErrSessionEnded means a write bound to a session was refused because the
+// session no longer exists; it comes with ErrUnavailable.
+var ErrSessionEnded = errors.New("the store session has ended")
 
 func kvOps(ops api.TxnOps) api.KVTxnOps {
 	out := make(api.KVTxnOps, len(ops))
@@ -451,9 +461,13 @@ func (h NodeHealth) String() string {
 func (s *consulStore) NodeHealth(ctx context.Context, node string) (NodeHealth, error) {
 	q, cancel := s.q(ctx)
 	defer cancel()
-	checks, _, err := s.health.Node(node, q)
+	checks, meta, err := s.health.Node(node, q)
 	if err != nil {
 		return NodeAlive, unavailable("health of node", node, err)
+	}
+	if meta != nil && meta.ResultsFilteredByACLs {
+		// An empty answer would read as "left".
+		return NodeAlive, fmt.Errorf("consul health of node %s: %w: the ACL token may not read it (node_prefix read)", node, ErrForbidden)
 	}
 	for _, c := range checks {
 		if c.CheckID == "serfHealth" {
@@ -475,28 +489,14 @@ var ErrNotJoined = errors.New("the Consul agent has joined no server")
 func (s *consulStore) Liveness(ctx context.Context) (Liveness, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	// Self takes no options: the context bounds it through the leader
-	// check below only, so it is asked in a goroutine.
-	type answer struct {
-		self map[string]map[string]any
-		err  error
+	// Through Raw: Agent.Self takes no context, and a frozen agent must
+	// not leave a request behind at every retry.
+	var self map[string]map[string]any
+	if _, err := s.raw.Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx)); err != nil {
+		return Liveness{}, unavailable("agent self", "", err)
 	}
-	ch := make(chan answer, 1)
-	go func() {
-		self, err := s.agent.Self()
-		ch <- answer{self, err}
-	}()
-	var a answer
-	select {
-	case a = <-ch:
-	case <-ctx.Done():
-		return Liveness{}, fmt.Errorf("consul agent self: %w: %v", ErrUnavailable, ctx.Err())
-	}
-	if a.err != nil {
-		return Liveness{}, unavailable("agent self", "", a.err)
-	}
-	server, _ := a.self["Config"]["Server"].(bool)
-	node, _ := a.self["Config"]["NodeName"].(string)
+	server, _ := self["Config"]["Server"].(bool)
+	node, _ := self["Config"]["NodeName"].(string)
 	l := Liveness{LocalAgent: !server, Node: node}
 	if !server {
 		leader, err := s.status.LeaderWithQueryOptions((&api.QueryOptions{}).WithContext(ctx))

@@ -216,7 +216,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 			return
 		}
 		a.mu.Lock()
-		delete(a.inflight, l.key())
+		a.doneInflightLocked(l)
 		a.unlock()
 	}()
 
@@ -335,7 +335,7 @@ func (a *Agent) rollback(ctx context.Context, l *localEndpoint, u *undoLog, caus
 		cancel()
 	}
 	a.mu.Lock()
-	delete(a.inflight, l.key())
+	a.doneInflightLocked(l)
 	a.unlock()
 	if err != nil {
 		a.log.Warn("attach rolled back in the kernel; the store part is finished when the store answers", "endpoint", l.Endpoint.Name, "err", err)
@@ -374,7 +374,7 @@ func (a *Agent) undoInterrupted(ctx context.Context, network string, nsid nsID, 
 			err = a.purgeStore(pctx, l, true)
 			cancel()
 			a.mu.Lock()
-			delete(a.inflight, l.key())
+			a.doneInflightLocked(l)
 			a.unlock()
 		}
 		if err != nil {
@@ -506,7 +506,7 @@ func (a *Agent) Detach(ctx context.Context, network, name string) error {
 	err := a.purgeStore(ctx, l, true)
 	a.mu.Lock()
 	defer a.unlock()
-	delete(a.inflight, l.key())
+	a.doneInflightLocked(l)
 	if err != nil {
 		return fmt.Errorf("detach %s: %w (its interfaces are gone; the agent removes its record when the store answers)", name, err)
 	}
@@ -636,7 +636,19 @@ func (a *Agent) forgetLocked(l *localEndpoint) error {
 		return err
 	}
 	delete(a.locals, l.key())
+	// With the record, in the same hold of mu: an attach of the same name
+	// may start as soon as mu is released.
+	delete(a.inflight, l.key())
 	return nil
+}
+
+// doneInflightLocked ends an operation's in-flight mark, unless its record
+// was forgotten and the name has been taken by another operation since:
+// the mark is by name, and that one's.
+func (a *Agent) doneInflightLocked(l *localEndpoint) {
+	if cur := a.locals[l.key()]; cur == nil || cur == l {
+		delete(a.inflight, l.key())
+	}
 }
 
 // dropIdleNetwork removes a network's namespace once its last local

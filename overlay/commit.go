@@ -217,6 +217,9 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 		return nil
 	}
 	if err := c.a.store.Txn(ctx, ops); err != nil {
+		if errors.Is(err, kvstore.ErrSessionEnded) {
+			c.a.kickRenew() // a new session now, not at the next renewal
+		}
 		if !errors.Is(err, kvstore.ErrConflict) {
 			if c.unsure == nil {
 				c.unsure = map[string]bool{}

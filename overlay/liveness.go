@@ -299,13 +299,19 @@ const (
 // held while gossip says that agent left the cluster gracefully (a
 // restart), HoldLeft at most; for HoldDown when gossip found it failed
 // (dead, or a killed agent coming back); briefly if the store cannot say.
-func (a *Agent) holdFor(ctx context.Context, node string) (time.Duration, string) {
+//
+// session is the one that held the vanished record.
+func (a *Agent) holdFor(ctx context.Context, node, session string) (time.Duration, string) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	kv, err := a.store.Get(ctx, aliveKey(node))
 	switch {
-	case err == nil && kv.Session != "":
+	case err == nil && kv.Session != "" && (kv.Session == session || session == ""):
 		return 0, "removed by its host"
+	case err == nil && kv.Session != "":
+		// Its record's session ended and it already has a new one: it
+		// is writing its records back.
+		return a.cfg.HoldLeft, "its host has a new session"
 	case err != nil && !errors.Is(err, kvstore.ErrNotFound):
 		return a.cfg.HoldDown, "the store cannot say why"
 	}

@@ -342,7 +342,7 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 			}
 		} else {
 			for _, node := range vanished {
-				d, why := a.holdFor(ctx, node)
+				d, why := a.holdFor(ctx, node, prevSess[node])
 				if d <= 0 {
 					continue
 				}

@@ -450,6 +450,9 @@ func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 		a.reconcileNetworkStore(ctx, name, networks[name], full, forced, session)
 		release()
 	}
+	if ctx.Err() != nil {
+		a.republishAll.Store(a.republishAll.Load() || forced) // cut short in the last one
+	}
 }
 
 // networkStoreWork is what one network's store repair reads of the local
@@ -522,8 +525,14 @@ func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Net
 		// Never without a session: records written without one would
 		// outlive the host. The session keeper asks for this pass again
 		// once it has one.
-		if v := w.views[id]; v != nil && session != "" && (v.takeOwnLost() || forced || full && !a.commits.recentlyWrote(id, time.Second)) {
-			a.ensurePublished(ctx, v, ls, session)
+		if v := w.views[id]; v != nil && session != "" {
+			// Lost (its record vanished, or a repair failed) or a new
+			// session: every record is checked; on full passes the peer
+			// record decides.
+			lost := v.takeOwnLost() || forced
+			if lost || full && !a.commits.recentlyWrote(id, time.Second) {
+				a.ensurePublished(ctx, v, ls, session, lost)
+			}
 		}
 		if !full || a.journalGap(n.Name) {
 			continue
@@ -547,9 +556,17 @@ func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Net
 // ensurePublished checks this host's peer record of a network against its
 // attached endpoints there and, if the store's differs (absent, other
 // addresses, another session), puts their endpoint records back where
-// they are missing and then writes the peer record.
-func (a *Agent) ensurePublished(ctx context.Context, v *peerView, ls []*localEndpoint, session string) {
+// they are missing and then writes the peer record. After a new session
+// (all) the endpoint records are checked whatever the peer record says:
+// an attach or detach since may have written that one under the new
+// session already. What fails is tried again at the next pass.
+func (a *Agent) ensurePublished(ctx context.Context, v *peerView, ls []*localEndpoint, session string, all bool) {
 	netID := ls[0].Net.ID
+	retry := func() {
+		v.mu.Lock()
+		v.ownLost = true
+		v.mu.Unlock()
+	}
 	own, ownSession, synced := v.own()
 	if !synced {
 		return
@@ -558,26 +575,33 @@ func (a *Agent) ensurePublished(ctx context.Context, v *peerView, ls []*localEnd
 	for _, l := range ls {
 		want = append(want, l.Endpoint.IP)
 	}
-	if own != nil && bytes.Equal(own.IPs, packAddrs(want)) && own.VTEP == a.cfg.Advertise && (session == "" || ownSession == session) {
+	current := own != nil && bytes.Equal(own.IPs, packAddrs(want)) && own.VTEP == a.cfg.Advertise && (session == "" || ownSession == session)
+	if current && !all {
 		return
 	}
-	republished := 0
+	republished, failed := 0, false
 	for _, l := range ls {
 		switch err := a.ensureEndpointRecord(ctx, l, session); {
 		case errors.Is(err, errRepublished):
 			republished++
 		case err != nil:
 			a.log.Warn("republish endpoint", "endpoint", l.key(), "err", err)
+			failed = true
 			if ctx.Err() != nil {
+				retry()
 				return
 			}
 		}
 	}
+	if failed {
+		retry()
+	}
+	if current {
+		return
+	}
 	if err := a.commit(ctx, &commitReq{netID: netID, set: want, setOK: true}); err != nil {
 		a.log.Warn("write this host's peer record", "network", ls[0].Net.Name, "err", err)
-		v.mu.Lock()
-		v.ownLost = true // again at the next pass, not the next full one
-		v.mu.Unlock()
+		retry() // at the next pass, not the next full one
 		return
 	}
 	switch {

@@ -121,6 +121,9 @@ type AttachRequest struct {
 	Name string `json:"name,omitempty"`
 	// IP requested inside the network's subnet; default: the next free one.
 	IP string `json:"ip,omitempty"`
+	// Interface is the name of the interface in the namespace (CNI's
+	// CNI_IFNAME); default: the first free ethN.
+	Interface string `json:"interface,omitempty"`
 	// Publish forwards ports of the host's addresses to the container:
 	// "HOSTPORT:CONTAINERPORT[/tcp|udp]" (tcp by default). Needs a network
 	// that is not internal.

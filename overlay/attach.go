@@ -118,6 +118,9 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if err := ValidateName("endpoint", name); err != nil {
 		return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
+	if req.Interface != "" && !vtep.ValidIfName(req.Interface) {
+		return nil, invalidf("interface %q: give a name of 1 to 15 characters without '/', ':' or spaces", req.Interface)
+	}
 	vxlanPort := a.cfg.VXLANPort
 	if vxlanPort == 0 {
 		vxlanPort = 4789
@@ -186,6 +189,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		Endpoint: Endpoint{
 			Version: recordVersion, ID: id, Name: name, Network: network, NetworkID: n.ID,
 			Node: a.cfg.Node, VTEP: a.cfg.Advertise, Ports: portSpecs, Created: time.Now().UTC().Truncate(time.Second),
+			Interface: req.Interface,
 		},
 		Net: *n, Netns: path, NetnsID: nsid, MTU: networkMTU(n, a.localMTU()),
 		ReplaceDefault: req.ReplaceDefaultRoute,

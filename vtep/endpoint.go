@@ -27,16 +27,17 @@ type EndpointSpec struct {
 	MTU         int              // 0 = br0's
 }
 
-func validIfName(n string) bool {
+// ValidIfName reports whether n can name a network interface.
+func ValidIfName(n string) bool {
 	return n != "" && len(n) < unix.IFNAMSIZ && n != "." && n != ".." &&
 		!strings.ContainsAny(n, "/: \t\n")
 }
 
 func (s *EndpointSpec) check() error {
 	switch {
-	case !validIfName(s.HostVeth):
+	case !ValidIfName(s.HostVeth):
 		return fmt.Errorf("invalid host veth name %q", s.HostVeth)
-	case s.IfName != "" && !validIfName(s.IfName):
+	case s.IfName != "" && !ValidIfName(s.IfName):
 		return fmt.Errorf("invalid interface name %q", s.IfName)
 	case s.ContainerNS == "":
 		return errors.New("no container namespace")

@@ -1,6 +1,6 @@
 .PHONY: build test demo bench bench-go vet
 build:
-	go build -o bin/ ./cmd/vxnetd ./cmd/vxnet
+	go build -o bin/ ./cmd/vxnetd ./cmd/vxnet ./cmd/vxnet-cni
 test:
 	scripts/test.sh
 demo:

@@ -34,7 +34,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv("VXNET_RACE") != "" {
 		args = append(args, "-race") // agents built with the race detector
 	}
-	cmd := exec.Command("go", append(args, "../cmd/vxnetd", "../cmd/vxnet")...)
+	cmd := exec.Command("go", append(args, "../cmd/vxnetd", "../cmd/vxnet", "../cmd/vxnet-cni")...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build binaries:", err)

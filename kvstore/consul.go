@@ -515,7 +515,12 @@ func (s *consulStore) RenewSession(ctx context.Context, id string) error {
 	defer cancel()
 	e, _, err := s.session.Renew(id, w)
 	if err != nil {
-		if strings.Contains(err.Error(), "404") {
+		// By the status, not the text: a connection error quotes the
+		// URL, whose port or session id may well contain "404", and a
+		// session taken for expired would be replaced while the old one
+		// still holds this node's keys.
+		var se api.StatusError
+		if errors.As(err, &se) && se.Code == http.StatusNotFound {
 			return fmt.Errorf("session %s: %w", id, ErrNotFound)
 		}
 		return unavailable("renew session", id, err)

@@ -786,3 +786,24 @@ func TestUnavailableNotForbiddenByPort(t *testing.T) {
 		t.Errorf("403: %v", err)
 	}
 }
+
+// A renewal that cannot reach the server is an outage, even when the URL
+// it quotes (the session id, the port) contains "404": taking it for an
+// expired session would replace a session that still holds the node's
+// keys.
+func TestRenewUnreachableIsNotExpired(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens there now: connection refused
+	s, err := NewConsul(ConsulConfig{Address: addr, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = s.RenewSession(context.Background(), "c4040404-0404-4040-8404-040404040404")
+	if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrNotFound) {
+		t.Errorf("renewal with the server unreachable: %v", err)
+	}
+}

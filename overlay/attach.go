@@ -252,7 +252,12 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		if cur, _, gerr := a.getNetwork(ctx, network); gerr != nil || cur.Removing || cur.ID != n.ID {
 			return nil, conflictf("network %q was removed during attach", network)
 		}
-		return nil, conflictf("endpoint %q already exists on network %q", name, network)
+		if _, gerr := a.store.Get(ctx, endpointKey(network, name)); gerr == nil {
+			return nil, conflictf("endpoint %q already exists on network %q", name, network)
+		}
+		// Not the name: say what the store refused (a lock held by
+		// another session of this node, say).
+		return nil, conflictf("attach %s: the store refused the publish: %v", name, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: publish: %w", name, err)

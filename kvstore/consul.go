@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/vxnet/vxnet/metrics"
 )
 
 // ConsulConfig configures the Consul backend.
@@ -54,11 +56,52 @@ type countingTransport struct{ next http.RoundTripper }
 
 func (c countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	consulRequests.Add(1)
+	start := time.Now()
 	resp, err := c.next.RoundTrip(r)
-	if err == nil && r.URL.Query().Has("index") {
-		resp.Body = countingBody{resp.Body}
+	if r.URL.Query().Has("index") {
+		// A blocking query waits for a change: its time says nothing of
+		// the store's; what it brings is counted instead.
+		if err == nil {
+			resp.Body = countingBody{resp.Body}
+		}
+		return resp, err
+	}
+	op := requestOp(r)
+	metrics.StoreRequestDuration.WithLabelValues(op).Observe(time.Since(start).Seconds())
+	if err != nil || resp.StatusCode >= 500 {
+		metrics.StoreRequestErrors.WithLabelValues(op).Inc()
 	}
 	return resp, err
+}
+
+// requestOp names a Consul request for the metrics: a bounded set.
+func requestOp(r *http.Request) string {
+	p := r.URL.Path
+	switch {
+	case strings.HasPrefix(p, "/v1/kv/"):
+		switch {
+		case r.Method == http.MethodGet && r.URL.Query().Has("recurse"):
+			return "list"
+		case r.Method == http.MethodGet:
+			return "get"
+		case r.Method == http.MethodDelete:
+			return "delete"
+		}
+		return "put"
+	case p == "/v1/txn":
+		return "txn"
+	case strings.HasPrefix(p, "/v1/session/create"):
+		return "session_create"
+	case strings.HasPrefix(p, "/v1/session/renew"):
+		return "session_renew"
+	case strings.HasPrefix(p, "/v1/session/"):
+		return "session_other"
+	case strings.HasPrefix(p, "/v1/health/"):
+		return "health"
+	case strings.HasPrefix(p, "/v1/agent/"), strings.HasPrefix(p, "/v1/status/"):
+		return "agent"
+	}
+	return "other"
 }
 
 // countingBody counts what a blocking query's answer weighs.
@@ -67,6 +110,7 @@ type countingBody struct{ io.ReadCloser }
 func (b countingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	consulWatchBytes.Add(int64(n))
+	metrics.WatchBytes.Add(float64(n))
 	return n, err
 }
 
@@ -355,6 +399,7 @@ func (s *consulStore) Watch(ctx context.Context, prefix string) <-chan Event {
 				out = append(out, s.pair(p))
 			}
 			consulWatchEvents.Add(1)
+			metrics.WatchEvents.Inc()
 			sendLatest(ch, Event{Pairs: out, Index: meta.LastIndex, Reset: reset})
 		}
 	}()

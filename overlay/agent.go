@@ -26,6 +26,7 @@ import (
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/metrics"
 	"github.com/vxnet/vxnet/nat"
 	"github.com/vxnet/vxnet/vtep"
 )
@@ -147,6 +148,9 @@ type Agent struct {
 	// republishAll: a new session was made; the next pass puts every
 	// record of this host back under it.
 	republishAll atomic.Bool
+	// metricNets are the networks with series in the per-network
+	// gauges (guarded by mu).
+	metricNets map[string]int
 	// fates caches, by network id, what the store said of a network
 	// missing from the view when nothing could be done (the pass's own:
 	// only its store phase uses it).
@@ -261,10 +265,15 @@ func (a *Agent) stateDirUsed() bool {
 // written in place.
 func (a *Agent) publishView() {
 	v := make(map[string]*localEndpoint, len(a.locals))
+	attached := map[string]int{}
 	for k, l := range a.locals {
 		c := *l
 		v[k] = &c
+		if l.Phase == phaseAttached {
+			attached[l.Endpoint.Network]++
+		}
 	}
+	a.publishLocalMetrics(attached)
 	a.cmu.Lock()
 	a.localsView = v
 	a.cmu.Unlock()
@@ -390,6 +399,11 @@ func (a *Agent) setStoreErr(err error) {
 		a.kickRenew()
 	}
 	a.storeErr = err
+	if err == nil {
+		metrics.StoreUp.Set(1)
+	} else {
+		metrics.StoreUp.Set(0)
+	}
 }
 
 func (a *Agent) applyNetworks(_ context.Context, pairs []*kvstore.KV) {
@@ -871,4 +885,29 @@ func (a *Agent) viewLocals() map[string]*localEndpoint {
 	a.cmu.RLock()
 	defer a.cmu.RUnlock()
 	return a.localsView
+}
+
+// publishLocalMetrics sets the per-network gauges from the attached
+// endpoints by network name, and drops the series of networks this host
+// no longer has endpoints on (called with mu held).
+func (a *Agent) publishLocalMetrics(attached map[string]int) {
+	for name := range a.metricNets {
+		if attached[name] == 0 {
+			metrics.LocalEndpoints.DeleteLabelValues(name)
+			metrics.Peers.DeleteLabelValues(name)
+		}
+	}
+	for name, n := range attached {
+		metrics.LocalEndpoints.WithLabelValues(name).Set(float64(n))
+	}
+	a.metricNets = attached
+}
+
+// Health answers the health endpoints: ready once a reconcile with a
+// complete view of the store has run, and why the store does not answer
+// now, if it does not.
+func (a *Agent) Health() (bool, error) {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	return a.ready, a.storeErr
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/metrics"
 	"github.com/vxnet/vxnet/vtep"
 )
 
@@ -70,7 +71,14 @@ func (a *Agent) Attach(ctx context.Context, network string, req api.AttachReques
 	// so that the rollback's own bound still fits in what a client waits.
 	ctx, cancel := context.WithTimeout(ctx, AttachTimeout)
 	defer cancel()
+	start := time.Now()
 	ep, err := a.attach(ctx, network, req)
+	metrics.Since(metrics.AttachDuration, start)
+	defer func() {
+		if err != nil {
+			metrics.AttachErrors.WithLabelValues(ErrorCode(err)).Inc()
+		}
+	}()
 	if c := ErrorCode(err); err != nil && ctx.Err() != nil && !errors.Is(err, kvstore.ErrUnavailable) && (c == api.CodeInternal || c == api.CodeUnavailable) {
 		err = fmt.Errorf("attach: no answer within %s (%w): %w", AttachTimeout, kvstore.ErrUnavailable, err)
 	}
@@ -464,6 +472,16 @@ func (a *Agent) interruptedLocked(l *localEndpoint) bool {
 
 // Detach removes a local endpoint.
 func (a *Agent) Detach(ctx context.Context, network, name string) error {
+	start := time.Now()
+	err := a.detach(ctx, network, name)
+	metrics.Since(metrics.DetachDuration, start)
+	if err != nil {
+		metrics.DetachErrors.WithLabelValues(ErrorCode(err)).Inc()
+	}
+	return err
+}
+
+func (a *Agent) detach(ctx context.Context, network, name string) error {
 	ctx, cancel := context.WithTimeout(ctx, AttachTimeout)
 	defer cancel()
 	if err := ValidateName("network", network); err != nil {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sort"
 
+	"github.com/vxnet/vxnet/metrics"
 	"github.com/vxnet/vxnet/nat"
 )
 
@@ -187,6 +188,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 			return
 		} else if len(changes) > 0 {
 			a.log.Warn("gateway bridge or NAT rules repaired", "changes", changes)
+			metrics.Repairs.WithLabelValues("nat").Inc()
 		}
 		a.egressReady = true
 	}
@@ -223,6 +225,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 				a.log.Error("recreate gateway interface", "endpoint", l.Endpoint.Name, "err", err)
 			} else {
 				a.log.Warn("gateway interface was missing; recreated", "endpoint", l.Endpoint.Name)
+				metrics.Repairs.WithLabelValues("gateway_interface").Inc()
 			}
 		case errors.Is(err, nat.ErrGatewayGone):
 			// The container is gone; its endpoints are removed by the
@@ -231,6 +234,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 			a.log.Error("check gateway interface", "endpoint", l.Endpoint.Name, "err", err)
 		case len(changes) > 0:
 			a.log.Warn("gateway interface repaired", "endpoint", l.Endpoint.Name, "changes", changes)
+			metrics.Repairs.WithLabelValues("gateway_interface").Inc()
 		}
 	}
 	have, err := a.egress.Gateways(ctx)
@@ -246,6 +250,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 	for _, g := range have {
 		if !wantVeth[g] {
 			a.log.Warn("removing gateway interface of no container", "interface", g)
+			metrics.LeaksRemoved.WithLabelValues("gateway_interface").Inc()
 			if err := a.egress.RemoveGateway(ctx, g, nil); err != nil {
 				a.log.Warn("remove gateway interface", "interface", g, "err", err)
 			}

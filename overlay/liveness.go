@@ -12,6 +12,7 @@ import (
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/internal/atomicfile"
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/metrics"
 )
 
 // aliveKey is bound to this node's store session: it exists exactly while
@@ -35,6 +36,11 @@ func (a *Agent) setSession(id string) {
 	a.cmu.Lock()
 	a.session = id
 	a.cmu.Unlock()
+	if id == "" {
+		metrics.SessionUp.Set(0)
+	} else {
+		metrics.SessionUp.Set(1)
+	}
 	if id == "" {
 		os.Remove(a.sessionFile())
 		return

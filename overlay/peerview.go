@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/metrics"
 )
 
 // peerView is one network's peer records as this host's watch of them
@@ -53,6 +54,30 @@ type peerView struct {
 	// wmu makes each apply one step: the watch and an attach's first
 	// read both apply snapshots.
 	wmu sync.Mutex
+	// pendingSince is when the first change the kernel does not hold yet
+	// reached the view (for the convergence metric).
+	pendingSince time.Time
+}
+
+// markPending notes that a change reached the view.
+func (v *peerView) markPending() {
+	v.mu.Lock()
+	if v.pendingSince.IsZero() {
+		v.pendingSince = time.Now()
+	}
+	v.mu.Unlock()
+}
+
+// converged observes, once the kernel holds the view's changes, how long
+// since the first of them arrived.
+func (v *peerView) converged() {
+	v.mu.Lock()
+	t := v.pendingSince
+	v.pendingSince = time.Time{}
+	v.mu.Unlock()
+	if !t.IsZero() {
+		metrics.Since(metrics.Convergence, t)
+	}
 }
 
 // heldRecord is a vanished record still in force until until.
@@ -255,6 +280,7 @@ func (a *Agent) watchPeers(ctx context.Context, v *peerView) {
 		}
 		a.setStoreErr(nil)
 		if a.applyPeers(ctx, v, ev.Pairs, ev.Index, ev.Reset) {
+			v.markPending()
 			a.markDirty(v.id)
 		}
 	}

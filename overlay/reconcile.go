@@ -13,6 +13,7 @@ import (
 
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/metrics"
 	"github.com/vxnet/vxnet/vtep"
 )
 
@@ -27,6 +28,12 @@ import (
 // resync interval) also check every device, interface, rule and address
 // against the desired state, to repair drift and remove leaks.
 func (a *Agent) reconcile(ctx context.Context, full bool) {
+	start := time.Now()
+	kind := "light"
+	if full {
+		kind = "full"
+	}
+	defer func() { metrics.Since(metrics.ReconcileDuration.WithLabelValues(kind), start) }()
 	synced := a.synced()
 	storeUp := !a.storeDown()
 	interrupted := a.reconcileKernel(ctx, full, synced && storeUp)
@@ -79,6 +86,7 @@ func (a *Agent) reconcileKernel(ctx context.Context, full, withStore bool) []*lo
 			a.log.Warn("remove stray vxlan devices", "err", err)
 		} else if len(stray) > 0 {
 			a.log.Warn("removed vxlan devices left in the host namespace by a crash", "devices", stray)
+			metrics.LeaksRemoved.WithLabelValues("vxlan_device").Add(float64(len(stray)))
 		}
 	}
 	if only != nil {
@@ -119,6 +127,7 @@ func (a *Agent) reconcileKernel(ctx context.Context, full, withStore bool) []*lo
 		for _, ns := range have {
 			if !keep[ns] && len(a.journalGaps) == 0 {
 				a.log.Info("removing network namespace with no local endpoints", "namespace", ns)
+				metrics.LeaksRemoved.WithLabelValues("namespace").Inc()
 				if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
 					a.log.Warn("remove network namespace", "namespace", ns, "err", err)
 				}
@@ -211,6 +220,7 @@ func (a *Agent) applyDelta(ctx context.Context, netID string) bool {
 		addP = append(addP, vtep.Peer{IP: p.IP, MAC: ipam.MACFromIP(p.IP), VTEP: p.VTEP})
 	}
 	if len(addP)+len(delP) == 0 {
+		v.converged()
 		return true
 	}
 	added, removed, err := a.dp.ChangePeers(ctx, ns, addP, delP)
@@ -226,6 +236,8 @@ func (a *Agent) applyDelta(ctx context.Context, netID string) bool {
 	for _, p := range addP {
 		applied[p.IP] = p
 	}
+	metrics.Peers.WithLabelValues(net.Name).Set(float64(len(applied)))
+	v.converged()
 	a.log.Debug("peers changed", "network", net.Name, "added", added, "removed", removed, "peers", len(applied))
 	return true
 }
@@ -294,9 +306,14 @@ func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 		return
 	}
 	a.applied[p.Spec.Name] = newPeerSet(p.Peers)
+	metrics.Peers.WithLabelValues(p.Net.Name).Set(float64(len(p.Peers)))
+	if v := a.views[p.Net.ID]; v != nil {
+		v.converged()
+	}
 	switch {
 	case added+removed == 0:
 	case full && same:
+		metrics.Repairs.WithLabelValues("peer_entries").Add(float64(added + removed))
 		a.log.Warn("peer entries repaired: the kernel's tables differed from what was programmed",
 			"network", p.Net.Name, "rewritten", added, "removed", removed, "peers", len(p.Peers))
 	default:
@@ -310,6 +327,7 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 	changes, err := a.dp.EnsureNetwork(ctx, p.Spec)
 	if len(changes) > 0 {
 		a.log.Warn("network datapath repaired", "network", p.Net.Name, "changes", changes)
+		metrics.Repairs.WithLabelValues("network_datapath").Inc()
 		delete(a.applied, p.Spec.Name) // a rebuilt VTEP has no entries
 	}
 	if err != nil {
@@ -345,11 +363,13 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 				a.log.Error("recreate endpoint interface", "endpoint", l.Endpoint.Name, "err", err)
 			} else {
 				a.log.Warn("endpoint interface was missing; recreated", "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name)
+				metrics.Repairs.WithLabelValues("endpoint_interface").Inc()
 			}
 		case err != nil:
 			a.log.Error("check endpoint", "endpoint", l.Endpoint.Name, "err", err)
 		case len(changes) > 0:
 			a.log.Warn("endpoint interface repaired", "endpoint", l.Endpoint.Name, "changes", changes)
+			metrics.Repairs.WithLabelValues("endpoint_interface").Inc()
 		}
 	}
 	have, err := a.dp.Endpoints(ctx, p.Spec.Name)
@@ -360,6 +380,7 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 	for _, veth := range have {
 		if !want[veth] && !a.journalGap(p.Net.Name) {
 			a.log.Warn("removing interface of no endpoint", "network", p.Net.Name, "interface", veth)
+			metrics.LeaksRemoved.WithLabelValues("interface").Inc()
 			if err := a.dp.RemoveEndpoint(ctx, p.Spec.Name, veth); err != nil {
 				a.log.Warn("remove leaked interface", "interface", veth, "err", err)
 			}
@@ -548,6 +569,7 @@ func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Net
 			}
 			if err := a.ipam.ReleaseAddr(ctx, id, ip, o); err == nil {
 				a.log.Warn("released an address held by no endpoint", "network", n.Name, "ip", ip, "endpoint", o.Endpoint)
+				metrics.LeaksRemoved.WithLabelValues("address").Inc()
 			}
 		}
 	}

@@ -29,6 +29,7 @@ import (
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/metrics"
 	"github.com/vxnet/vxnet/nat"
 	"github.com/vxnet/vxnet/overlay"
 	"github.com/vxnet/vxnet/vtep"
@@ -39,7 +40,7 @@ type options struct {
 	logLevel, pool                                                string
 	gwBridge, gwSubnet, chainPrefix, iptables                     string
 	noEgress, cleanup                                             bool
-	debugAddr                                                     string
+	debugAddr, metricsAddr                                        string
 	vxlanPort                                                     int
 	resync, nodeTTL, holdDown, holdLeft                           time.Duration
 	caFile, certFile, keyFile                                     string
@@ -79,6 +80,7 @@ func parseFlags() (*options, error) {
 	fs.StringVar(&o.caFile, "store-ca-file", "", "CA certificate for the store's TLS (env CONSUL_CACERT)")
 	fs.StringVar(&o.certFile, "store-cert-file", "", "client certificate for the store (env CONSUL_CLIENT_CERT)")
 	fs.StringVar(&o.keyFile, "store-key-file", "", "client key for the store (env CONSUL_CLIENT_KEY)")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus metrics (/metrics) and health (/healthz, /readyz) on this address (e.g. 127.0.0.1:9473); off by default")
 	fs.StringVar(&o.debugAddr, "debug-addr", "", "serve Go's pprof profiles on this address (e.g. 127.0.0.1:6060); off by default")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.Usage = func() {
@@ -280,6 +282,20 @@ func run() error {
 			}
 		}()
 		defer dbg.Close()
+	}
+	if o.metricsAddr != "" {
+		metrics.SetBuildInfo(api.Version)
+		// Listening first: a taken port is an error at start, not a
+		// warning nobody reads.
+		ln, err := net.Listen("tcp", o.metricsAddr)
+		if err != nil {
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+		go func() {
+			if err := metrics.Serve(ctx, ln, agent, log); err != nil {
+				log.Error("metrics server", "err", err)
+			}
+		}()
 	}
 	warnPrivateMounts(log, o.runDir)
 	log.Info("vxnetd starting", "version", api.Version, "node", o.node, "advertise", addr, "store", redact(o.store),

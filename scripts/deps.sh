@@ -19,10 +19,14 @@ for c in "${!pkgs[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-  echo "vxnet: installing ${missing[*]}" >&2
+  log=/tmp/vxnet-apt.log
+  echo "vxnet: installing ${missing[*]} (apt-get, log in $log)" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
-  apt-get install -y -qq "${missing[@]}" >&2
+  if ! { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; } >"$log" 2>&1; then
+    echo "vxnet: apt-get failed; the end of $log:" >&2
+    tail -n 20 "$log" >&2
+    exit 1
+  fi
 fi
 modprobe vxlan 2>/dev/null || true
 "$here/install-consul.sh"

@@ -21,16 +21,19 @@ mkdir -p "$cache"
 work=$(mktemp -d)
 trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 
-echo "install-consul: building Consul $version (takes a few minutes, once)" >&2
-dir=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "github.com/hashicorp/consul@$version" |
+log="$cache/consul-build.log"
+echo "vxnet: building Consul $version once, about 4 minutes, log in $log" >&2
+: >"$log"
+fail() { echo "install-consul: $1; the end of $log:" >&2; tail -n 20 "$log" >&2; exit 1; }
+dir=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "github.com/hashicorp/consul@$version" 2>>"$log" |
   sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
-[ -d "$dir" ] || { echo "install-consul: module download failed" >&2; exit 1; }
+[ -d "$dir" ] || fail "module download failed"
 cp -r "$dir" "$work/src"
 chmod -R u+w "$work/src"
 cd "$work/src"
 # Drop the replace directives (single lines and the block form).
 sed -i -e '/^replace[[:space:]]*(/,/^)/d' -e '/^replace[[:space:]]/d' go.mod
-GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$work/consul" .
+GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$work/consul" . >>"$log" 2>&1 || fail "build failed"
 mv "$work/consul" "$bin.tmp"
 mv "$bin.tmp" "$bin"
 echo "$bin"

@@ -228,7 +228,7 @@ func run() error {
 	agent, err := overlay.New(overlay.Config{
 		Node: o.node, Advertise: addr, StateDir: o.stateDir, NetNSDir: filepath.Join(o.runDir, "netns"),
 		VXLANPort: o.vxlanPort, UnderlayMTU: mtu, ResyncInterval: o.resync, NodeTTL: o.nodeTTL, HoldDown: holdConfig(o.holdDown), HoldLeft: holdConfig(o.holdLeft),
-		StoreName: redact(o.store), IPAM: ipam.Options{Pool: pool}, Egress: egress, Logger: log,
+		StoreName: storeName(o.store, o.stateDir), IPAM: ipam.Options{Pool: pool}, Egress: egress, Logger: log,
 		CrashAt: os.Getenv("VXNETD_TEST_CRASH_AT"), PauseAt: os.Getenv("VXNETD_TEST_PAUSE_AT"), PauseFor: 2 * time.Second,
 	}, store)
 	if err != nil {
@@ -512,4 +512,13 @@ func holdConfig(d time.Duration) time.Duration {
 		return -1
 	}
 	return d
+}
+
+// storeName is the store as status shows it: the URL without secrets, or
+// the embedded store's file.
+func storeName(store, stateDir string) string {
+	if store == "" {
+		return "embedded: " + filepath.Join(stateDir, "store.db")
+	}
+	return redact(store)
 }

@@ -234,3 +234,43 @@ func (c *Client) Nodes(ctx context.Context) ([]Node, error) {
 func (c *Client) RemoveNode(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/nodes/"+url.PathEscape(name), nil, nil)
 }
+
+// Events streams the agent's events, from those it kept since since (zero:
+// only new ones), calling f for each until ctx is done, the stream ends or
+// f returns an error.
+func (c *Client) Events(ctx context.Context, since string, f func(Event) error) error {
+	p := "/v1/events"
+	if since != "" {
+		p += "?since=" + url.QueryEscape(since)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://vxnetd"+p, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req) // no client timeout: only the headers are bounded
+	if err != nil {
+		return explain(c.socket, http.MethodGet, p, false, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e Error
+		data, _ := io.ReadAll(resp.Body)
+		if json.Unmarshal(data, &e) == nil && e.Message != "" {
+			return &e
+		}
+		return fmt.Errorf("vxnetd: %s: %s", resp.Status, strings.TrimSpace(string(data)))
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var ev Event
+		if err := dec.Decode(&ev); err != nil {
+			if errors.Is(err, io.EOF) || ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("events: %w", err)
+		}
+		if err := f(ev); err != nil {
+			return err
+		}
+	}
+}

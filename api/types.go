@@ -151,3 +151,18 @@ const (
 )
 
 func (e *Error) Error() string { return e.Message }
+
+// Event is one thing the agent did or saw, as `vxnet events` streams it.
+type Event struct {
+	Time time.Time `json:"time"`
+	// Kind: attach, detach, peer_added, peer_removed, peers_synced,
+	// namespace_created, namespace_removed, drift_repaired, leak_removed,
+	// store_down, store_up, node_up, node_down; overflow ends a stream
+	// whose reader fell behind.
+	Kind     string `json:"kind"`
+	Network  string `json:"network,omitempty"`
+	Node     string `json:"node,omitempty"`
+	Endpoint string `json:"endpoint,omitempty"`
+	IP       string `json:"ip,omitempty"`
+	Detail   string `json:"detail,omitempty"`
+}

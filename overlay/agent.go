@@ -148,6 +148,8 @@ type Agent struct {
 	// republishAll: a new session was made; the next pass puts every
 	// record of this host back under it.
 	republishAll atomic.Bool
+	// events is what vxnet events streams.
+	events eventLog
 	// metricNets are the networks with series in the per-network
 	// gauges (guarded by mu).
 	metricNets map[string]int
@@ -391,8 +393,10 @@ func (a *Agent) setStoreErr(err error) {
 	case err != nil && a.storeErr == nil:
 		a.downSince = time.Now()
 		a.log.Error("store unreachable; datapath keeps its current state", "err", err)
+		a.events.emit(api.Event{Kind: "store_down", Detail: err.Error()})
 	case err == nil && a.storeErr != nil:
 		a.log.Info("store reachable again", "down_for", time.Since(a.downSince).Round(time.Millisecond))
+		a.events.emit(api.Event{Kind: "store_up", Detail: "down for " + time.Since(a.downSince).Round(time.Millisecond).String()})
 		a.downSince = time.Time{}
 		// The session may have ended meanwhile (a local Consul agent
 		// that restarted ends it): check it now, not at the next renewal.

@@ -301,6 +301,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	st.mark("finish")
 	a.log.Debug("attach timing", st.attrs...)
 	a.log.Info("endpoint attached", "network", network, "endpoint", name, "ip", ip, "interface", ifName, "netns", path)
+	a.events.emit(api.Event{Kind: "attach", Network: network, Node: a.cfg.Node, Endpoint: name, IP: ip.String(), Detail: ifName + " in " + path})
 	out := l.Endpoint.apiView()
 	out.Netns = path
 	return &out, nil
@@ -418,6 +419,7 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	changes, err := a.dp.EnsureNetwork(ctx, spec)
 	if len(changes) > 0 {
 		delete(a.applied, spec.Name) // a new VTEP has no entries
+		a.events.emit(api.Event{Kind: "namespace_created", Network: l.Net.Name, Detail: spec.Name})
 	}
 	if err != nil {
 		return "", err
@@ -538,6 +540,7 @@ func (a *Agent) detach(ctx context.Context, network, name string) error {
 		return fmt.Errorf("detach %s: %w (its interfaces are gone; the agent removes its record when the store answers)", name, err)
 	}
 	a.log.Info("endpoint detached", "network", network, "endpoint", name)
+	a.events.emit(api.Event{Kind: "detach", Network: network, Node: a.cfg.Node, Endpoint: name, IP: l.Endpoint.IP.String()})
 	a.dropIdleNetwork(ctx, l.Net.NamespaceName())
 	return nil
 }
@@ -696,6 +699,7 @@ func (a *Agent) dropIdleNetworkExcept(ctx context.Context, ns string, except *lo
 		a.log.Warn("remove idle network namespace", "namespace", ns, "err", err)
 		return
 	}
+	a.events.emit(api.Event{Kind: "namespace_removed", Detail: ns})
 	delete(a.applied, ns)
 }
 

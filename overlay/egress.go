@@ -8,8 +8,8 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 
-	"github.com/vxnet/vxnet/metrics"
 	"github.com/vxnet/vxnet/nat"
 )
 
@@ -188,7 +188,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 			return
 		} else if len(changes) > 0 {
 			a.log.Warn("gateway bridge or NAT rules repaired", "changes", changes)
-			metrics.Repairs.WithLabelValues("nat").Inc()
+			a.repaired("nat", "", strings.Join(changes, "; "), 1)
 		}
 		a.egressReady = true
 	}
@@ -225,7 +225,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 				a.log.Error("recreate gateway interface", "endpoint", l.Endpoint.Name, "err", err)
 			} else {
 				a.log.Warn("gateway interface was missing; recreated", "endpoint", l.Endpoint.Name)
-				metrics.Repairs.WithLabelValues("gateway_interface").Inc()
+				a.repaired("gateway_interface", l.Endpoint.Network, l.Endpoint.Name+": recreated", 1)
 			}
 		case errors.Is(err, nat.ErrGatewayGone):
 			// The container is gone; its endpoints are removed by the
@@ -234,7 +234,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 			a.log.Error("check gateway interface", "endpoint", l.Endpoint.Name, "err", err)
 		case len(changes) > 0:
 			a.log.Warn("gateway interface repaired", "endpoint", l.Endpoint.Name, "changes", changes)
-			metrics.Repairs.WithLabelValues("gateway_interface").Inc()
+			a.repaired("gateway_interface", l.Endpoint.Network, l.Endpoint.Name+": "+strings.Join(changes, "; "), 1)
 		}
 	}
 	have, err := a.egress.Gateways(ctx)
@@ -250,7 +250,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 	for _, g := range have {
 		if !wantVeth[g] {
 			a.log.Warn("removing gateway interface of no container", "interface", g)
-			metrics.LeaksRemoved.WithLabelValues("gateway_interface").Inc()
+			a.leakRemoved("gateway_interface", "", g, 1)
 			if err := a.egress.RemoveGateway(ctx, g, nil); err != nil {
 				a.log.Warn("remove gateway interface", "interface", g, "err", err)
 			}

@@ -288,6 +288,10 @@ func (a *Agent) detectLiveness(ctx context.Context) (kvstore.Liveness, error) {
 	return l, nil
 }
 
+// removedByHost is holdFor's answer for a host's own removal: its last
+// detach on the network, not its death.
+const removedByHost = "removed by its host"
+
 // defaultHoldDown and defaultHoldLeft: see Config. Gossip notices a dead
 // host in about two seconds here; with the hold-down its entries go
 // within 5. A Consul agent restarted gracefully is back, and its host
@@ -313,7 +317,7 @@ func (a *Agent) holdFor(ctx context.Context, node, session string) (time.Duratio
 	kv, err := a.store.Get(ctx, aliveKey(node))
 	switch {
 	case err == nil && kv.Session != "" && (kv.Session == session || session == ""):
-		return 0, "removed by its host"
+		return 0, removedByHost
 	case err == nil && kv.Session != "":
 		// Its record's session ended and it already has a new one: it
 		// is writing its records back.

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/metrics"
 )
@@ -362,6 +363,7 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 	if len(vanished) > 0 {
 		if a.holdVanished(ctx, len(vanished), reset) {
 			for _, node := range vanished {
+				a.events.emit(api.Event{Kind: "node_down", Network: a.networkName(v.id), Node: node, Detail: "its records vanished with the store's state; entries kept until it writes them again"})
 				h := heldRecord{rec: prevRecs[node], until: now.Add(a.holdTime()), lost: true}
 				newHeld[node] = h
 				newHolds = append(newHolds, h)
@@ -369,6 +371,13 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 		} else {
 			for _, node := range vanished {
 				d, why := a.holdFor(ctx, node, prevSess[node])
+				detail := why
+				if d > 0 {
+					detail += fmt.Sprintf("; entries kept up to %s", d)
+				}
+				if why != removedByHost {
+					a.events.emit(api.Event{Kind: "node_down", Network: a.networkName(v.id), Node: node, Detail: detail})
+				}
 				if d <= 0 {
 					continue
 				}
@@ -377,6 +386,13 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 				h := heldRecord{rec: prevRecs[node], until: now.Add(d)}
 				newHeld[node] = h
 				newHolds = append(newHolds, h)
+			}
+		}
+	}
+	if wasSynced {
+		for node := range recs {
+			if _, wasHeld := held[node]; node != a.cfg.Node && prevRecs[node] == nil && !wasHeld {
+				a.events.emit(api.Event{Kind: "node_up", Network: a.networkName(v.id), Node: node})
 			}
 		}
 	}

@@ -9,8 +9,10 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
+	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/metrics"
@@ -86,7 +88,7 @@ func (a *Agent) reconcileKernel(ctx context.Context, full, withStore bool) []*lo
 			a.log.Warn("remove stray vxlan devices", "err", err)
 		} else if len(stray) > 0 {
 			a.log.Warn("removed vxlan devices left in the host namespace by a crash", "devices", stray)
-			metrics.LeaksRemoved.WithLabelValues("vxlan_device").Add(float64(len(stray)))
+			a.leakRemoved("vxlan_device", "", fmt.Sprint(stray), len(stray))
 		}
 	}
 	if only != nil {
@@ -127,7 +129,7 @@ func (a *Agent) reconcileKernel(ctx context.Context, full, withStore bool) []*lo
 		for _, ns := range have {
 			if !keep[ns] && len(a.journalGaps) == 0 {
 				a.log.Info("removing network namespace with no local endpoints", "namespace", ns)
-				metrics.LeaksRemoved.WithLabelValues("namespace").Inc()
+				a.leakRemoved("namespace", "", ns, 1)
 				if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
 					a.log.Warn("remove network namespace", "namespace", ns, "err", err)
 				}
@@ -201,6 +203,7 @@ func (a *Agent) applyDelta(ctx context.Context, netID string) bool {
 		return false
 	}
 	var addP, delP []vtep.Peer
+	var addNodes []string // by addP's index
 	for _, ip := range del {
 		if cur, ok := applied[ip]; ok {
 			delP = append(delP, cur) // as programmed: its VTEP is the FDB entry's
@@ -218,6 +221,7 @@ func (a *Agent) applyDelta(ctx context.Context, netID string) bool {
 			continue // programmed as it is
 		}
 		addP = append(addP, vtep.Peer{IP: p.IP, MAC: ipam.MACFromIP(p.IP), VTEP: p.VTEP})
+		addNodes = append(addNodes, p.Node)
 	}
 	if len(addP)+len(delP) == 0 {
 		v.converged()
@@ -232,9 +236,11 @@ func (a *Agent) applyDelta(ctx context.Context, netID string) bool {
 	}
 	for _, p := range delP {
 		delete(applied, p.IP)
+		a.events.emit(api.Event{Kind: "peer_removed", Network: net.Name, IP: p.IP.String(), Detail: "vtep " + p.VTEP.String()})
 	}
-	for _, p := range addP {
+	for i, p := range addP {
 		applied[p.IP] = p
+		a.events.emit(api.Event{Kind: "peer_added", Network: net.Name, Node: addNodes[i], IP: p.IP.String(), Detail: "vtep " + p.VTEP.String()})
 	}
 	metrics.Peers.WithLabelValues(net.Name).Set(float64(len(applied)))
 	v.converged()
@@ -305,15 +311,22 @@ func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 		delete(a.applied, p.Spec.Name)
 		return
 	}
-	a.applied[p.Spec.Name] = newPeerSet(p.Peers)
+	now := newPeerSet(p.Peers)
+	a.applied[p.Spec.Name] = now
 	metrics.Peers.WithLabelValues(p.Net.Name).Set(float64(len(p.Peers)))
+	switch {
+	case known && !full:
+		a.peerEvents(p.Net.Name, prev, now)
+	case added+removed > 0:
+		a.events.emit(api.Event{Kind: "peers_synced", Network: p.Net.Name, Detail: fmt.Sprintf("%d written, %d removed, %d peers", added, removed, len(p.Peers))})
+	}
 	if v := a.views[p.Net.ID]; v != nil {
 		v.converged()
 	}
 	switch {
 	case added+removed == 0:
 	case full && same:
-		metrics.Repairs.WithLabelValues("peer_entries").Add(float64(added + removed))
+		a.repaired("peer_entries", p.Net.Name, fmt.Sprintf("%d rewritten, %d removed", added, removed), added+removed)
 		a.log.Warn("peer entries repaired: the kernel's tables differed from what was programmed",
 			"network", p.Net.Name, "rewritten", added, "removed", removed, "peers", len(p.Peers))
 	default:
@@ -327,7 +340,7 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 	changes, err := a.dp.EnsureNetwork(ctx, p.Spec)
 	if len(changes) > 0 {
 		a.log.Warn("network datapath repaired", "network", p.Net.Name, "changes", changes)
-		metrics.Repairs.WithLabelValues("network_datapath").Inc()
+		a.repaired("network_datapath", p.Net.Name, strings.Join(changes, "; "), 1)
 		delete(a.applied, p.Spec.Name) // a rebuilt VTEP has no entries
 	}
 	if err != nil {
@@ -363,13 +376,13 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 				a.log.Error("recreate endpoint interface", "endpoint", l.Endpoint.Name, "err", err)
 			} else {
 				a.log.Warn("endpoint interface was missing; recreated", "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name)
-				metrics.Repairs.WithLabelValues("endpoint_interface").Inc()
+				a.repaired("endpoint_interface", l.Endpoint.Network, l.Endpoint.Name+": recreated", 1)
 			}
 		case err != nil:
 			a.log.Error("check endpoint", "endpoint", l.Endpoint.Name, "err", err)
 		case len(changes) > 0:
 			a.log.Warn("endpoint interface repaired", "endpoint", l.Endpoint.Name, "changes", changes)
-			metrics.Repairs.WithLabelValues("endpoint_interface").Inc()
+			a.repaired("endpoint_interface", l.Endpoint.Network, l.Endpoint.Name+": "+strings.Join(changes, "; "), 1)
 		}
 	}
 	have, err := a.dp.Endpoints(ctx, p.Spec.Name)
@@ -380,7 +393,7 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 	for _, veth := range have {
 		if !want[veth] && !a.journalGap(p.Net.Name) {
 			a.log.Warn("removing interface of no endpoint", "network", p.Net.Name, "interface", veth)
-			metrics.LeaksRemoved.WithLabelValues("interface").Inc()
+			a.leakRemoved("interface", p.Net.Name, veth, 1)
 			if err := a.dp.RemoveEndpoint(ctx, p.Spec.Name, veth); err != nil {
 				a.log.Warn("remove leaked interface", "interface", veth, "err", err)
 			}
@@ -569,7 +582,7 @@ func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Net
 			}
 			if err := a.ipam.ReleaseAddr(ctx, id, ip, o); err == nil {
 				a.log.Warn("released an address held by no endpoint", "network", n.Name, "ip", ip, "endpoint", o.Endpoint)
-				metrics.LeaksRemoved.WithLabelValues("address").Inc()
+				a.leakRemoved("address", n.Name, ip.String(), 1)
 			}
 		}
 	}

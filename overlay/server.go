@@ -75,6 +75,7 @@ func (a *Agent) Handler() http.Handler {
 		err := a.RemoveNode(r.Context(), r.PathValue("name"))
 		a.reply(w, r, http.StatusNoContent, nil, err)
 	})
+	mux.HandleFunc("GET /v1/events", a.serveEvents)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, api.Error{Message: fmt.Sprintf("no route %s %s", r.Method, r.URL.Path), Code: api.CodeNotFound})
 	})
@@ -82,6 +83,10 @@ func (a *Agent) Handler() http.Handler {
 	// with "store unavailable" in seconds, and a client that went away
 	// cancels it through the same context.
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/events" {
+			mux.ServeHTTP(w, r) // a stream: it lasts as long as its reader
+			return
+		}
 		ctx, cancel := context.WithTimeout(r.Context(), RequestTimeout)
 		defer cancel()
 		mux.ServeHTTP(w, r.WithContext(ctx))
@@ -177,4 +182,53 @@ var ServerTimeouts = struct{ ReadHeader, Read, Write, Idle time.Duration }{
 	Read:       10 * time.Second,
 	Write:      30 * time.Second,
 	Idle:       60 * time.Second,
+}
+
+// serveEvents streams the agent's events as JSON lines, first those kept
+// since ?since= (a duration such as 10m, or an RFC 3339 time), then each as
+// it happens, until the client goes away. A reader that falls behind gets
+// an overflow event and the end of the stream.
+func (a *Agent) serveEvents(w http.ResponseWriter, r *http.Request) {
+	since := time.Now()
+	if s := r.URL.Query().Get("since"); s != "" {
+		if d, err := time.ParseDuration(s); err == nil && d >= 0 {
+			since = since.Add(-d)
+		} else if t, err := time.Parse(time.RFC3339, s); err == nil {
+			since = t
+		} else {
+			a.reply(w, r, 0, nil, invalidf("since %q: give a duration (10m) or an RFC 3339 time", s))
+			return
+		}
+	}
+	// The server's write timeout is for answers, not for streams.
+	rc := http.NewResponseController(w)
+	rc.SetWriteDeadline(time.Time{})
+	past, ch, stop := a.events.follow(since)
+	defer stop()
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	enc := json.NewEncoder(w)
+	for _, ev := range past {
+		if enc.Encode(ev) != nil {
+			return
+		}
+	}
+	if rc.Flush() != nil {
+		return
+	}
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case ev, ok := <-ch:
+			if !ok {
+				enc.Encode(api.Event{Time: time.Now().UTC(), Kind: "overflow", Detail: "this reader fell behind; events were dropped"})
+				rc.Flush()
+				return
+			}
+			if enc.Encode(ev) != nil || rc.Flush() != nil {
+				return
+			}
+		}
+	}
 }

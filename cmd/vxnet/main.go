@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -58,7 +60,7 @@ func newRoot(out io.Writer) *cobra.Command {
 	endpoint.AddCommand(c.endpointList())
 	node := &cobra.Command{Use: "node", Short: "Show nodes"}
 	node.AddCommand(c.nodeList(), c.nodeRemove())
-	root.AddCommand(network, endpoint, node, c.attach(), c.detach(), c.status(), c.version())
+	root.AddCommand(network, endpoint, node, c.attach(), c.detach(), c.status(), c.events(), c.version())
 	return root
 }
 
@@ -437,6 +439,53 @@ func livenessText(mode, consulNode, node string) string {
 		return mode + " (consul node " + consulNode + ")"
 	}
 	return mode
+}
+
+func (c *cli) events() *cobra.Command {
+	var since string
+	cmd := &cobra.Command{
+		Use:   "events",
+		Short: "Stream what the agent does (attach, detach, peers, namespaces, repairs, store and nodes) until interrupted",
+		Long: `Stream what the local agent does, as docker events does: attach, detach,
+peer_added, peer_removed, peers_synced, namespace_created, namespace_removed,
+drift_repaired, leak_removed, store_down, store_up, node_up, node_down.
+--since replays the recent events the agent keeps (the last 1000) first.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return cl.Events(ctx, since, func(ev api.Event) error {
+				if c.output == "json" {
+					// One line each, as a stream is read.
+					data, _ := json.Marshal(ev)
+					_, err := fmt.Fprintf(c.out, "%s\n", data)
+					return err
+				}
+				_, err := fmt.Fprintf(c.out, "%s  %-17s %s\n", ev.Time.Local().Format("2006-01-02 15:04:05.000"), ev.Kind, eventText(ev))
+				return err
+			})
+		},
+	}
+	cmd.Flags().StringVar(&since, "since", "", "first replay the kept events of this long ago (10m) or since this RFC 3339 time")
+	return cmd
+}
+
+// eventText is an event's fields as one line of a table.
+func eventText(ev api.Event) string {
+	var parts []string
+	for _, f := range []struct{ k, v string }{{"network", ev.Network}, {"node", ev.Node}, {"endpoint", ev.Endpoint}, {"ip", ev.IP}} {
+		if f.v != "" {
+			parts = append(parts, f.k+"="+f.v)
+		}
+	}
+	if ev.Detail != "" {
+		parts = append(parts, ev.Detail)
+	}
+	return strings.Join(parts, " ")
 }
 
 func (c *cli) version() *cobra.Command {

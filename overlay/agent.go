@@ -808,6 +808,16 @@ func (a *Agent) Endpoints(ctx context.Context, network string) ([]api.Endpoint, 
 	if err != nil {
 		return nil, fmt.Errorf("list endpoints: %w", err)
 	}
+	if network != "" && len(pairs) == 0 {
+		// An empty list must not hide a misspelt name. (Endpoints of a
+		// network whose record is gone are still listed: they are what
+		// is left to clean up.)
+		if _, err := a.store.Get(ctx, networkKey(network)); errors.Is(err, kvstore.ErrNotFound) {
+			return nil, notFoundf("network %q not found", network)
+		} else if err != nil {
+			return nil, fmt.Errorf("list endpoints: %w", err)
+		}
+	}
 	out := []api.Endpoint{}
 	locals := a.viewLocals()
 	for _, kv := range pairs {

@@ -249,6 +249,8 @@ func TestAttachRefusals(t *testing.T) {
 		{[]string{"network", "create", "m", "--subnet", "192.168.0.0/16"}, "underlay"},
 		{[]string{"detach", "n", "ghost"}, "not found"},
 		{[]string{"network", "inspect", "ghost"}, "not found"},
+		{[]string{"network", "inspect", "n", "ghost"}, "1 of 2 networks not found"},
+		{[]string{"endpoint", "ls", "--network", "ghost"}, `network "ghost" not found`},
 		{[]string{"-o", "yaml", "network", "ls"}, "yaml"},
 	}
 	for _, tc := range cases {
@@ -263,6 +265,14 @@ func TestAttachRefusals(t *testing.T) {
 		if !strings.Contains(out, tc.want) {
 			t.Errorf("vxnet %s: error %q does not mention %q", strings.Join(tc.args, " "), strings.TrimSpace(out), tc.want)
 		}
+	}
+	// As docker does: inspect prints what it found even when another
+	// name was not found; -o table gives a summary, not JSON.
+	if out, _ := a.vxnet("network", "inspect", "n", "ghost"); !strings.Contains(out, `"name": "n"`) || !strings.Contains(out, `network "ghost" not found`) {
+		t.Errorf("inspect of a good and a missing network:\n%s", out)
+	}
+	if out := a.mustVxnet("-o", "table", "network", "inspect", "n"); !strings.Contains(out, "subnet 10.9.0.0/29") || !strings.Contains(out, "ENDPOINT") || strings.Contains(out, "{") {
+		t.Errorf("inspect -o table:\n%s", out)
 	}
 	// Nothing leaked: "other" has no interface, the pool still has room
 	// for exactly the addresses that were free before (.3 .. .6).

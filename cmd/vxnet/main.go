@@ -216,22 +216,55 @@ func (c *cli) networkList() *cobra.Command {
 func (c *cli) networkInspect() *cobra.Command {
 	return &cobra.Command{
 		Use:   "inspect NAME...",
-		Short: "Show networks in detail, with their endpoints (JSON)",
+		Short: "Show networks in detail, with their endpoints (JSON; -o table for a summary)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				// As docker does: what was found is printed, each name
+				// not found is an error, and the command fails if any was.
 				out := []*api.NetworkDetail{}
+				failed := 0
 				for _, name := range args {
 					d, err := cl.InspectNetwork(ctx, name)
 					if err != nil {
-						return err
+						fmt.Fprintln(os.Stderr, "Error:", err)
+						failed++
+						continue
 					}
 					out = append(out, d)
 				}
-				// Inspect is for detail: always JSON, as users of docker expect.
-				return c.json(out)
+				var err error
+				if f := cmd.Flag("output"); f != nil && f.Changed && c.output == "table" {
+					c.inspectTable(out)
+				} else {
+					// Inspect is for detail: JSON by default, as users of docker expect.
+					err = c.json(out)
+				}
+				if failed > 0 {
+					return fmt.Errorf("%d of %d networks not found", failed, len(args))
+				}
+				return err
 			})
 		},
+	}
+}
+
+// inspectTable prints each network's facts and its endpoints.
+func (c *cli) inspectTable(nets []*api.NetworkDetail) {
+	for i, d := range nets {
+		if i > 0 {
+			fmt.Fprintln(c.out)
+		}
+		fmt.Fprintf(c.out, "Network %s (%s): subnet %s, gateway %s, VNI %d, MTU %d, internal %v", d.Name, short(d.ID), d.Subnet, d.Gateway, d.VNI, d.MTU, d.Internal)
+		if d.Namespace != "" {
+			fmt.Fprintf(c.out, ", namespace %s here", d.Namespace)
+		}
+		fmt.Fprintln(c.out)
+		rows := make([][]string, 0, len(d.Endpoints))
+		for _, e := range d.Endpoints {
+			rows = append(rows, []string{e.Name, e.Node, e.IP, e.MAC, e.Interface, e.VTEP})
+		}
+		c.table("ENDPOINT\tNODE\tIP\tMAC\tINTERFACE\tVTEP", rows)
 	}
 }
 

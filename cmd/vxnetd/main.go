@@ -95,6 +95,11 @@ Flags:
 `)
 		fs.PrintDefaults()
 	}
+	for _, a := range os.Args[1:] {
+		if a == "-h" || a == "-help" || a == "--help" {
+			fs.SetOutput(os.Stdout) // asked for: an answer, not an error
+		}
+	}
 	set := map[string]bool{}
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return nil, err

@@ -274,3 +274,9 @@ func (c *Client) Events(ctx context.Context, since string, f func(Event) error) 
 		}
 	}
 }
+
+// Doctor runs the agent's checks of its host.
+func (c *Client) Doctor(ctx context.Context) ([]Finding, error) {
+	var f []Finding
+	return f, c.do(ctx, http.MethodGet, "/v1/doctor", nil, &f)
+}

@@ -166,3 +166,15 @@ type Event struct {
 	IP       string `json:"ip,omitempty"`
 	Detail   string `json:"detail,omitempty"`
 }
+
+// Finding is one of vxnet doctor's checks: what was checked, whether it is
+// as it should be, and if not what to do.
+type Finding struct {
+	// Check: kernel, mtu, underlay, store, session, datapath, egress,
+	// mounts, room.
+	Check   string `json:"check"`
+	OK      bool   `json:"ok"`
+	Network string `json:"network,omitempty"`
+	Message string `json:"message"`
+	Fix     string `json:"fix,omitempty"`
+}

@@ -179,3 +179,10 @@ func pickAddr(l NetworkLease, taken map[netip.Addr]bool, skip int) (netip.Addr, 
 	}
 	return found[skip%len(found)], true
 }
+
+// Usable is how many endpoint addresses a subnet has: its host addresses
+// less the gateway.
+func Usable(p netip.Prefix) int {
+	hosts := (1 << (32 - p.Bits())) - 2
+	return max(hosts-1, 0)
+}

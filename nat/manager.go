@@ -344,20 +344,10 @@ func (m *Manager) ensureIPTables() ([]string, error) {
 
 // syncChain makes ch contain exactly want, rewriting it only when it differs.
 func (m *Manager) syncChain(ch Chain, want []Rule) ([]string, error) {
-	have, err := m.listRules(ch.Table, ch.Name)
-	if err != nil {
+	wantS, missing, extra, same, err := m.chainDiff(ch, want)
+	if err != nil || same {
 		return nil, err
 	}
-	wantS := make([]string, len(want))
-	for i, r := range want {
-		wantS[i] = r.String()
-	}
-	// The listing shortcut holds only for the rules it was taken of: the
-	// DNAT and PUBLISH chains change with the published ports.
-	if prev, ok := m.applied[ch]; slices.Equal(have, wantS) || (ok && slices.Equal(prev.want, wantS) && slices.Equal(have, prev.listing)) {
-		return nil, nil
-	}
-	missing, extra := diff(wantS, have)
 	// Flush and refill rather than patching: the chains are ours alone and
 	// small, and order matters (isolation first, RETURN last).
 	if err := m.ipt.ClearChain(ch.Table, ch.Name); err != nil {
@@ -388,6 +378,26 @@ func (m *Manager) syncChain(ch Chain, want []Rule) ([]string, error) {
 	}
 	m.applied[ch] = appliedChain{want: wantS, listing: after}
 	return []string{desc}, nil
+}
+
+// chainDiff compares a chain with the rules it should hold: the rules as
+// strings, those missing and those unexpected, and whether it holds them.
+func (m *Manager) chainDiff(ch Chain, want []Rule) (wantS, missing, extra []string, same bool, err error) {
+	have, err := m.listRules(ch.Table, ch.Name)
+	if err != nil {
+		return nil, nil, nil, false, err
+	}
+	wantS = make([]string, len(want))
+	for i, r := range want {
+		wantS[i] = r.String()
+	}
+	// The listing shortcut holds only for the rules it was taken of: the
+	// DNAT and PUBLISH chains change with the published ports.
+	if prev, ok := m.applied[ch]; slices.Equal(have, wantS) || (ok && slices.Equal(prev.want, wantS) && slices.Equal(have, prev.listing)) {
+		return wantS, nil, nil, true, nil
+	}
+	missing, extra = diff(wantS, have)
+	return wantS, missing, extra, false, nil
 }
 
 // syncJump makes the built-in chain jump to ours exactly once. A missing
@@ -595,4 +605,52 @@ func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
 
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// CheckRules compares this manager's chains and jumps with what they
+// should hold and says what differs, changing nothing: what the next
+// Ensure would repair.
+func (m *Manager) CheckRules(ctx context.Context) ([]string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var findings []string
+	rules := append(m.cfg.Rules(), m.cfg.PublishRules(m.published)...)
+	err := m.inNS(func() error {
+		for _, ch := range m.cfg.Chains() {
+			ok, err := m.ipt.ChainExists(ch.Table, ch.Name)
+			if err != nil {
+				return fmt.Errorf("check chain %s/%s: %w", ch.Table, ch.Name, err)
+			}
+			if !ok {
+				findings = append(findings, fmt.Sprintf("chain %s/%s is missing", ch.Table, ch.Name))
+				continue
+			}
+			_, missing, extra, same, err := m.chainDiff(ch, rulesOf(rules, ch))
+			switch {
+			case err != nil:
+				return err
+			case same:
+			case len(missing)+len(extra) == 0:
+				findings = append(findings, fmt.Sprintf("chain %s/%s: rules out of order", ch.Table, ch.Name))
+			default:
+				for _, r := range missing {
+					findings = append(findings, fmt.Sprintf("chain %s/%s lacks %q", ch.Table, ch.Name, r))
+				}
+				for _, r := range extra {
+					findings = append(findings, fmt.Sprintf("chain %s/%s has an unexpected %q", ch.Table, ch.Name, r))
+				}
+			}
+		}
+		for _, j := range m.cfg.Jumps() {
+			have, err := m.listRules(j.Table, j.Chain)
+			if err != nil {
+				return err
+			}
+			if n := strings.Count(strings.Join(have, "\n")+"\n", j.String()+"\n"); n != 1 {
+				findings = append(findings, fmt.Sprintf("%s/%s has %d jumps %q, want 1", j.Table, j.Chain, n, j.String()))
+			}
+		}
+		return nil
+	})
+	return findings, err
 }

@@ -27,6 +27,7 @@ type datapath interface {
 	ChangePeers(ctx context.Context, network string, add, remove []vtep.Peer) (added, removed int, err error)
 	HostRoutes() ([]netip.Prefix, error)
 	UnderlayPrefix() (netip.Prefix, error)
+	DiffPeers(ctx context.Context, network string, peers []vtep.Peer) (vtep.PeerPlan, error)
 }
 
 // egress is what the agent needs of the gateway bridge and NAT side; in
@@ -43,6 +44,7 @@ type egress interface {
 	OwnDefaultRoutes(ctx context.Context, containerNS string) ([]nat.Route, error)
 	SetPublished(ps []nat.Publish) bool
 	SyncPublished(ctx context.Context) ([]string, error)
+	CheckRules(ctx context.Context) ([]string, error)
 }
 
 var (

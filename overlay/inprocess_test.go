@@ -144,6 +144,9 @@ func (f *fakeDatapath) ChangePeers(_ context.Context, network string, add, remov
 	return len(add), len(remove), nil
 }
 func (f *fakeDatapath) HostRoutes() ([]netip.Prefix, error) { return f.routes, nil }
+func (f *fakeDatapath) DiffPeers(context.Context, string, []vtep.Peer) (vtep.PeerPlan, error) {
+	return vtep.PeerPlan{}, nil
+}
 func (f *fakeDatapath) UnderlayPrefix() (netip.Prefix, error) {
 	return netip.MustParsePrefix("192.0.2.0/24"), nil
 }

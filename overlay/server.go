@@ -76,6 +76,9 @@ func (a *Agent) Handler() http.Handler {
 		a.reply(w, r, http.StatusNoContent, nil, err)
 	})
 	mux.HandleFunc("GET /v1/events", a.serveEvents)
+	mux.HandleFunc("GET /v1/doctor", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, a.Doctor(r.Context()))
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, api.Error{Message: fmt.Sprintf("no route %s %s", r.Method, r.URL.Path), Code: api.CodeNotFound})
 	})

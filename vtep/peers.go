@@ -299,3 +299,23 @@ func readPeers(h *netlink.Handle, idx int) (map[netip.Addr]net.HardwareAddr, map
 func isZeroMAC(mac net.HardwareAddr) bool {
 	return !slices.ContainsFunc(mac, func(b byte) bool { return b != 0 })
 }
+
+// DiffPeers reads the network's tables and says what SyncPeers would
+// change to make them hold exactly peers, changing nothing.
+func (m *Manager) DiffPeers(ctx context.Context, network string, peers []Peer) (PeerPlan, error) {
+	h, ns, err := m.nsHandle(network)
+	if err != nil {
+		return PeerPlan{}, err
+	}
+	defer ns.Close()
+	defer h.Close()
+	vx, err := h.LinkByName(VXLANName)
+	if err != nil {
+		return PeerPlan{}, fmt.Errorf("%s: %w", VXLANName, err)
+	}
+	haveNeigh, haveFDB, err := readPeers(h, vx.Attrs().Index)
+	if err != nil {
+		return PeerPlan{}, err
+	}
+	return PlanPeers(normalize(peers), haveNeigh, haveFDB), nil
+}

@@ -60,7 +60,7 @@ func newRoot(out io.Writer) *cobra.Command {
 	endpoint.AddCommand(c.endpointList())
 	node := &cobra.Command{Use: "node", Short: "Show nodes"}
 	node.AddCommand(c.nodeList(), c.nodeRemove())
-	root.AddCommand(network, endpoint, node, c.attach(), c.detach(), c.status(), c.events(), c.version())
+	root.AddCommand(network, endpoint, node, c.attach(), c.detach(), c.status(), c.events(), c.doctor(), c.version())
 	return root
 }
 
@@ -505,6 +505,51 @@ drift_repaired, leak_removed, store_down, store_up, node_up, node_down.
 	}
 	cmd.Flags().StringVar(&since, "since", "", "first replay the kept events of this long ago (10m) or since this RFC 3339 time")
 	return cmd
+}
+
+func (c *cli) doctor() *cobra.Command {
+	return &cobra.Command{
+		Use:   "doctor",
+		Short: "Check this host's overlay and say what is wrong and what to do (exit code 1 if anything is)",
+		Long: `Check this host: the kernel features (vxlan, bridge, veth, ip_forward for
+egress), the agent's mount namespace, every local network's peer entries and
+veths against what the agent programmed, the egress iptables chains, routes
+to the peer VTEPs, MTUs against the underlay's, the store's round trip and
+the node's session, and the free addresses of each network.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				fs, err := cl.Doctor(ctx)
+				if err != nil {
+					return err
+				}
+				bad := 0
+				rows := make([][]string, 0, len(fs))
+				for _, f := range fs {
+					status := "ok"
+					if !f.OK {
+						status, bad = "PROBLEM", bad+1
+					}
+					net := f.Network
+					if net == "" {
+						net = "-"
+					}
+					rows = append(rows, []string{f.Check, status, net, f.Message, f.Fix})
+				}
+				if c.output == "json" {
+					if err := c.json(fs); err != nil {
+						return err
+					}
+				} else {
+					c.table("CHECK\tSTATUS\tNETWORK\tFINDING\tWHAT TO DO", rows)
+				}
+				if bad > 0 {
+					return fmt.Errorf("%d of %d checks found a problem", bad, len(fs))
+				}
+				return nil
+			})
+		},
+	}
 }
 
 // eventText is an event's fields as one line of a table.

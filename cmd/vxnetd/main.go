@@ -27,6 +27,7 @@ import (
 	"golang.org/x/net/netutil"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/netnsutil"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/metrics"
@@ -489,20 +490,8 @@ func redact(raw string) string {
 // bind-mounts under the run dir live in that mount namespace and vanish
 // when the agent exits, and every container's overlay with them.
 func warnPrivateMounts(log *slog.Logger, runDir string) {
-	self, err := os.Readlink("/proc/self/ns/mnt")
-	if err != nil {
-		return
-	}
-	// PID 1's is the host's; where it cannot be read (a sandbox), the
-	// parent's tells at least whether the agent was given one of its own
-	// on the way (ip netns exec, unshare).
-	host, err := os.Readlink("/proc/1/ns/mnt")
-	if err != nil {
-		if host, err = os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", os.Getppid())); err != nil {
-			return
-		}
-	}
-	if self == host {
+	private, self, host, err := netnsutil.PrivateMounts()
+	if err != nil || !private {
 		return
 	}
 	log.Warn("vxnetd runs in a mount namespace other than the host's: the network namespaces it mounts under the run dir vanish when it exits, "+

@@ -8,6 +8,7 @@ package netnsutil
 import (
 	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"strconv"
 
@@ -109,4 +110,21 @@ func NextEth(links []netlink.Link, from int) string {
 func IsLinkNotFound(err error) bool {
 	var lnf netlink.LinkNotFoundError
 	return errors.As(err, &lnf) || errors.Is(err, unix.ENODEV)
+}
+
+// PrivateMounts reports whether this process runs in a mount namespace
+// other than the host's, and both namespaces' names. PID 1's is the
+// host's; where it cannot be read (a sandbox), the parent's tells at least
+// whether this process was given one of its own on the way (ip netns exec,
+// unshare).
+func PrivateMounts() (private bool, self, host string, err error) {
+	if self, err = os.Readlink("/proc/self/ns/mnt"); err != nil {
+		return false, "", "", err
+	}
+	if host, err = os.Readlink("/proc/1/ns/mnt"); err != nil {
+		if host, err = os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", os.Getppid())); err != nil {
+			return false, self, "", err
+		}
+	}
+	return self != host, self, host, nil
 }

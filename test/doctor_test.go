@@ -14,21 +14,10 @@ import (
 // entry, a veth, a NAT rule: one at a time), exits 1 naming it, and 0 again
 // once the next full pass has repaired it.
 func TestDoctorFindsDrift(t *testing.T) {
-	c := newCluster(t, 0)
-	for i := range 2 {
-		h := c.net.AddHost(fmt.Sprintf("h%d", i+1))
-		c.hosts = append(c.hosts, h)
-		// A resync slow enough for the doctor to see the drift first.
-		c.agents = append(c.agents, startAgent(t, h, fmt.Sprintf("host%d", i+1), c.consul.URL("vxnet/"), "--node-ttl", "10s", "--resync-interval", "6s"))
-	}
-	a1, a2 := c.agents[0], c.agents[1]
-	var n api.Network
-	a1.jsonOut(&n, "network", "create", "dr", "--subnet", "10.35.0.0/24")
-	c1, c2 := c.net.AddNS("c1"), c.net.AddNS("c2")
-	a1.mustVxnet("attach", "dr", c1, "--ip", "10.35.0.10")
-	a2.mustVxnet("attach", "dr", c2, "--ip", "10.35.0.20")
-	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, "10.35.0.20") })
-	ns := nsName(n.ID)
+	// A resync slow enough for the doctor to see the drift first.
+	c := newClusterArgs(t, 2, []string{"--resync-interval", "6s"})
+	a1 := c.agents[0]
+	ns, _, _ := c.pairOn(t, a1, c.agents[1], "dr", "10.35.0")
 	healthy := func() error {
 		if out, err := a1.vxnet("doctor"); err != nil {
 			return fmt.Errorf("%v\n%s", err, out)

@@ -238,13 +238,7 @@ func TestLocalAgentMisconfigured(t *testing.T) {
 func TestLocalAgentDownLongerThanHold(t *testing.T) {
 	c := newAgentCluster(t, 2, "--peer-hold-left", "2s")
 	a1, a2 := c.agents[0], c.agents[1]
-	var n api.Network
-	a1.jsonOut(&n, "network", "create", "n", "--subnet", "10.23.0.0/24")
-	c1, c2 := c.net.AddNS("c1"), c.net.AddNS("c2")
-	a1.mustVxnet("attach", "n", c1, "--ip", "10.23.0.10")
-	a2.mustVxnet("attach", "n", c2, "--ip", "10.23.0.20")
-	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, "10.23.0.20") })
-	ns := nsName(n.ID)
+	ns, c1, _ := c.pairOn(t, a1, a2, "n", "10.23.0")
 
 	start := time.Now()
 	c.local[1].Stop()

@@ -46,12 +46,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	if err != nil {
 		t.Fatalf("install promtool: %v", err)
 	}
-	c := newCluster(t, 0)
-	for i := range 2 {
-		h := c.net.AddHost(fmt.Sprintf("h%d", i+1))
-		c.hosts = append(c.hosts, h)
-		c.agents = append(c.agents, startAgent(t, h, fmt.Sprintf("host%d", i+1), c.consul.URL("vxnet/"), "--node-ttl", "10s", "--metrics-addr", "127.0.0.1:9473"))
-	}
+	c := newClusterArgs(t, 2, []string{"--metrics-addr", "127.0.0.1:9473"})
 	a1, a2 := c.agents[0], c.agents[1]
 	if body, code := scrape(t, a1, "/readyz"); code != 200 || !strings.Contains(body, "ready") {
 		t.Errorf("/readyz: %d %q", code, body)

@@ -29,6 +29,12 @@ type cluster struct {
 
 func newCluster(t *testing.T, n int, opts ...testconsul.Option) *cluster {
 	t.Helper()
+	return newClusterArgs(t, n, nil, opts...)
+}
+
+// newClusterArgs is newCluster with more flags for every agent.
+func newClusterArgs(t *testing.T, n int, agentArgs []string, opts ...testconsul.Option) *cluster {
+	t.Helper()
 	tn := testnet.New(t)
 	opts = append(opts, testconsul.WithNetNS("/var/run/netns/"+tn.Switch), testconsul.WithAddr(tn.SwitchAddr().String()))
 	consul := testconsul.Start(t, opts...)
@@ -36,9 +42,24 @@ func newCluster(t *testing.T, n int, opts ...testconsul.Option) *cluster {
 	for i := range n {
 		h := tn.AddHost(fmt.Sprintf("h%d", i+1))
 		c.hosts = append(c.hosts, h)
-		c.agents = append(c.agents, startAgent(t, h, fmt.Sprintf("host%d", i+1), consul.URL("vxnet/"), "--node-ttl", "10s"))
+		c.agents = append(c.agents, startAgent(t, h, fmt.Sprintf("host%d", i+1), consul.URL("vxnet/"), append([]string{"--node-ttl", "10s"}, agentArgs...)...))
 	}
 	return c
+}
+
+// pairOn creates a network (subnet NET.0/24) on a1 and attaches a
+// container on each host, NET.10 on a1 and NET.20 on a2, and waits until
+// the first reaches the second; it returns the network's namespace name
+// and the two containers.
+func (c *cluster) pairOn(t *testing.T, a1, a2 *agent, name, net string) (ns, c1, c2 string) {
+	t.Helper()
+	var n api.Network
+	a1.jsonOut(&n, "network", "create", name, "--subnet", net+".0/24")
+	c1, c2 = c.net.AddNS(name+"-c1"), c.net.AddNS(name+"-c2")
+	a1.mustVxnet("attach", name, c1, "--ip", net+".10")
+	a2.mustVxnet("attach", name, c2, "--ip", net+".20")
+	eventually(t, 5*time.Second, "c1 reaches c2", func() error { return testnet.Ping(c1, net+".20") })
+	return nsName(n.ID), c1, c2
 }
 
 func TestOverlayAcrossHosts(t *testing.T) {

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -23,6 +24,9 @@ const DefaultSocket = "/run/vxnet/vxnet.sock"
 type Client struct {
 	socket string
 	http   *http.Client
+	// OnWarning, if set, gets the warnings an answer carries (a listing
+	// answered from the agent's own view while the store is down).
+	OnWarning func(string)
 }
 
 // NewClient takes "unix:///path", a bare path, or "" for DefaultSocket.
@@ -89,6 +93,17 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return explain(c.socket, method, path, sent, err)
 	}
 	defer resp.Body.Close()
+	if c.OnWarning != nil {
+		for _, w := range resp.Header.Values("Warning") {
+			// 199 vxnetd "text"
+			if i := strings.IndexByte(w, '"'); i >= 0 {
+				if s, err := strconv.Unquote(w[i:]); err == nil {
+					w = s
+				}
+			}
+			c.OnWarning(w)
+		}
+	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
 		return explain(c.socket, method, path, true, err)

@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -924,4 +925,47 @@ func (a *Agent) Health() (bool, error) {
 	a.cmu.RLock()
 	defer a.cmu.RUnlock()
 	return a.ready, a.storeErr
+}
+
+// ProbeStatus is Status with the store asked now: a store that died a
+// moment ago is not yet known to the watches, whose blocking queries wait.
+func (a *Agent) ProbeStatus(ctx context.Context) api.Status {
+	s := a.Status()
+	if !s.StoreReachable {
+		return s
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if _, err := a.store.Get(ctx, formatKey); err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+		s.StoreReachable, s.StoreError = false, err.Error()
+	}
+	return s
+}
+
+// cachedNetworks is the agent's view of the networks, for listings while
+// the store does not answer.
+func (a *Agent) cachedNetworks() []api.Network {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	out := make([]api.Network, 0, len(a.networks))
+	for _, n := range a.networks {
+		out = append(out, n.apiView(a.localMTU()))
+	}
+	slices.SortFunc(out, func(x, y api.Network) int { return strings.Compare(x.Name, y.Name) })
+	return out
+}
+
+// localEndpoints is this host's attached endpoints (of one network, if
+// given), for listings while the store does not answer.
+func (a *Agent) localEndpoints(network string) []api.Endpoint {
+	out := []api.Endpoint{}
+	for _, l := range a.viewLocals() {
+		if l.Phase == phaseAttached && (network == "" || l.Endpoint.Network == network) {
+			v := l.Endpoint.apiView()
+			v.Netns = l.Netns
+			out = append(out, v)
+		}
+	}
+	slices.SortFunc(out, func(x, y api.Endpoint) int { return strings.Compare(x.Network+"/"+x.Name, y.Network+"/"+y.Name) })
+	return out
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/kvstore"
 )
 
 // maxBody bounds request bodies: every request is a small JSON object, and
@@ -27,10 +28,15 @@ func (a *Agent) Handler() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"version": api.Version})
 	})
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, a.Status())
+		writeJSON(w, http.StatusOK, a.ProbeStatus(r.Context()))
 	})
 	mux.HandleFunc("GET /v1/networks", func(w http.ResponseWriter, r *http.Request) {
 		out, err := a.Networks(r.Context())
+		if errors.Is(err, kvstore.ErrUnavailable) {
+			// A listing can be answered from the agent's own view.
+			warn(w, "the store does not answer: networks as this agent last saw them")
+			out, err = a.cachedNetworks(), nil
+		}
 		a.reply(w, r, http.StatusOK, out, err)
 	})
 	mux.HandleFunc("POST /v1/networks", func(w http.ResponseWriter, r *http.Request) {
@@ -65,6 +71,10 @@ func (a *Agent) Handler() http.Handler {
 	})
 	mux.HandleFunc("GET /v1/endpoints", func(w http.ResponseWriter, r *http.Request) {
 		out, err := a.Endpoints(r.Context(), r.URL.Query().Get("network"))
+		if errors.Is(err, kvstore.ErrUnavailable) {
+			warn(w, "the store does not answer: only this host's endpoints, from its journal")
+			out, err = a.localEndpoints(r.URL.Query().Get("network")), nil
+		}
 		a.reply(w, r, http.StatusOK, out, err)
 	})
 	mux.HandleFunc("GET /v1/nodes", func(w http.ResponseWriter, r *http.Request) {
@@ -234,4 +244,10 @@ func (a *Agent) serveEvents(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
+}
+
+// warn attaches a warning to an answer (HTTP's Warning header, code 199):
+// the CLI prints it beside the listing.
+func warn(w http.ResponseWriter, msg string) {
+	w.Header().Add("Warning", fmt.Sprintf("199 vxnetd %q", msg))
 }

@@ -357,6 +357,13 @@ func TestStoreOutage(t *testing.T) {
 		}
 		return nil
 	})
+	// Listings answer from the agent's own view, saying so.
+	if out, err := a1.vxnet("network", "ls"); err != nil || !strings.Contains(out, "10.7.0.0/24") || !strings.Contains(out, "Warning: the store does not answer") {
+		t.Errorf("network ls with the store down: %v\n%s", err, out)
+	}
+	if out, err := a1.vxnet("endpoint", "ls"); err != nil || !strings.Contains(out, c1) || !strings.Contains(out, "only this host's endpoints") {
+		t.Errorf("endpoint ls with the store down: %v\n%s", err, out)
+	}
 	// An agent restarted during the outage keeps the datapath as it was.
 	a2.stop(syscall.SIGKILL)
 	a2.startNoWait()

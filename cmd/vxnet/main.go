@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -27,11 +28,26 @@ type cli struct {
 }
 
 func main() {
-	if err := newRoot(os.Stdout).Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "Error:", err)
+	root := newRoot(os.Stdout)
+	if err := root.Execute(); err != nil {
+		if f := root.PersistentFlags().Lookup("output"); f != nil && f.Value.String() == "json" {
+			// With -o json, errors are JSON too, as the API sends them.
+			e := api.Error{Message: err.Error(), Code: api.CodeInternal}
+			var ae *api.Error
+			if errors.As(err, &ae) {
+				e.Code = ae.Code
+			}
+			data, _ := json.Marshal(e)
+			fmt.Fprintln(os.Stderr, string(data))
+		} else {
+			fmt.Fprintln(os.Stderr, "Error:", err)
+		}
 		os.Exit(1)
 	}
 }
+
+// timeoutCompletion bounds a completion's question to the agent.
+const timeoutCompletion = 2 * time.Second
 
 func newRoot(out io.Writer) *cobra.Command {
 	c := &cli{out: out}
@@ -53,18 +69,25 @@ func newRoot(out io.Writer) *cobra.Command {
 	}
 	root.PersistentFlags().StringVarP(&c.host, "host", "H", defHost, "agent socket (env VXNET_HOST)")
 	root.PersistentFlags().StringVarP(&c.output, "output", "o", "table", "output format: table or json")
+	root.RegisterFlagCompletionFunc("output", cobra.FixedCompletions([]string{"table", "json"}, cobra.ShellCompDirectiveNoFileComp))
 
 	network := &cobra.Command{Use: "network", Aliases: []string{"net"}, Short: "Manage networks"}
-	network.AddCommand(c.networkCreate(), c.networkList(), c.networkInspect(), c.networkRemove())
+	network.AddCommand(c.networkCreate(), c.networkList(), c.networkInspect(), c.networkRemove(), c.networkPrune())
 	endpoint := &cobra.Command{Use: "endpoint", Aliases: []string{"ep"}, Short: "Show endpoints"}
-	endpoint.AddCommand(c.endpointList())
+	endpoint.AddCommand(c.endpointList(), c.endpointInspect())
 	node := &cobra.Command{Use: "node", Short: "Show nodes"}
 	node.AddCommand(c.nodeList(), c.nodeRemove())
 	root.AddCommand(network, endpoint, node, c.attach(), c.detach(), c.status(), c.events(), c.doctor(), c.version())
 	return root
 }
 
-func (c *cli) client() (*api.Client, error) { return api.NewClient(c.host) }
+func (c *cli) client() (*api.Client, error) {
+	cl, err := api.NewClient(c.host)
+	if cl != nil {
+		cl.OnWarning = func(w string) { fmt.Fprintln(os.Stderr, "Warning:", w) }
+	}
+	return cl, err
+}
 
 // withClient runs fn with a client of the agent and a bounded context: the
 // agent answers in time or the command says why not.
@@ -196,28 +219,38 @@ func (c *cli) printNetworks(ns []api.Network) error {
 }
 
 func (c *cli) networkList() *cobra.Command {
-	return &cobra.Command{
+	var o listOpts
+	cmd := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List networks",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			filters, err := o.parse()
+			if err != nil {
+				return err
+			}
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
 				ns, err := cl.Networks(ctx)
 				if err != nil {
 					return err
 				}
-				return c.printNetworks(ns)
+				ns = slices.DeleteFunc(ns, func(n api.Network) bool { return !matches(filters, map[string]string{"name": n.Name, "id": n.ID}) })
+				return emit(c, &o, ns, func(n api.Network) string { return n.ID }, c.printNetworks)
 			})
 		},
 	}
+	o.register(cmd, true, "name", "id")
+	return cmd
 }
 
 func (c *cli) networkInspect() *cobra.Command {
-	return &cobra.Command{
-		Use:   "inspect NAME...",
-		Short: "Show networks in detail, with their endpoints (JSON; -o table for a summary)",
-		Args:  cobra.MinimumNArgs(1),
+	var format string
+	cmd := &cobra.Command{
+		Use:               "inspect NAME...",
+		Short:             "Show networks (by name or id prefix) in detail, with their endpoints (JSON; -o table for a summary)",
+		Args:              cobra.MinimumNArgs(1),
+		ValidArgsFunction: c.completeNetworks,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
 				// As docker does: what was found is printed, each name
@@ -226,6 +259,11 @@ func (c *cli) networkInspect() *cobra.Command {
 				failed := 0
 				for _, name := range args {
 					d, err := cl.InspectNetwork(ctx, name)
+					if notFound(err) {
+						if full, rerr := resolveNetwork(ctx, cl, name); rerr == nil && full != name {
+							d, err = cl.InspectNetwork(ctx, full)
+						}
+					}
 					if err != nil {
 						fmt.Fprintln(os.Stderr, "Error:", err)
 						failed++
@@ -234,7 +272,9 @@ func (c *cli) networkInspect() *cobra.Command {
 					out = append(out, d)
 				}
 				var err error
-				if f := cmd.Flag("output"); f != nil && f.Changed && c.output == "table" {
+				if format != "" {
+					err = emit(c, &listOpts{format: format}, out, nil, nil)
+				} else if f := cmd.Flag("output"); f != nil && f.Changed && c.output == "table" {
 					c.inspectTable(out)
 				} else {
 					// Inspect is for detail: JSON by default, as users of docker expect.
@@ -247,6 +287,8 @@ func (c *cli) networkInspect() *cobra.Command {
 			})
 		},
 	}
+	cmd.Flags().StringVar(&format, "format", "", "print each network with a Go template, e.g. '{{.Subnet}}'")
+	return cmd
 }
 
 // inspectTable prints each network's facts and its endpoints.
@@ -270,28 +312,95 @@ func (c *cli) inspectTable(nets []*api.NetworkDetail) {
 
 func (c *cli) networkRemove() *cobra.Command {
 	return &cobra.Command{
-		Use:     "rm NAME...",
-		Aliases: []string{"remove"},
-		Short:   "Remove networks that have no endpoints",
-		Args:    cobra.MinimumNArgs(1),
+		Use:               "rm NAME...",
+		Aliases:           []string{"remove"},
+		Short:             "Remove networks (by name or id prefix) that have no endpoints",
+		Args:              cobra.MinimumNArgs(1),
+		ValidArgsFunction: c.completeNetworks,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
-				failed := 0
-				for _, name := range args {
-					if err := cl.RemoveNetwork(ctx, name); err != nil {
-						fmt.Fprintln(os.Stderr, "Error:", c.explain(cmd, []string{name}, err))
-						failed++
-						continue
-					}
-					fmt.Fprintln(c.out, name)
-				}
-				if failed > 0 {
-					return fmt.Errorf("%d of %d networks not removed", failed, len(args))
-				}
-				return nil
+				return c.removeNetworks(ctx, cmd, cl, args)
 			})
 		},
 	}
+}
+
+// removeNetworks removes each network, naming it as it goes (a JSON list
+// with -o json), and fails for those it could not remove.
+func (c *cli) removeNetworks(ctx context.Context, cmd *cobra.Command, cl *api.Client, names []string) error {
+	failed := 0
+	removed := []string{}
+	for _, name := range names {
+		err := cl.RemoveNetwork(ctx, name)
+		if notFound(err) {
+			if full, rerr := resolveNetwork(ctx, cl, name); rerr == nil && full != name {
+				name, err = full, cl.RemoveNetwork(ctx, full)
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "Error:", c.explain(cmd, []string{name}, err))
+			failed++
+			continue
+		}
+		removed = append(removed, name)
+		if c.output != "json" {
+			fmt.Fprintln(c.out, name)
+		}
+	}
+	if c.output == "json" {
+		c.json(removed)
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d networks not removed", failed, len(names))
+	}
+	return nil
+}
+
+func (c *cli) networkPrune() *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "prune",
+		Short: "Remove every network that has no endpoints",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !force {
+				fmt.Fprint(os.Stderr, "WARNING! This removes every vxnet network without endpoints, on every host.\nAre you sure you want to continue? [y/N] ")
+				var answer string
+				fmt.Fscanln(cmd.InOrStdin(), &answer)
+				if a := strings.ToLower(strings.TrimSpace(answer)); a != "y" && a != "yes" {
+					return errors.New("not pruned (give -f to skip the question)")
+				}
+			}
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				ns, err := cl.Networks(ctx)
+				if err != nil {
+					return err
+				}
+				var idle []string
+				for _, n := range ns {
+					if n.Error != "" {
+						continue // an unreadable record is removed by name, deliberately
+					}
+					d, err := cl.InspectNetwork(ctx, n.Name)
+					if err != nil {
+						return err
+					}
+					if len(d.Endpoints) == 0 {
+						idle = append(idle, n.Name)
+					}
+				}
+				if len(idle) == 0 {
+					if c.output == "json" {
+						return c.json([]string{})
+					}
+					return nil
+				}
+				return c.removeNetworks(ctx, cmd, cl, idle)
+			})
+		},
+	}
+	cmd.Flags().BoolVarP(&force, "force", "f", false, "do not ask")
+	return cmd
 }
 
 func (c *cli) printEndpoints(eps []api.Endpoint) error {
@@ -316,6 +425,12 @@ func (c *cli) attach() *cobra.Command {
 		Use:   "attach NETWORK NETNS",
 		Short: "Attach a network namespace (a path, or a name under /var/run/netns) to a network",
 		Args:  cobra.ExactArgs(2),
+		ValidArgsFunction: func(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+			if len(args) == 0 {
+				return c.completeNetworks(cmd, args, toComplete)
+			}
+			return nil, cobra.ShellCompDirectiveDefault // a namespace path
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
 				// The agent resolves a relative path against its own
@@ -351,12 +466,19 @@ func (c *cli) attach() *cobra.Command {
 
 func (c *cli) detach() *cobra.Command {
 	return &cobra.Command{
-		Use:   "detach NETWORK ENDPOINT",
-		Short: "Detach an endpoint of this host from a network",
-		Args:  cobra.ExactArgs(2),
+		Use:               "detach NETWORK ENDPOINT",
+		Short:             "Detach an endpoint of this host from a network",
+		Args:              cobra.ExactArgs(2),
+		ValidArgsFunction: c.completeEndpoints,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
-				return cl.Detach(ctx, args[0], args[1])
+				if err := cl.Detach(ctx, args[0], args[1]); err != nil {
+					return err
+				}
+				if c.output == "json" {
+					return c.json(map[string]string{"network": args[0], "endpoint": args[1], "detached": "true"})
+				}
+				return nil
 			})
 		},
 	}
@@ -364,57 +486,127 @@ func (c *cli) detach() *cobra.Command {
 
 func (c *cli) endpointList() *cobra.Command {
 	var network string
+	var o listOpts
 	cmd := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List endpoints on every host",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			filters, err := o.parse()
+			if err != nil {
+				return err
+			}
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
 				eps, err := cl.Endpoints(ctx, network)
 				if err != nil {
 					return err
 				}
-				return c.printEndpoints(eps)
+				eps = slices.DeleteFunc(eps, func(e api.Endpoint) bool {
+					return !matches(filters, map[string]string{"name": e.Name, "id": e.ID, "node": e.Node, "network": e.Network})
+				})
+				return emit(c, &o, eps, func(e api.Endpoint) string { return e.Name }, c.printEndpoints)
 			})
 		},
 	}
 	cmd.Flags().StringVar(&network, "network", "", "only this network's endpoints")
+	cmd.RegisterFlagCompletionFunc("network", c.completeNetworks)
+	o.register(cmd, true, "name", "id", "node", "network")
+	return cmd
+}
+
+func (c *cli) endpointInspect() *cobra.Command {
+	var format string
+	cmd := &cobra.Command{
+		Use:   "inspect [NETWORK/]NAME...",
+		Short: "Show endpoints in detail (JSON)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
+				eps, err := cl.Endpoints(ctx, "")
+				if err != nil {
+					return err
+				}
+				out := []api.Endpoint{}
+				failed := 0
+				for _, arg := range args {
+					network, name, scoped := strings.Cut(arg, "/")
+					if !scoped {
+						name = arg
+					}
+					var found []api.Endpoint
+					for _, e := range eps {
+						if e.Name == name && (!scoped || e.Network == network) {
+							found = append(found, e)
+						}
+					}
+					switch len(found) {
+					case 0:
+						fmt.Fprintf(os.Stderr, "Error: endpoint %q not found\n", arg)
+						failed++
+					case 1:
+						out = append(out, found[0])
+					default:
+						fmt.Fprintf(os.Stderr, "Error: endpoint %q is on %d networks: give NETWORK/%s\n", arg, len(found), name)
+						failed++
+					}
+				}
+				if format != "" {
+					err = emit(c, &listOpts{format: format}, out, nil, nil)
+				} else {
+					err = c.json(out)
+				}
+				if failed > 0 {
+					return fmt.Errorf("%d of %d endpoints not found", failed, len(args))
+				}
+				return err
+			})
+		},
+	}
+	cmd.Flags().StringVar(&format, "format", "", "print each endpoint with a Go template, e.g. '{{.IP}}'")
 	return cmd
 }
 
 func (c *cli) nodeList() *cobra.Command {
-	return &cobra.Command{
+	var o listOpts
+	cmd := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List hosts running an agent",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			filters, err := o.parse()
+			if err != nil {
+				return err
+			}
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
 				ns, err := cl.Nodes(ctx)
 				if err != nil {
 					return err
 				}
-				if c.output == "json" {
-					return c.json(ns)
-				}
-				rows := make([][]string, 0, len(ns))
-				for _, n := range ns {
-					rows = append(rows, []string{n.Name, n.Address, n.State, livenessText(n.Liveness, n.ConsulNode, n.Name), n.LastSeen.Local().Format(time.DateTime), n.Version})
-				}
-				c.table("NAME\tADDRESS\tSTATE\tLIVENESS\tLAST SEEN\tVERSION", rows)
-				return nil
+				ns = slices.DeleteFunc(ns, func(n api.Node) bool { return !matches(filters, map[string]string{"name": n.Name, "state": n.State}) })
+				return emit(c, &o, ns, func(n api.Node) string { return n.Name }, func(ns []api.Node) error {
+					rows := make([][]string, 0, len(ns))
+					for _, n := range ns {
+						rows = append(rows, []string{n.Name, n.Address, n.State, livenessText(n.Liveness, n.ConsulNode, n.Name), n.LastSeen.Local().Format(time.DateTime), n.Version})
+					}
+					c.table("NAME\tADDRESS\tSTATE\tLIVENESS\tLAST SEEN\tVERSION", rows)
+					return nil
+				})
 			})
 		},
 	}
+	o.register(cmd, true, "name", "state")
+	return cmd
 }
 
 func (c *cli) nodeRemove() *cobra.Command {
 	return &cobra.Command{
-		Use:     "rm NODE",
-		Aliases: []string{"remove"},
-		Short:   "Forget a host that is gone and release the addresses its endpoints held",
-		Args:    cobra.ExactArgs(1),
+		Use:               "rm NODE",
+		Aliases:           []string{"remove"},
+		Short:             "Forget a host that is gone and release the addresses its endpoints held",
+		Args:              cobra.ExactArgs(1),
+		ValidArgsFunction: c.completeNodes,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return c.withClient(cmd, func(ctx context.Context, cl *api.Client) error {
 				return cl.RemoveNode(ctx, args[0])
@@ -450,6 +642,11 @@ func (c *cli) status() *cobra.Command {
 				if !s.LastReconcile.IsZero() {
 					fmt.Fprintf(w, "Last reconcile:\t%s\n", s.LastReconcile.Local().Format(time.DateTime))
 				}
+				ready := "yes"
+				if !s.Ready {
+					ready = "no: not yet synced from the store and reconciled"
+				}
+				fmt.Fprintf(w, "Ready:\t%s\n", ready)
 				if s.Liveness != "" {
 					fmt.Fprintf(w, "Liveness:\t%s\n", livenessText(s.Liveness, s.ConsulNode, s.Node))
 				}
@@ -572,16 +769,26 @@ func (c *cli) version() *cobra.Command {
 		Short: "Print the client and agent versions",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			fmt.Fprintln(c.out, "Client:", api.Version)
 			cl, err := c.client()
 			if err != nil {
 				return err
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 3*time.Second)
 			defer cancel()
-			v, err := cl.Version(ctx)
-			if err != nil {
-				return err
+			v, verr := cl.Version(ctx)
+			if c.output == "json" {
+				out := map[string]string{"client": api.Version}
+				if verr == nil {
+					out["agent"] = v
+				}
+				if err := c.json(out); err != nil {
+					return err
+				}
+				return verr
+			}
+			fmt.Fprintln(c.out, "Client:", api.Version)
+			if verr != nil {
+				return verr
 			}
 			fmt.Fprintln(c.out, "Agent: ", v)
 			return nil

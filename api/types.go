@@ -49,17 +49,21 @@ type NetworkDetail struct {
 
 // Endpoint is one container's attachment to a network.
 type Endpoint struct {
-	Name      string    `json:"name"`
-	ID        string    `json:"id"`
-	Network   string    `json:"network"`
-	Node      string    `json:"node"`
-	IP        string    `json:"ip"`
-	MAC       string    `json:"mac"`
-	Interface string    `json:"interface"`
-	VTEP      string    `json:"vtep"`
-	Ports     []string  `json:"ports,omitempty"` // published: HOSTPORT:CONTAINERPORT/PROTO
-	Netns     string    `json:"netns,omitempty"`
-	Created   time.Time `json:"created"`
+	Name      string   `json:"name"`
+	ID        string   `json:"id"`
+	Network   string   `json:"network"`
+	Node      string   `json:"node"`
+	IP        string   `json:"ip"`
+	MAC       string   `json:"mac"`
+	Interface string   `json:"interface"`
+	VTEP      string   `json:"vtep"`
+	Ports     []string `json:"ports,omitempty"` // published: HOSTPORT:CONTAINERPORT/PROTO
+	Netns     string   `json:"netns,omitempty"`
+	// Egress, in an attach's answer: the container's gateway interface
+	// on the host's gateway bridge, its address, and what its default
+	// route is.
+	Egress  *Egress   `json:"egress,omitempty"`
+	Created time.Time `json:"created"`
 }
 
 // Node is one host running an agent.
@@ -177,4 +181,11 @@ type Finding struct {
 	Network string `json:"network,omitempty"`
 	Message string `json:"message"`
 	Fix     string `json:"fix,omitempty"`
+}
+
+// Egress is how an attached container reaches outside the overlay.
+type Egress struct {
+	Interface    string `json:"interface,omitempty"` // in the container; empty if it had one already
+	Address      string `json:"address"`
+	DefaultRoute string `json:"default_route"` // "via ADDR", or "own" when the container keeps its own
 }

@@ -243,7 +243,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	a.crashPoint("attach-allocated")
 
 	spec := vtep.NetworkSpec{Name: n.NamespaceName(), VNI: n.VNI, Gateway: netip.PrefixFrom(n.Gateway, n.Subnet.Bits()), MTU: l.MTU}
-	ifName, err := a.attachKernel(ctx, l, spec, ip, &undo, st)
+	ifName, eg, err := a.attachKernel(ctx, l, spec, ip, &undo, st)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
@@ -303,7 +303,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	a.log.Info("endpoint attached", "network", network, "endpoint", name, "ip", ip, "interface", ifName, "netns", path)
 	a.events.emit(api.Event{Kind: "attach", Network: network, Node: a.cfg.Node, Endpoint: name, IP: ip.String(), Detail: ifName + " in " + path})
 	out := l.Endpoint.apiView()
-	out.Netns = path
+	out.Netns, out.Egress = path, eg
 	return &out, nil
 }
 
@@ -404,9 +404,9 @@ func (a *Agent) undoInterrupted(ctx context.Context, network string, nsid nsID, 
 // attachKernel builds an attaching endpoint's datapath: the network's
 // namespace if needed, the veth pair and the container's gateway
 // interface, each with its undo in u.
-func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr, u *undoLog, st *steps) (string, error) {
+func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.NetworkSpec, ip netip.Addr, u *undoLog, st *steps) (string, *api.Egress, error) {
 	if err := a.mu.LockCtx(ctx); err != nil {
-		return "", fmt.Errorf("waiting for the agent: %w", err)
+		return "", nil, fmt.Errorf("waiting for the agent: %w", err)
 	}
 	defer a.unlock() // the view holds copies: publish the address and interface set here
 	// Not journaled again until the end: a purge after a crash finds the
@@ -422,14 +422,14 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 		a.events.emit(api.Event{Kind: "namespace_created", Network: l.Net.Name, Detail: spec.Name})
 	}
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	st.mark("kernel-network")
 	a.crashPoint("attach-network")
 	u.onKernel(func(ctx context.Context) error { return a.dp.RemoveEndpoint(ctx, spec.Name, l.Endpoint.HostVeth()) })
 	ifName, err := a.dp.AddEndpoint(ctx, a.endpointSpec(l))
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	st.mark("kernel-veth")
 	a.crashPoint("attach-veth")
@@ -440,18 +440,19 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 		a.dropIdleGateway(ctx, l.NetnsID)
 		return nil
 	})
-	if _, err := a.ensureGateway(ctx, l); err != nil {
-		return "", err
+	eg, err := a.ensureGateway(ctx, l)
+	if err != nil {
+		return "", nil, err
 	}
 	if len(l.Endpoint.Ports) > 0 {
 		u.onKernel(func(ctx context.Context) error { return a.syncPublished(ctx) })
 		if err := a.syncPublished(ctx); err != nil {
-			return "", err
+			return "", nil, err
 		}
 	}
 	st.mark("kernel-gateway")
 	a.crashPoint("attach-gateway")
-	return ifName, nil
+	return ifName, eg, nil
 }
 
 func (a *Agent) endpointSpec(l *localEndpoint) vtep.EndpointSpec {

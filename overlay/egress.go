@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/nat"
 )
 
@@ -56,10 +57,27 @@ func wantGateways(locals map[string]*localEndpoint, inflight map[string]bool) ma
 }
 
 // ensureGateway gives the endpoint's container its gateway interface if it
-// has none. created tells the caller whether to undo it on failure.
-func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bool, err error) {
+// has none, and says what the container's egress is (nil without egress).
+func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (*api.Egress, error) {
+	created, ifName, err := a.addGateway(ctx, l)
+	if err != nil || a.egress == nil || l.Net.Internal {
+		return nil, err
+	}
+	eg := &api.Egress{Address: a.gwAddrs.Owners()[gatewayOwner(l.NetnsID)].String(), DefaultRoute: "via " + a.egress.GatewayAddr().String()}
+	if created {
+		eg.Interface = ifName
+	}
+	if own, err := a.egress.HasOwnDefaultRoute(ctx, l.Netns); err == nil && own {
+		eg.DefaultRoute = "own"
+	}
+	return eg, nil
+}
+
+// addGateway makes the container's gateway interface if it has none;
+// created tells whether it did, and ifName its name in the container.
+func (a *Agent) addGateway(ctx context.Context, l *localEndpoint) (created bool, ifName string, err error) {
 	if a.egress == nil || l.Net.Internal {
-		return false, nil
+		return false, "", nil
 	}
 	// The container's representative endpoint says what becomes of the
 	// container's own default route.
@@ -70,20 +88,20 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 	veth := gatewayVeth(l.NetnsID)
 	have, err := a.egress.Gateways(ctx)
 	if err != nil {
-		return false, fmt.Errorf("gateway: %w", err)
+		return false, "", fmt.Errorf("gateway: %w", err)
 	}
 	// An existing gateway is left as it is, unless the container's own
 	// default route is to be replaced: adopting it does that.
 	exists := slices.Contains(have, veth)
 	if exists && !rep.ReplaceDefault {
-		return false, nil
+		return false, "", nil
 	}
 	// The bridge and rules are checked once here and then by every full
 	// reconcile: running iptables on every attach would cost more than the
 	// rest of the attach.
 	if !a.egressReady {
 		if changes, err := a.egress.Ensure(ctx); err != nil {
-			return false, fmt.Errorf("gateway bridge: %w", err)
+			return false, "", fmt.Errorf("gateway bridge: %w", err)
 		} else if len(changes) > 0 {
 			a.log.Info("gateway bridge and NAT rules set up", "changes", changes)
 		}
@@ -92,7 +110,7 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 	owner := gatewayOwner(l.NetnsID)
 	ip, err := a.gwAddrs.Allocate(owner)
 	if err != nil {
-		return false, fmt.Errorf("gateway address: %w", err)
+		return false, "", fmt.Errorf("gateway address: %w", err)
 	}
 	spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: veth, Addr: prefixFor(ip, a.egress.Config().Subnet.Bits()),
 		ReplaceDefault: rep.ReplaceDefault}
@@ -107,22 +125,22 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 			if !exists {
 				a.gwAddrs.Release(owner)
 			}
-			return false, fmt.Errorf("gateway interface: record the container's default routes: %w", err)
+			return false, "", fmt.Errorf("gateway interface: record the container's default routes: %w", err)
 		}
 	}
-	_, replaced, err := a.egress.AddGateway(ctx, spec)
+	ifName, replaced, err := a.egress.AddGateway(ctx, spec)
 	if err != nil {
 		// The bridge may have gone since it was last checked: check it
 		// now and try once more.
 		if _, eerr := a.egress.Ensure(ctx); eerr == nil {
-			_, replaced, err = a.egress.AddGateway(ctx, spec)
+			ifName, replaced, err = a.egress.AddGateway(ctx, spec)
 		}
 	}
 	if err != nil {
 		if !exists {
 			a.gwAddrs.Release(owner)
 		}
-		return false, fmt.Errorf("gateway interface: %w", err)
+		return false, "", fmt.Errorf("gateway interface: %w", err)
 	}
 	if len(replaced) > 0 {
 		// Added to what earlier attaches replaced: detach restores all.
@@ -135,10 +153,10 @@ func (a *Agent) ensureGateway(ctx context.Context, l *localEndpoint) (created bo
 			if !exists {
 				a.gwAddrs.Release(owner)
 			}
-			return false, fmt.Errorf("gateway interface: %w", err)
+			return false, "", fmt.Errorf("gateway interface: %w", err)
 		}
 	}
-	return !exists, nil
+	return !exists, ifName, nil
 }
 
 // removeGateway takes a container's gateway interface and address away.
@@ -199,7 +217,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 		owners[gatewayOwner(id)] = true
 		ip, ok := a.gwAddrs.Owners()[gatewayOwner(id)]
 		if !ok {
-			if _, err := a.ensureGateway(ctx, l); err != nil {
+			if _, _, err := a.addGateway(ctx, l); err != nil {
 				a.log.Error("gateway interface", "endpoint", l.Endpoint.Name, "err", err)
 			}
 			continue

@@ -304,6 +304,10 @@ func TestPublish(t *testing.T) {
 	if !slices.Equal(e.Ports, []string{"8080:7000/tcp", "8081:7001/udp"}) {
 		t.Errorf("attach: ports %q", e.Ports)
 	}
+	// The answer says how the container reaches out.
+	if g := e.Egress; g == nil || g.Interface != "eth1" || !strings.HasPrefix(g.Address, "172.18.") || g.DefaultRoute != "via 172.18.0.1" {
+		t.Errorf("attach: egress %+v", e.Egress)
+	}
 	startEcho(t, "/var/run/netns/"+c1, "0.0.0.0:7000")
 	published := net.JoinHostPort(h.Addr.String(), "8080")
 

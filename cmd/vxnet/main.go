@@ -451,7 +451,21 @@ func (c *cli) attach() *cobra.Command {
 				if c.output == "json" {
 					return c.json(e)
 				}
-				return c.printEndpoints([]api.Endpoint{*e})
+				if err := c.printEndpoints([]api.Endpoint{*e}); err != nil {
+					return err
+				}
+				if g := e.Egress; g != nil {
+					ifName := g.Interface
+					if ifName == "" {
+						ifName = "its gateway interface"
+					}
+					route := "default route " + g.DefaultRoute
+					if g.DefaultRoute == "own" {
+						route = "its own default route kept (--default-route replaces it)"
+					}
+					fmt.Fprintf(c.out, "egress: %s %s on the host's gateway bridge; %s\n", ifName, g.Address, route)
+				}
+				return nil
 			})
 		},
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/vxnet/vxnet/internal/netnsutil"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
+	"github.com/vxnet/vxnet/vtep"
 )
 
 // Doctor checks this host and says, for each finding, what is wrong and
@@ -48,6 +49,19 @@ func (a *Agent) Doctor(ctx context.Context) []api.Finding {
 		}
 	}
 	add(a.checkMounts())
+	port := a.cfg.VXLANPort
+	if port == 0 {
+		port = 4789
+	}
+	switch prog, err := vtep.PortTakenByProgram(port); {
+	case err != nil:
+		add(api.Finding{Check: "underlay", OK: false, Message: fmt.Sprintf("cannot read the UDP sockets: %v", err)})
+	case prog != "":
+		add(api.Finding{Check: "underlay", OK: false, Message: fmt.Sprintf("a program holds UDP port %d, the VXLAN port: %s; it takes the overlay's packets", port, prog),
+			Fix: fmt.Sprintf("find it with ss -ulpn 'sport = :%d' and stop it, or give every agent another --vxlan-port", port)})
+	default:
+		add(api.Finding{Check: "underlay", OK: true, Message: fmt.Sprintf("UDP port %d is the VXLAN devices' alone", port)})
+	}
 
 	// The datapath, against what the agent programmed; under the kernel
 	// lock, so that a pass under way is not taken for drift.

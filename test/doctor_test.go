@@ -2,21 +2,43 @@ package test
 
 import (
 	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netns"
+
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/netnsutil"
 	"github.com/vxnet/vxnet/internal/testnet"
 )
 
-// vxnet doctor finds what was broken by hand (a neighbor entry, an FDB
-// entry, a veth, a NAT rule: one at a time), exits 1 naming it, and 0 again
-// once the next full pass has repaired it.
+// vxnet doctor finds a program on the VXLAN port, and what was broken by
+// hand (a neighbor entry, an FDB entry, a veth, a NAT rule: one at a time),
+// exits 1 naming it, and 0 again once the next full pass has repaired it.
 func TestDoctorFindsDrift(t *testing.T) {
 	// A resync slow enough for the doctor to see the drift first.
 	c := newClusterArgs(t, 2, []string{"--resync-interval", "6s"})
 	a1 := c.agents[0]
+	// A program on the VXLAN port (before the agent's VTEP takes it).
+	h, err := netns.GetFromPath(c.hosts[0].Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	var sock net.PacketConn
+	if err := netnsutil.WithNetNS(h, func() (err error) {
+		sock, err = net.ListenPacket("udp4", "0.0.0.0:4789")
+		return err
+	}); err != nil {
+		t.Fatalf("bind the VXLAN port: %v", err)
+	}
+	if out, err := a1.vxnet("doctor"); err == nil || !strings.Contains(out, "a program holds UDP port 4789") {
+		t.Errorf("doctor with a program on the VXLAN port: %v\n%s", err, out)
+	}
+	sock.Close()
+
 	ns, _, _ := c.pairOn(t, a1, c.agents[1], "dr", "10.35.0")
 	healthy := func() error {
 		if out, err := a1.vxnet("doctor"); err != nil {

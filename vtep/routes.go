@@ -3,6 +3,10 @@ package vtep
 import (
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 )
@@ -37,4 +41,43 @@ func (m *Manager) UnderlayPrefix() (netip.Prefix, error) {
 		}
 	}
 	return netip.Prefix{}, fmt.Errorf("underlay prefix: no interface holds %s", m.cfg.Local)
+}
+
+// PortTakenByProgram says which program, if any, holds the UDP port in
+// this namespace: its socket would take the VXLAN packets, or keep a VTEP
+// from binding. The kernel's own VXLAN sockets are open in no process, and
+// that is how they are told apart.
+func PortTakenByProgram(port int) (string, error) {
+	inodes := map[string]bool{}
+	for _, f := range []string{"/proc/net/udp", "/proc/net/udp6"} {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			if os.IsNotExist(err) {
+				continue // no IPv6
+			}
+			return "", err
+		}
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			fields := strings.Fields(line)
+			if len(fields) < 10 {
+				continue
+			}
+			_, hexPort, ok := strings.Cut(fields[1], ":")
+			if p, err := strconv.ParseUint(hexPort, 16, 16); ok && err == nil && int(p) == port {
+				inodes["socket:["+fields[9]+"]"] = true
+			}
+		}
+	}
+	if len(inodes) == 0 {
+		return "", nil
+	}
+	fds, _ := filepath.Glob("/proc/[0-9]*/fd/*")
+	for _, fd := range fds {
+		if target, err := os.Readlink(fd); err == nil && inodes[target] {
+			pid := strings.Split(fd, "/")[2]
+			comm, _ := os.ReadFile("/proc/" + pid + "/comm")
+			return fmt.Sprintf("%s (pid %s)", strings.TrimSpace(string(comm)), pid), nil
+		}
+	}
+	return "", nil
 }

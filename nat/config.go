@@ -47,7 +47,11 @@ type Config struct {
 	// distribution's choice, which is also what other tools on the host
 	// use; rules of the two backends must not be mixed.
 	IPTables string
-	Logger   *slog.Logger
+	// ForwardingMark is a file where the manager notes that it turned
+	// net.ipv4.ip_forward on, so that Cleanup turns it off again; empty:
+	// Cleanup leaves it on (other software may rely on it).
+	ForwardingMark string
+	Logger         *slog.Logger
 }
 
 // Rule is one iptables rule: Spec is what follows "-A <Chain>".

@@ -293,6 +293,11 @@ func (m *Manager) ensureForwarding() ([]string, error) {
 			return fmt.Errorf("write %s: %w", ipForwardPath, err)
 		}
 		m.log.Info("enabled IPv4 forwarding", "sysctl", "net.ipv4.ip_forward", "was", strings.TrimSpace(string(b)))
+		if m.cfg.ForwardingMark != "" {
+			if err := os.WriteFile(m.cfg.ForwardingMark, []byte("net.ipv4.ip_forward was "+strings.TrimSpace(string(b))+"\n"), 0o644); err != nil {
+				m.log.Warn("note that the agent enabled IPv4 forwarding", "err", err)
+			}
+		}
 		changes = append(changes, "enabled net.ipv4.ip_forward")
 		return nil
 	})
@@ -472,8 +477,9 @@ func diff(want, have []string) (missing, extra []string) {
 
 // Cleanup removes the jumps, chains, gateway veths and bridge this manager
 // creates. Rules in built-in chains other than our exact jumps are left
-// alone, as is net.ipv4.ip_forward: other software may rely on it, and the
-// host had no way to tell us it was off on purpose.
+// alone. net.ipv4.ip_forward is turned off again only if this manager
+// turned it on (Config.ForwardingMark): otherwise other software may rely
+// on it.
 func (m *Manager) Cleanup(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -504,6 +510,9 @@ func (m *Manager) Cleanup(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	if err := m.deleteBridge(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := m.restoreForwarding(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -653,4 +662,21 @@ func (m *Manager) CheckRules(ctx context.Context) ([]string, error) {
 		return nil
 	})
 	return findings, err
+}
+
+// restoreForwarding turns net.ipv4.ip_forward off again if this manager
+// turned it on (its mark says so), and only then.
+func (m *Manager) restoreForwarding() error {
+	if m.cfg.ForwardingMark == "" {
+		return nil
+	}
+	if _, err := os.Stat(m.cfg.ForwardingMark); err != nil {
+		return nil // not ours to turn off
+	}
+	err := m.inNS(func() error { return os.WriteFile(ipForwardPath, []byte("0\n"), 0o644) })
+	if err != nil {
+		return fmt.Errorf("turn net.ipv4.ip_forward off again: %w", err)
+	}
+	m.log.Info("turned IPv4 forwarding off again: the agent had turned it on")
+	return os.Remove(m.cfg.ForwardingMark)
 }

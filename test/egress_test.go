@@ -286,6 +286,11 @@ func TestEgress(t *testing.T) {
 	if out, _ := exec.Command("ip", "-n", c.hosts[0].Name, "link").CombinedOutput(); strings.Contains(string(out), "vxnet_gwbridge") {
 		t.Errorf("gateway bridge left after --cleanup")
 	}
+	// The agent turned forwarding on (a new namespace has it off): its
+	// cleanup turns it off again.
+	if out, _ := testnet.Exec(c.hosts[0].Name, "cat", "/proc/sys/net/ipv4/ip_forward"); strings.TrimSpace(out) != "0" {
+		t.Errorf("net.ipv4.ip_forward after --cleanup: %q, want 0 as before the agent", out)
+	}
 }
 
 // Published ports: the outside world and the host itself reach a

@@ -146,7 +146,8 @@ func run() error {
 		if err != nil {
 			return fmt.Errorf("--gateway-subnet %q: %w", o.gwSubnet, err)
 		}
-		egress = &nat.Config{Bridge: o.gwBridge, Subnet: sub, ChainPrefix: o.chainPrefix, IPTables: o.iptables, Logger: log}
+		egress = &nat.Config{Bridge: o.gwBridge, Subnet: sub, ChainPrefix: o.chainPrefix, IPTables: o.iptables, Logger: log,
+			ForwardingMark: filepath.Join(o.stateDir, "ip_forward-enabled")}
 	}
 	if o.cleanup {
 		// Cleanup tears down egress: under a running agent that would cut

@@ -104,6 +104,22 @@ func TestCNIWithCnitool(t *testing.T) {
 	if out, err := h1.run("check", "net1", c1); err != nil {
 		t.Errorf("cnitool check: %v\n%s", err, out)
 	}
+	// CHECK also sees peers that are not programmed as they should be,
+	// until the agent's next full pass repairs them.
+	var d []api.NetworkDetail
+	a1.jsonOut(&d, "network", "inspect", "n1")
+	if out, err := a1.inNS(nsName(d[0].ID), "ip", "neigh", "del", "10.31.0.50", "dev", "vxlan1"); err != nil {
+		t.Fatalf("delete a neighbor entry: %v\n%s", err, out)
+	}
+	if out, err := h1.run("check", "net1", c1); err == nil || !strings.Contains(out, "neighbor entry of peer 10.31.0.50") {
+		t.Errorf("cnitool check with a peer's entry gone: %v\n%s", err, out)
+	}
+	eventually(t, 10*time.Second, "check passes once the entry is repaired", func() error {
+		if out, err := h1.run("check", "net1", c1); err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
 
 	// Bad input: an unknown network, an address taken. Nothing changes.
 	c4 := c.net.AddNS("c4")

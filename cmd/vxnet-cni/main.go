@@ -190,8 +190,9 @@ func cmdDel(args *skel.CmdArgs) error {
 	return agentError("detach", err)
 }
 
-// cmdCheck verifies that the agent has the endpoint on this host and that
-// the container's interface holds its address.
+// cmdCheck verifies that the agent has the endpoint on this host, that the
+// container's interface holds its address, and that the network's peers
+// are programmed as the agent wants them (its doctor's datapath check).
 func cmdCheck(args *skel.CmdArgs) error {
 	c, cl, err := load(args.StdinData)
 	if err != nil {
@@ -216,7 +217,19 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if ep.Interface != args.IfName {
 		return types.NewError(types.ErrInternal, fmt.Sprintf("vxnet-cni: endpoint %s is on interface %s, not %s", name, ep.Interface, args.IfName), "")
 	}
-	return checkInterface(args.Netns, args.IfName, ep.IP)
+	if err := checkInterface(args.Netns, args.IfName, ep.IP); err != nil {
+		return err
+	}
+	findings, err := cl.Doctor(ctx)
+	if err != nil {
+		return agentError("doctor", err)
+	}
+	for _, f := range findings {
+		if f.Check == "datapath" && f.Network == c.Network && !f.OK {
+			return types.NewError(types.ErrInternal, "vxnet-cni: network "+c.Network+": "+f.Message, f.Fix)
+		}
+	}
+	return nil
 }
 
 // checkInterface looks into the container's namespace for the interface

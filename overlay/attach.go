@@ -413,7 +413,7 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	// address by its owner and the veth by its name.
 	l.Endpoint.IP, l.Endpoint.MAC = ip, HardwareAddr(ipam.MACFromIP(ip))
 	u.onKernel(func(ctx context.Context) error {
-		a.dropIdleNetworkExcept(ctx, spec.Name, l) // if nothing else uses it, this attach made it
+		a.dropIdleNetworkExcept(ctx, &l.Net, l) // if nothing else uses it, this attach made it
 		return nil
 	})
 	changes, err := a.dp.EnsureNetwork(ctx, spec)
@@ -542,7 +542,7 @@ func (a *Agent) detach(ctx context.Context, network, name string) error {
 	}
 	a.log.Info("endpoint detached", "network", network, "endpoint", name)
 	a.events.emit(api.Event{Kind: "detach", Network: network, Node: a.cfg.Node, Endpoint: name, IP: l.Endpoint.IP.String()})
-	a.dropIdleNetwork(ctx, l.Net.NamespaceName())
+	a.dropIdleNetwork(ctx, &l.Net)
 	return nil
 }
 
@@ -684,17 +684,24 @@ func (a *Agent) doneInflightLocked(l *localEndpoint) {
 
 // dropIdleNetwork removes a network's namespace once its last local
 // endpoint is gone.
-func (a *Agent) dropIdleNetwork(ctx context.Context, ns string) {
-	a.dropIdleNetworkExcept(ctx, ns, nil)
+func (a *Agent) dropIdleNetwork(ctx context.Context, n *Network) {
+	a.dropIdleNetworkExcept(ctx, n, nil)
 }
 
 // dropIdleNetworkExcept is dropIdleNetwork with the record except not
 // counted: an attach being rolled back.
-func (a *Agent) dropIdleNetworkExcept(ctx context.Context, ns string, except *localEndpoint) {
+func (a *Agent) dropIdleNetworkExcept(ctx context.Context, n *Network, except *localEndpoint) {
+	ns := n.NamespaceName()
 	for _, l := range a.locals {
 		if l != except && l.Net.NamespaceName() == ns {
 			return
 		}
+	}
+	if a.journalGap(n.Name) {
+		// A journal record of the network could not be read: the
+		// namespace may hold endpoints this host cannot account for.
+		a.log.Warn("keeping a network namespace no readable journal record needs: the journal of its network has unreadable records", "namespace", ns, "network", n.Name)
+		return
 	}
 	if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
 		a.log.Warn("remove idle network namespace", "namespace", ns, "err", err)

@@ -578,3 +578,44 @@ func TestStoreRepairHoldsUpNoAttach(t *testing.T) {
 		return err == nil
 	})
 }
+
+// A network whose journal has an unreadable record keeps its namespace
+// when a failed attach's rollback, or a detach, leaves no readable record
+// needing it: the namespace may hold endpoints this host cannot account
+// for.
+func TestJournalGapKeepsNamespace(t *testing.T) {
+	a := startInProcess(t, "h1", nil)
+	ctx := context.Background()
+	if _, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"}); err != nil {
+		t.Fatal(err)
+	}
+	a.mu.Lock()
+	if a.journalGaps == nil {
+		a.journalGaps = map[string]bool{}
+	}
+	a.journalGaps["n"] = true
+	a.unlock()
+	namespaces := func() int { nets, _ := a.dp.Networks(); return len(nets) }
+
+	a.dp.mu.Lock()
+	a.dp.failAdd = errors.New("injected")
+	a.dp.mu.Unlock()
+	if _, err := a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, "c1")}); err == nil {
+		t.Fatal("attach succeeded")
+	}
+	if namespaces() != 1 {
+		t.Errorf("a failed attach's rollback removed the namespace of a network with an unreadable journal record")
+	}
+	a.dp.mu.Lock()
+	a.dp.failAdd = nil
+	a.dp.mu.Unlock()
+	if _, err := a.Attach(ctx, "n", api.AttachRequest{Netns: a.container(t, "c2"), Name: "c2"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Detach(ctx, "n", "c2"); err != nil {
+		t.Fatal(err)
+	}
+	if namespaces() != 1 {
+		t.Errorf("the last detach removed the namespace of a network with an unreadable journal record")
+	}
+}

@@ -3,6 +3,7 @@ package overlay
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -27,7 +28,7 @@ func storeAgent(t *testing.T) (*Agent, kvstore.Store) {
 	return &Agent{
 		cfg: Config{Node: "me", StateDir: dir, NodeTTL: 10 * time.Second}, store: st,
 		log: slog.New(slog.NewTextHandler(io.Discard, nil)), views: map[string]*peerView{},
-		kick: make(chan struct{}, 1), renewNow: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), renewNow: make(chan struct{}, 1), life: context.Background(),
 	}, st
 }
 
@@ -258,4 +259,36 @@ func (g *gossipStore) NodeHealth(_ context.Context, node string) (kvstore.NodeHe
 		return kvstore.NodeLeft, nil
 	}
 	return h, nil
+}
+
+// failingGets fails Gets of one key for want of an answer.
+type failingGets struct {
+	kvstore.Store
+	key string
+}
+
+func (f *failingGets) Get(ctx context.Context, key string) (*kvstore.KV, error) {
+	if key == f.key {
+		return nil, fmt.Errorf("injected: %w", kvstore.ErrUnavailable)
+	}
+	return f.Store.Get(ctx, key)
+}
+
+// A store that cannot say why a host's records vanished (its node record
+// does not answer) is no evidence that the host is gone: its entries are
+// held for the hold-down, not dropped.
+func TestVanishedHostHeldWhenTheStoreCannotSay(t *testing.T) {
+	ctx := context.Background()
+	a, st := storeAgent(t)
+	a.cfg.HoldDown = time.Minute
+	if _, err := a.checkIdentity(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.store = &failingGets{Store: st, key: nodeKey("flaky")}
+	v := &peerView{id: testID("n"), node: "me"}
+	a.applyPeers(ctx, v, []*kvstore.KV{peerKV(v.id, "flaky", "192.168.0.2", "10.0.0.2")}, 0, false)
+	a.applyPeers(ctx, v, nil, 0, false)
+	if p, _ := v.peers(); len(p) != 1 {
+		t.Errorf("a host whose node record did not answer was dropped: %d peers", len(p))
+	}
 }

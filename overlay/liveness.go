@@ -326,8 +326,13 @@ func (a *Agent) holdFor(ctx context.Context, node, session string) (time.Duratio
 		return a.cfg.HoldDown, "the store cannot say why"
 	}
 	var n Node
-	if kv, err = a.store.Get(ctx, nodeKey(node)); err != nil || decodeRecord(kv.Key, kv.Value, &n) != nil {
+	switch kv, err = a.store.Get(ctx, nodeKey(node)); {
+	case errors.Is(err, kvstore.ErrNotFound):
 		return 0, "no node record"
+	case err != nil:
+		return a.cfg.HoldDown, "the store cannot say why" // an error is no evidence
+	case decodeRecord(kv.Key, kv.Value, &n) != nil:
+		return 0, "unreadable node record"
 	}
 	r, ok := a.store.(kvstore.LivenessReporter)
 	if !ok || n.Liveness != (kvstore.Liveness{LocalAgent: true}).Mode() || n.ConsulNode == "" {

@@ -440,7 +440,7 @@ func (a *Agent) finishInterrupted(ctx context.Context, ls []*localEndpoint) {
 				a.log.Warn("clean up interrupted operation", "endpoint", l.Endpoint.Name, "err", err)
 			} else {
 				a.mu.Lock()
-				a.dropIdleNetwork(ctx, l.Net.NamespaceName())
+				a.dropIdleNetwork(ctx, &l.Net)
 				a.unlock()
 			}
 		}
@@ -546,7 +546,7 @@ func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Net
 					}
 				}
 				a.mu.Lock()
-				a.dropIdleNetwork(ctx, n.NamespaceName())
+				a.dropIdleNetwork(ctx, n)
 				a.unlock()
 				continue
 			case fateReplaced, fateUnknown:

@@ -183,6 +183,6 @@ func pickAddr(l NetworkLease, taken map[netip.Addr]bool, skip int) (netip.Addr, 
 // Usable is how many endpoint addresses a subnet has: its host addresses
 // less the gateway.
 func Usable(p netip.Prefix) int {
-	hosts := (1 << (32 - p.Bits())) - 2
-	return max(hosts-1, 0)
+	first, last := hostRange(p)
+	return max(int(int64(last)-int64(first)+1)-1, 0)
 }

@@ -103,3 +103,11 @@ func TestUnreadableRecordsKeepReservations(t *testing.T) {
 		}
 	}
 }
+
+func TestUsable(t *testing.T) {
+	for p, want := range map[string]int{"10.0.0.0/24": 253, "10.0.0.0/29": 5, "10.0.0.0/30": 1} {
+		if got := Usable(netip.MustParsePrefix(p)); got != want {
+			t.Errorf("Usable(%s) = %d, want %d", p, got, want)
+		}
+	}
+}

@@ -106,7 +106,7 @@ func (a *Agent) Doctor(ctx context.Context) []api.Finding {
 
 	// The store: reachable and how fast, the session, the room left.
 	start := time.Now()
-	if _, err := a.store.Get(ctx, formatKey); err != nil && !isNotFound(err) {
+	if _, err := a.store.Get(ctx, formatKey); err != nil && !errors.Is(err, kvstore.ErrNotFound) { // absent answers too
 		add(api.Finding{Check: "store", OK: false, Message: "the store does not answer: " + err.Error(), Fix: "check the store (Consul) and --store; the datapath keeps its state meanwhile"})
 		return out
 	}
@@ -260,6 +260,3 @@ func (a *Agent) checkRoom(ctx context.Context, n Network) api.Finding {
 	}
 	return f
 }
-
-// isNotFound: an absent key, which answers as well as a present one.
-func isNotFound(err error) bool { return errors.Is(err, kvstore.ErrNotFound) }

@@ -1,12 +1,10 @@
 package api
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"io"
 	"net"
-	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -14,36 +12,13 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vxnet/vxnet/internal/fakeagent"
 )
 
-// misbehave serves a unix socket whose "agent" reads each request completely
-// and then does what then says to the connection instead of answering, as a
-// killed or hung agent would.
-func misbehave(t *testing.T, then func(net.Conn)) string {
-	t.Helper()
-	sock := filepath.Join(t.TempDir(), "vxnet.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			conn, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				req, err := http.ReadRequest(bufio.NewReader(conn))
-				if err == nil {
-					io.Copy(io.Discard, req.Body)
-				}
-				then(conn)
-			}()
-		}
-	}()
-	return sock
-}
+// misbehave is fakeagent.Misbehaving: the agent reads each request and
+// then does what then says to the connection instead of answering.
+var misbehave = fakeagent.Misbehaving
 
 func closeConn(c net.Conn) { c.Close() }
 

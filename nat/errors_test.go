@@ -5,30 +5,13 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-
 	"github.com/vxnet/vxnet/internal/testnet"
 )
 
 // linkIndex is the ifindex of name in the namespace at path.
 func linkIndex(t *testing.T, path, name string) int {
 	t.Helper()
-	ns, err := netns.GetFromPath(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	l, err := h.LinkByName(name)
-	if err != nil {
-		t.Fatalf("%s in %s: %v", name, path, err)
-	}
-	return l.Attrs().Index
+	return testnet.Link(t, path, name).Attrs().Index
 }
 
 // TestEMFILEIsNotGatewayGone: an agent out of file descriptors must get

@@ -11,7 +11,6 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"github.com/vxnet/vxnet/internal/testnet"
 )
 
@@ -55,20 +54,7 @@ func readDatapath(t *testing.T, nsPath, hostVeth, containerNS string) datapathSt
 	var s datapathState
 	s.nsIno = nsInode(t, nsPath)
 	index := func(path, name string) int {
-		ns, err := netns.GetFromPath(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ns.Close()
-		h, err := netlink.NewHandleAt(ns)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer h.Close()
-		l, err := h.LinkByName(name)
-		if err != nil {
-			t.Fatalf("%s in %s: %v", name, path, err)
-		}
+		l := testnet.Link(t, path, name)
 		up := 0
 		if l.Attrs().OperState == netlink.OperUp || l.Attrs().Flags&1 != 0 {
 			up = 1
@@ -89,13 +75,8 @@ func readDatapath(t *testing.T, nsPath, hostVeth, containerNS string) datapathSt
 // namespace for a missing or foreign one, unmount it, recreate it or its
 // devices, or report the endpoint gone.
 func TestEMFILEIsNotAbsence(t *testing.T) {
-	tn := testnet.New(t)
-	h := tn.AddHost("h")
-	m := hostManager(t, h)
+	tn, m := networkWorld(t)
 	ctx := context.Background()
-	if _, err := m.EnsureNetwork(ctx, spec); err != nil {
-		t.Fatal(err)
-	}
 	c := tn.AddNS("c")
 	ep := EndpointSpec{Network: spec.Name, ContainerNS: "/var/run/netns/" + c, HostVeth: "vethemfile0",
 		Addr: netip.MustParsePrefix("10.0.0.2/24"), MAC: mac("10.0.0.2"), MTU: 1450}

@@ -184,13 +184,8 @@ func TestEnsureNetworkRollback(t *testing.T) {
 }
 
 func TestAddEndpointFailuresLeaveNothing(t *testing.T) {
-	tn := testnet.New(t)
-	h := tn.AddHost("h")
-	m := hostManager(t, h)
+	tn, m := networkWorld(t)
 	ctx := context.Background()
-	if _, err := m.EnsureNetwork(ctx, spec); err != nil {
-		t.Fatal(err)
-	}
 	c := tn.AddNS("c")
 	cpath := "/var/run/netns/" + c
 	ep := func(veth, ip string) EndpointSpec {
@@ -339,13 +334,8 @@ func TestConcurrentAttachesToOneContainer(t *testing.T) {
 }
 
 func TestSyncPeersOwnsOnlyItsEntries(t *testing.T) {
-	tn := testnet.New(t)
-	h := tn.AddHost("h")
-	m := hostManager(t, h)
+	_, m := networkWorld(t)
 	ctx := context.Background()
-	if _, err := m.EnsureNetwork(ctx, spec); err != nil {
-		t.Fatal(err)
-	}
 	ns := m.NetNSPath(spec.Name)
 	p := Peer{IP: netip.MustParseAddr("10.0.0.3"), MAC: mac("10.0.0.3"), VTEP: netip.MustParseAddr("192.168.77.2")}
 	if a, r, err := m.SyncPeers(ctx, spec.Name, []Peer{p}); err != nil || a != 2 || r != 0 {
@@ -475,13 +465,8 @@ func TestNetNSMountsAndThreads(t *testing.T) {
 // ChangePeers writes and deletes exactly the entries of the change, and
 // leaves every other entry alone.
 func TestChangePeersTouchesOnlyTheChange(t *testing.T) {
-	tn := testnet.New(t)
-	h := tn.AddHost("h")
-	m := hostManager(t, h)
+	_, m := networkWorld(t)
 	ctx := context.Background()
-	if _, err := m.EnsureNetwork(ctx, spec); err != nil {
-		t.Fatal(err)
-	}
 	ns := m.NetNSPath(spec.Name)
 	peer := func(ip, vtep string) Peer {
 		return Peer{IP: netip.MustParseAddr(ip), MAC: mac(ip), VTEP: netip.MustParseAddr(vtep)}

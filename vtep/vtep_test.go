@@ -190,13 +190,8 @@ func TestDatapathAcrossHosts(t *testing.T) {
 }
 
 func TestAddEndpointRollback(t *testing.T) {
-	tn := testnet.New(t)
-	h := tn.AddHost("h")
-	m := hostManager(t, h)
+	tn, m := networkWorld(t)
 	ctx := context.Background()
-	if _, err := m.EnsureNetwork(ctx, spec); err != nil {
-		t.Fatal(err)
-	}
 	c := tn.AddNS("c")
 	cpath := "/var/run/netns/" + c
 	good := EndpointSpec{Network: spec.Name, ContainerNS: cpath, HostVeth: "vethaaaaaaa",
@@ -284,4 +279,16 @@ func TestNetNSLifecycle(t *testing.T) {
 func execIn(path string, args ...string) (string, error) {
 	out, err := exec.Command("nsenter", append([]string{"--net=" + path}, args...)...).CombinedOutput()
 	return string(out), err
+}
+
+// networkWorld is a simulated host with a manager and the test network
+// spec built on it.
+func networkWorld(t *testing.T) (*testnet.Net, *Manager) {
+	t.Helper()
+	tn := testnet.New(t)
+	m := hostManager(t, tn.AddHost("h"))
+	if _, err := m.EnsureNetwork(context.Background(), spec); err != nil {
+		t.Fatal(err)
+	}
+	return tn, m
 }

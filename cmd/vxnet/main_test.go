@@ -1,11 +1,9 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -15,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/fakeagent"
 )
 
 // With VXNET_TEST_MAIN=1 the test binary is the vxnet command, so that a
@@ -51,32 +50,9 @@ func run(args ...string) (string, error) {
 	return out.String(), err
 }
 
-// killedAgent serves a socket whose agent reads each request and closes the
-// connection without answering, as one killed with -9 mid-request does.
-func killedAgent(t *testing.T) string {
-	t.Helper()
-	sock := filepath.Join(t.TempDir(), "vxnet.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			conn, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				if req, err := http.ReadRequest(bufio.NewReader(conn)); err == nil {
-					io.Copy(io.Discard, req.Body)
-				}
-				conn.Close()
-			}()
-		}
-	}()
-	return sock
-}
+// killedAgent is an agent killed with -9 mid-request: it reads each
+// request and closes the connection without answering.
+var killedAgent = fakeagent.Killed
 
 func TestUnknownOutcomeMessages(t *testing.T) {
 	sock := killedAgent(t)

@@ -13,6 +13,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 )
 
 // RequireRoot skips a test that needs the kernel when not root; under CI
@@ -168,4 +171,25 @@ func LineHas(out string, parts ...string) bool {
 		}
 	}
 	return false
+}
+
+// Link looks up the interface name in the network namespace at path,
+// failing the test if it is not there.
+func Link(t testing.TB, path, name string) netlink.Link {
+	t.Helper()
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	l, err := h.LinkByName(name)
+	if err != nil {
+		t.Fatalf("%s in %s: %v", name, path, err)
+	}
+	return l
 }

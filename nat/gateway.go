@@ -605,19 +605,15 @@ func (m *Manager) CheckGateway(ctx context.Context, s GatewaySpec) ([]string, er
 // Replies to a published port leave by such a route, not through the NAT,
 // which is why the agent asks.
 func (m *Manager) HasOwnDefaultRoute(ctx context.Context, containerNS string) (bool, error) {
-	if err := ctx.Err(); err != nil {
-		return false, fmt.Errorf("nat: default route of %s: %w", containerNS, err)
-	}
-	c, err := openContainer(containerNS)
+	var has bool
+	err := m.withOwnDefaults(ctx, containerNS, func(_ *container, own []netlink.Route) error {
+		has = len(own) > 0
+		return nil
+	})
 	if err != nil {
 		return false, fmt.Errorf("nat: default route of %s: %w", containerNS, err)
 	}
-	defer c.close()
-	defs, err := defaultRoutes(c.h)
-	if err != nil {
-		return false, fmt.Errorf("nat: default route of %s: %w", containerNS, err)
-	}
-	return slices.ContainsFunc(defs, func(r netlink.Route) bool { return !m.isOurRoute(r) }), nil
+	return has, nil
 }
 
 // OwnDefaultRoutes records the container's IPv4 default routes of its own
@@ -625,30 +621,39 @@ func (m *Manager) HasOwnDefaultRoute(ctx context.Context, containerNS string) (b
 // record what it replaces: a caller that keeps them before the gateway is
 // added can put them back even if it dies half way.
 func (m *Manager) OwnDefaultRoutes(ctx context.Context, containerNS string) ([]Route, error) {
-	if err := ctx.Err(); err != nil {
+	var out []Route
+	err := m.withOwnDefaults(ctx, containerNS, func(c *container, own []netlink.Route) error {
+		for _, r := range own {
+			rec, err := recordRoute(c.h, c.path, c.id, r)
+			if err != nil {
+				return err
+			}
+			out = append(out, rec)
+		}
+		return nil
+	})
+	if err != nil {
 		return nil, fmt.Errorf("nat: default routes of %s: %w", containerNS, err)
+	}
+	return out, nil
+}
+
+// withOwnDefaults opens the container and hands fn its IPv4 default routes
+// that do not go through the gateway subnet.
+func (m *Manager) withOwnDefaults(ctx context.Context, containerNS string, fn func(c *container, own []netlink.Route) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	c, err := openContainer(containerNS)
 	if err != nil {
-		return nil, fmt.Errorf("nat: default routes of %s: %w", containerNS, err)
+		return err
 	}
 	defer c.close()
 	defs, err := defaultRoutes(c.h)
 	if err != nil {
-		return nil, fmt.Errorf("nat: default routes of %s: %w", containerNS, err)
+		return err
 	}
-	var out []Route
-	for _, r := range defs {
-		if m.isOurRoute(r) {
-			continue
-		}
-		rec, err := recordRoute(c.h, c.path, c.id, r)
-		if err != nil {
-			return nil, fmt.Errorf("nat: default routes of %s: %w", containerNS, err)
-		}
-		out = append(out, rec)
-	}
-	return out, nil
+	return fn(c, slices.DeleteFunc(defs, m.isOurRoute))
 }
 
 // Gateways lists the host-side veths enslaved to the bridge, so the agent can

@@ -934,12 +934,22 @@ func (a *Agent) ProbeStatus(ctx context.Context) api.Status {
 	if !s.StoreReachable {
 		return s
 	}
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	if _, err := a.store.Get(ctx, formatKey); err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+	if _, err := a.probeStore(ctx); err != nil {
 		s.StoreReachable, s.StoreError = false, err.Error()
 	}
 	return s
+}
+
+// probeStore asks the store one small question now and says how long the
+// answer took (an absent key answers as well as a present one).
+func (a *Agent) probeStore(ctx context.Context) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	start := time.Now()
+	if _, err := a.store.Get(ctx, formatKey); err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+		return 0, err
+	}
+	return time.Since(start), nil
 }
 
 // cachedNetworks is the agent's view of the networks, for listings while

@@ -2,7 +2,6 @@ package overlay
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -15,7 +14,6 @@ import (
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/internal/netnsutil"
 	"github.com/vxnet/vxnet/ipam"
-	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/vtep"
 )
 
@@ -105,12 +103,12 @@ func (a *Agent) Doctor(ctx context.Context) []api.Finding {
 	}
 
 	// The store: reachable and how fast, the session, the room left.
-	start := time.Now()
-	if _, err := a.store.Get(ctx, formatKey); err != nil && !errors.Is(err, kvstore.ErrNotFound) { // absent answers too
+	rtt, err := a.probeStore(ctx)
+	if err != nil {
 		add(api.Finding{Check: "store", OK: false, Message: "the store does not answer: " + err.Error(), Fix: "check the store (Consul) and --store; the datapath keeps its state meanwhile"})
 		return out
 	}
-	add(api.Finding{Check: "store", OK: true, Message: fmt.Sprintf("reachable, %s round trip", time.Since(start).Round(10*time.Microsecond))})
+	add(api.Finding{Check: "store", OK: true, Message: fmt.Sprintf("reachable, %s round trip", rtt.Round(10*time.Microsecond))})
 	if id := a.currentSession(); id == "" {
 		add(api.Finding{Check: "session", OK: false, Message: "no store session: this host's records are not bound to its life", Fix: "see vxnet status and the agent's log"})
 	} else if err := a.store.RenewSession(ctx, id); err != nil {

@@ -295,15 +295,22 @@ func (a *Agent) localMTU() int { return a.cfg.UnderlayMTU - 50 }
 // if the store cannot be reached, after the local state has been ensured),
 // so that a service manager knows when the host's datapath is in place.
 func (a *Agent) Run(ctx context.Context, ready func()) error {
+	// Stopped means stopped: the helpers below are done (and write
+	// nothing more to the state dir or the store) when Run returns, for
+	// whatever reason it returns.
+	var helpers sync.WaitGroup
+	defer helpers.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	a.mu.Lock()
 	a.life = ctx
 	a.ensureViews(ctx)
 	a.unlock()
 	a.running.Store(true)
-	go a.watch(ctx, networksPrefix, a.applyNetworks)
-	go a.commits.run(ctx)
-	go a.registerNode(ctx)
-	go a.keepAlive(ctx)
+	helpers.Go(func() { a.watch(ctx, networksPrefix, a.applyNetworks) })
+	helpers.Go(func() { a.commits.run(ctx) })
+	helpers.Go(func() { a.registerNode(ctx) })
+	helpers.Go(func() { a.keepAlive(ctx) })
 
 	ticker := time.NewTicker(a.cfg.ResyncInterval)
 	defer ticker.Stop()

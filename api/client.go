@@ -229,6 +229,29 @@ func (c *Client) Detach(ctx context.Context, network, endpoint string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/networks/"+url.PathEscape(network)+"/endpoints/"+url.PathEscape(endpoint), nil, nil)
 }
 
+// PlanNetwork says what creating r would give, creating nothing.
+func (c *Client) PlanNetwork(ctx context.Context, r CreateNetworkRequest) (*NetworkPlan, error) {
+	var out NetworkPlan
+	return &out, c.do(ctx, http.MethodPost, "/v1/network-plans", r, &out)
+}
+
+// SetNetns says where a handed-off interface went (AttachRequest.Handoff).
+func (c *Client) SetNetns(ctx context.Context, network, endpoint, netns string) error {
+	return c.do(ctx, http.MethodPut, "/v1/networks/"+url.PathEscape(network)+"/endpoints/"+url.PathEscape(endpoint)+"/netns", NetnsRequest{Netns: netns}, nil)
+}
+
+// Reserve reserves an address of a network for this host.
+func (c *Client) Reserve(ctx context.Context, network string, r ReserveRequest) (*Reservation, error) {
+	var out Reservation
+	return &out, c.do(ctx, http.MethodPost, "/v1/networks/"+url.PathEscape(network)+"/addresses", r, &out)
+}
+
+// ReleaseReservation releases an address this host reserved; one that an
+// endpoint holds, or nobody, is left alone.
+func (c *Client) ReleaseReservation(ctx context.Context, network, ip string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/networks/"+url.PathEscape(network)+"/addresses/"+url.PathEscape(ip), nil, nil)
+}
+
 // Endpoints lists endpoints on every host, of one network if network is set.
 func (c *Client) Endpoints(ctx context.Context, network string) ([]Endpoint, error) {
 	p := "/v1/endpoints"

@@ -12,6 +12,10 @@
 //	DELETE /v1/networks/{name}
 //	POST   /v1/networks/{name}/endpoints          AttachRequest -> Endpoint
 //	DELETE /v1/networks/{name}/endpoints/{endpoint}
+//	PUT    /v1/networks/{name}/endpoints/{endpoint}/netns  NetnsRequest: where a handed-off interface went
+//	POST   /v1/networks/{name}/addresses          ReserveRequest -> Reservation
+//	DELETE /v1/networks/{name}/addresses/{ip}     release a reservation (not an endpoint's address)
+//	POST   /v1/network-plans                      CreateNetworkRequest -> NetworkPlan (creates nothing)
 //	GET    /v1/endpoints[?network=NAME]           -> []Endpoint
 //	GET    /v1/nodes                              -> []Node
 //	DELETE /v1/nodes/{name}                       forget a gone host, release its addresses
@@ -137,6 +141,39 @@ type AttachRequest struct {
 	// restores it. Without it such a container keeps its default route
 	// and gets only the gateway interface.
 	ReplaceDefaultRoute bool `json:"replace_default_route,omitempty"`
+	// Handoff hands the container side to a container runtime that
+	// moves and configures it itself (Docker's Join): the agent makes it
+	// in its own namespace under this name, down and without address,
+	// and Netns stays empty. The runtime's namespace is given later
+	// (PUT .../endpoints/{endpoint}/netns); egress and published ports
+	// follow once the interface is seen there.
+	Handoff string `json:"handoff,omitempty"`
+}
+
+// NetnsRequest says where a handed-off interface went.
+type NetnsRequest struct {
+	Netns string `json:"netns"`
+}
+
+// ReserveRequest reserves an address of a network for this host before
+// the endpoint that will use it exists (Docker's IPAM asks first); an
+// attach on this host with that address takes the reservation over.
+type ReserveRequest struct {
+	IP string `json:"ip,omitempty"` // default: the next free one
+}
+
+// NetworkPlan is what a network create would get (POST /v1/network-plans
+// with a CreateNetworkRequest's subnet and gateway): Network names the
+// network that has that subnet already.
+type NetworkPlan struct {
+	Subnet  string `json:"subnet"`
+	Gateway string `json:"gateway"`
+	Network string `json:"network,omitempty"`
+}
+
+// Reservation is a reserved address.
+type Reservation struct {
+	IP string `json:"ip"`
 }
 
 // Error is the body of every non-2xx response.

@@ -23,6 +23,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -89,6 +90,29 @@ type NetworkLease struct {
 type AddrOwner struct {
 	Node     string `json:"node"`
 	Endpoint string `json:"endpoint"`
+}
+
+// reservedPrefix marks an owner that is a reservation, not an endpoint:
+// endpoint names cannot contain '@'. The time after it lets a host tell a
+// young reservation, whose endpoint is on its way, from a forgotten one.
+const reservedPrefix = "reserved@"
+
+// ReservationOwner is the owner of an address the node reserved at now.
+func ReservationOwner(node string, now time.Time) AddrOwner {
+	return AddrOwner{Node: node, Endpoint: reservedPrefix + strconv.FormatInt(now.Unix(), 10)}
+}
+
+// Reserved reports whether the owner is a reservation, and since when.
+func (o AddrOwner) Reserved() (time.Time, bool) {
+	ts, ok := strings.CutPrefix(o.Endpoint, reservedPrefix)
+	if !ok {
+		return time.Time{}, false
+	}
+	sec, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil {
+		return time.Time{}, true // a reservation of unknown age: old
+	}
+	return time.Unix(sec, 0), true
 }
 
 type registry struct {
@@ -261,6 +285,19 @@ func (a *Allocator) AllocateNetwork(ctx context.Context, id string, req NetworkR
 		return ops, nil
 	})
 	return lease, err
+}
+
+// Plan says what AllocateNetwork would give req now, reserving nothing.
+func (a *Allocator) Plan(ctx context.Context, req NetworkRequest) (NetworkLease, error) {
+	reg, _, err := a.readRegistry(ctx)
+	if err != nil {
+		return NetworkLease{}, err
+	}
+	taken, err := a.checked(ctx, reg, req.Records)
+	if err != nil {
+		return NetworkLease{}, err
+	}
+	return a.plan(req, taken)
 }
 
 // updateRegistry runs change on a fresh read of the reservations and
@@ -447,11 +484,19 @@ func (a *Allocator) AllocateAddr(ctx context.Context, netID string, l NetworkLea
 		err := a.store.CAS(ctx, addrKey(netID, want), data, 0)
 		if errors.Is(err, kvstore.ErrConflict) {
 			// Held already: fine if by the same owner (a retry, or a host
-			// re-reserving what it holds), taken otherwise.
+			// re-reserving what it holds), or by a reservation of the
+			// same node, which this endpoint takes over; taken otherwise.
 			if kv, gerr := a.store.Get(ctx, addrKey(netID, want)); gerr == nil {
 				var v addrValue
 				if json.Unmarshal(kv.Value, &v) == nil && v.AddrOwner == owner {
 					return want, nil
+				}
+				if _, res := v.Reserved(); res && v.Node == owner.Node {
+					if err := a.store.CAS(ctx, kv.Key, data, kv.ModifyIndex); err == nil {
+						return want, nil
+					} else if !errors.Is(err, kvstore.ErrConflict) {
+						return netip.Addr{}, fmt.Errorf("take over reservation of %s: %w", want, err)
+					}
 				}
 			}
 			return netip.Addr{}, fmt.Errorf("address %s: %w", want, ErrInUse)
@@ -525,6 +570,26 @@ func (a *Allocator) forget(netID string) {
 	a.mu.Lock()
 	delete(a.known, netID)
 	a.mu.Unlock()
+}
+
+// ReleaseReservation frees ip if it is a reservation of node; an address
+// an endpoint holds, or nobody, is left alone (nil).
+func (a *Allocator) ReleaseReservation(ctx context.Context, netID string, ip netip.Addr, node string) error {
+	kv, err := a.store.Get(ctx, addrKey(netID, ip))
+	if errors.Is(err, kvstore.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("release %s: %w", ip, err)
+	}
+	var v addrValue
+	if json.Unmarshal(kv.Value, &v) != nil || v.Node != node {
+		return nil
+	}
+	if _, res := v.Reserved(); !res {
+		return nil
+	}
+	return a.ReleaseAddr(ctx, netID, ip, v.AddrOwner)
 }
 
 // ReleaseAddr frees ip if owner holds it.

@@ -99,6 +99,9 @@ type Agent struct {
 	// inflight marks the attaches under way: a reconcile leaves their
 	// records and interfaces alone.
 	inflight map[string]bool
+	// binding marks the pending endpoints whose interface is being
+	// watched for in the runtime's namespace (handoff.go).
+	binding map[string]bool
 	// journalGaps are the networks with an unreadable journal record
 	// ("": unknown ones), fixed at start: see stateDir.load.
 	journalGaps map[string]bool
@@ -141,6 +144,9 @@ type Agent struct {
 	commits *committer
 	// life outlives requests: the watches an attach starts run in it.
 	life context.Context
+	// bg is what runs in life on behalf of requests (handoff watches):
+	// Run waits for it before returning.
+	bg sync.WaitGroup
 	// identityChecked: the store's identity was compared with the one
 	// remembered, once since start; until then peers are only added.
 	identityChecked atomic.Bool
@@ -215,6 +221,7 @@ func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, 
 		state:    stateDir{cfg.StateDir},
 		applied:  map[string]peerSet{},
 		inflight: map[string]bool{},
+		binding:  map[string]bool{},
 		networks: map[string]*Network{},
 		views:    map[string]*peerView{},
 		life:     context.Background(),
@@ -300,6 +307,7 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 	// whatever reason it returns.
 	var helpers sync.WaitGroup
 	defer helpers.Wait()
+	defer a.bg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.mu.Lock()
@@ -521,46 +529,9 @@ func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest)
 	if err := ValidateName("network", req.Name); err != nil {
 		return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
-	var ireq ipam.NetworkRequest
-	if req.Subnet != "" {
-		p, err := netip.ParsePrefix(req.Subnet)
-		if err != nil {
-			return nil, invalidf("subnet %q is not a CIDR such as 10.1.0.0/24", req.Subnet)
-		}
-		ireq.Subnet = p
-		if a.egress != nil && p.Overlaps(a.egress.Config().Subnet) {
-			return nil, invalidf("subnet %s overlaps the gateway subnet %s", p, a.egress.Config().Subnet)
-		}
-	}
-	if req.Gateway != "" {
-		if req.Subnet == "" {
-			return nil, invalidf("--gateway needs --subnet")
-		}
-		g, err := netip.ParseAddr(req.Gateway)
-		if err != nil {
-			return nil, invalidf("gateway %q is not an IP address", req.Gateway)
-		}
-		ireq.Gateway = g
-	}
-	if req.VNI != nil {
-		if *req.VNI == 0 || *req.VNI > 1<<24-1 {
-			return nil, invalidf("vni %d is out of range 1..16777215 (leave --vni out to have one chosen)", *req.VNI)
-		}
-		ireq.VNI = *req.VNI
-	}
-	mtu := 0
-	if req.MTU != nil {
-		mtu = *req.MTU
-		if mtu < 576 || mtu > 9000 {
-			return nil, invalidf("mtu %d is out of range 576..9000 (leave --mtu out for the underlay's minus 50)", mtu)
-		}
-		// A larger MTU is not refused by the kernel: full-size packets
-		// are then dropped after encapsulation, silently. Other hosts
-		// may have another underlay; this host's is the one known here.
-		if mtu > a.localMTU() {
-			return nil, invalidf("mtu %d is above %d, this host's underlay MTU %d minus the 50 bytes of VXLAN encapsulation",
-				mtu, a.localMTU(), a.cfg.UnderlayMTU)
-		}
+	ireq, mtu, err := a.networkRequest(req)
+	if err != nil {
+		return nil, err
 	}
 	if err := a.checkNameFree(ctx, req.Name); err != nil {
 		return nil, err
@@ -590,6 +561,87 @@ func (a *Agent) CreateNetwork(ctx context.Context, req api.CreateNetworkRequest)
 	a.log.Info("network created", "network", n.Name, "id", n.ID[:12], "subnet", n.Subnet, "vni", n.VNI)
 	v := n.apiView(a.localMTU())
 	return &v, nil
+}
+
+// PlanNetwork says what a network create with req's subnet and gateway
+// would get, without creating anything: the network that has exactly
+// that subnet already, or the subnet and gateway a new one would have
+// (Docker's IPAM asks for a pool before the network has a name).
+func (a *Agent) PlanNetwork(ctx context.Context, req api.CreateNetworkRequest) (*api.NetworkPlan, error) {
+	ireq, _, err := a.networkRequest(req)
+	if err != nil {
+		return nil, err
+	}
+	if ireq.Subnet.IsValid() {
+		nets, err := a.Networks(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("plan network: %w", err)
+		}
+		for _, n := range nets {
+			if n.Subnet == ireq.Subnet.String() {
+				if ireq.Gateway.IsValid() && ireq.Gateway.String() != n.Gateway {
+					return nil, conflictf("subnet %s is network %q's, whose gateway is %s, not %s", n.Subnet, n.Name, n.Gateway, ireq.Gateway)
+				}
+				return &api.NetworkPlan{Subnet: n.Subnet, Gateway: n.Gateway, Network: n.Name}, nil
+			}
+		}
+	}
+	avoid, err := a.outsideRanges(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("plan network: %w", err)
+	}
+	ireq.Avoid, ireq.Records = avoid, a.networkRecords
+	l, err := a.ipam.Plan(ctx, ireq)
+	if err != nil {
+		return nil, fmt.Errorf("plan network: %w", err)
+	}
+	return &api.NetworkPlan{Subnet: l.Subnet.String(), Gateway: l.Gateway.String()}, nil
+}
+
+// networkRequest checks a create request's addressing and MTU.
+func (a *Agent) networkRequest(req api.CreateNetworkRequest) (ipam.NetworkRequest, int, error) {
+	var ireq ipam.NetworkRequest
+	if req.Subnet != "" {
+		p, err := netip.ParsePrefix(req.Subnet)
+		if err != nil {
+			return ireq, 0, invalidf("subnet %q is not a CIDR such as 10.1.0.0/24", req.Subnet)
+		}
+		ireq.Subnet = p
+		if a.egress != nil && p.Overlaps(a.egress.Config().Subnet) {
+			return ireq, 0, invalidf("subnet %s overlaps the gateway subnet %s", p, a.egress.Config().Subnet)
+		}
+	}
+	if req.Gateway != "" {
+		if req.Subnet == "" {
+			return ireq, 0, invalidf("--gateway needs --subnet")
+		}
+		g, err := netip.ParseAddr(req.Gateway)
+		if err != nil {
+			return ireq, 0, invalidf("gateway %q is not an IP address", req.Gateway)
+		}
+		ireq.Gateway = g
+	}
+	if req.VNI != nil {
+		if *req.VNI == 0 || *req.VNI > 1<<24-1 {
+			return ireq, 0, invalidf("vni %d is out of range 1..16777215 (leave --vni out to have one chosen)", *req.VNI)
+		}
+		ireq.VNI = *req.VNI
+	}
+	mtu := 0
+	if req.MTU != nil {
+		mtu = *req.MTU
+		if mtu < 576 || mtu > 9000 {
+			return ireq, 0, invalidf("mtu %d is out of range 576..9000 (leave --mtu out for the underlay's minus 50)", mtu)
+		}
+		// A larger MTU is not refused by the kernel: full-size packets
+		// are then dropped after encapsulation, silently. Other hosts
+		// may have another underlay; this host's is the one known here.
+		if mtu > a.localMTU() {
+			return ireq, 0, invalidf("mtu %d is above %d, this host's underlay MTU %d minus the 50 bytes of VXLAN encapsulation",
+				mtu, a.localMTU(), a.cfg.UnderlayMTU)
+		}
+	}
+	return ireq, mtu, nil
 }
 
 // checkNameFree refuses a name the store holds a network record under,

@@ -106,8 +106,20 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if n.Removing {
 		return nil, conflictf("network %q is being removed", network)
 	}
-	path, nsid, err := a.resolveNetns(req.Netns)
-	if err != nil {
+	// A handed-off interface has no container namespace yet: the runtime
+	// says where it went later (SetNetns).
+	var path string
+	var nsid nsID
+	if req.Handoff != "" {
+		switch {
+		case req.Netns != "":
+			return nil, invalidf("netns and handoff exclude each other: a handed-off interface's namespace is given once the runtime has it")
+		case !vtep.ValidIfName(req.Handoff):
+			return nil, invalidf("handoff %q: give an interface name of 1 to 15 characters without '/', ':' or spaces", req.Handoff)
+		case req.Interface != "":
+			return nil, invalidf("interface: the runtime names a handed-off interface")
+		}
+	} else if path, nsid, err = a.resolveNetns(req.Netns); err != nil {
 		return nil, err
 	}
 	var want netip.Addr
@@ -119,7 +131,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	id := newID()
 	name := req.Name
 	if name == "" {
-		if name = sanitizeNetnsName(path); name == "" || name == "net" {
+		if name = sanitizeNetnsName(path); path == "" || name == "" || name == "net" {
 			name = "ep-" + id[:8]
 		}
 	}
@@ -141,7 +153,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		return nil, invalidf("--publish: network %q is internal: its containers have no way in or out", network)
 	case len(ports) > 0 && a.egress == nil:
 		return nil, invalidf("--publish: this agent runs without egress (--no-egress)")
-	case len(ports) > 0 && !req.ReplaceDefaultRoute && !n.Internal:
+	case len(ports) > 0 && !req.ReplaceDefaultRoute && !n.Internal && path != "":
 		// Replies to a published port leave by the default route: the
 		// container's own would send them past the DNAT that made them.
 		own, err := a.egress.HasOwnDefaultRoute(ctx, path)
@@ -169,7 +181,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	}
 	st.mark("lock")
 	for _, l := range a.locals {
-		if l.Endpoint.Network != network || (l.NetnsID != nsid && l.Endpoint.Name != name) {
+		if l.Endpoint.Network != network || ((l.NetnsID != nsid || nsid == nsID{}) && l.Endpoint.Name != name) {
 			continue
 		}
 		a.unlock()
@@ -200,7 +212,10 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 			Interface: req.Interface,
 		},
 		Net: *n, Netns: path, NetnsID: nsid, MTU: networkMTU(n, a.localMTU()),
-		ReplaceDefault: req.ReplaceDefaultRoute,
+		ReplaceDefault: req.ReplaceDefaultRoute, Handoff: req.Handoff,
+	}
+	if req.Handoff != "" {
+		l.Endpoint.Interface = req.Handoff
 	}
 	// The journal entry comes first: whatever happens next, a restarted
 	// agent finds it and either finishes or undoes the attach.
@@ -373,7 +388,7 @@ func (a *Agent) undoInterrupted(ctx context.Context, network string, nsid nsID, 
 		}
 		var l *localEndpoint
 		for _, c := range a.locals {
-			if c.Endpoint.Network == network && (c.NetnsID == nsid || c.Endpoint.Name == name) && a.interruptedLocked(c) {
+			if c.Endpoint.Network == network && (c.NetnsID == nsid && nsid != nsID{} || c.Endpoint.Name == name) && a.interruptedLocked(c) {
 				l = c
 				break
 			}
@@ -434,6 +449,9 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	st.mark("kernel-veth")
 	a.crashPoint("attach-veth")
 	l.Endpoint.Interface = ifName
+	if l.pending() {
+		return ifName, nil, nil // egress and ports once the runtime has moved it (bindNetns)
+	}
 	// Undone when no endpoint of the container needs the gateway any
 	// more, which, once this one is no longer attaching, may be none.
 	u.onKernel(func(ctx context.Context) error {
@@ -456,6 +474,12 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 }
 
 func (a *Agent) endpointSpec(l *localEndpoint) vtep.EndpointSpec {
+	if l.pending() {
+		// Not in a container yet, or not known to be: only br0's side
+		// is checked, and a lost pair is made again for the runtime.
+		return vtep.EndpointSpec{Network: l.Net.NamespaceName(), HostVeth: l.Endpoint.HostVeth(), IfName: l.Handoff,
+			Addr: l.addrPrefix(), MAC: net.HardwareAddr(l.Endpoint.MAC), MTU: l.MTU, Handoff: true}
+	}
 	return vtep.EndpointSpec{
 		Network:     l.Net.NamespaceName(),
 		ContainerNS: l.Netns,
@@ -574,7 +598,9 @@ func (a *Agent) purgeKernel(ctx context.Context, l *localEndpoint) error {
 	if err := a.dp.RemoveEndpoint(ctx, l.Net.NamespaceName(), e.HostVeth()); err != nil {
 		return fmt.Errorf("remove interfaces: %w", err)
 	}
-	a.dropIdleGateway(ctx, l.NetnsID)
+	if l.NetnsID != (nsID{}) {
+		a.dropIdleGateway(ctx, l.NetnsID)
+	}
 	if len(e.Ports) > 0 {
 		if err := a.syncPublished(ctx); err != nil {
 			// A full pass removes the forward.

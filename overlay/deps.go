@@ -20,6 +20,7 @@ type datapath interface {
 	RemoveStrays(ctx context.Context) ([]string, error)
 	AddEndpoint(ctx context.Context, s vtep.EndpointSpec) (string, error)
 	CheckEndpoint(ctx context.Context, s vtep.EndpointSpec) ([]string, error)
+	FindPeer(ctx context.Context, network, hostVeth, containerNS string, addr netip.Prefix) (name string, hasAddr, found bool, err error)
 	RemoveEndpoint(ctx context.Context, network, hostVeth string) error
 	Endpoints(ctx context.Context, network string) ([]string, error)
 	SyncPeers(ctx context.Context, network string, peers []vtep.Peer) (added, removed int, err error)

@@ -47,7 +47,7 @@ func wantGateways(locals map[string]*localEndpoint, inflight map[string]bool) ma
 		l := locals[k]
 		// An attach under way counts once its overlay interface exists:
 		// made before it, the gateway would take eth0's place.
-		if (l.Phase == phaseAttached || l.Phase == phaseAttaching && inflight[k] && l.Endpoint.Interface != "") && !l.Net.Internal {
+		if (l.Phase == phaseAttached || l.Phase == phaseAttaching && inflight[k] && l.Endpoint.Interface != "") && !l.Net.Internal && !l.pending() {
 			if _, ok := out[l.NetnsID]; !ok {
 				out[l.NetnsID] = l
 			}

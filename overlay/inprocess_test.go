@@ -93,6 +93,14 @@ func (f *fakeDatapath) CheckEndpoint(_ context.Context, s vtep.EndpointSpec) ([]
 	}
 	return nil, nil
 }
+func (f *fakeDatapath) FindPeer(_ context.Context, network, veth, _ string, _ netip.Prefix) (string, bool, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.eps[network][veth]; !ok {
+		return "", false, false, vtep.ErrEndpointGone
+	}
+	return "eth0", true, true, nil
+}
 func (f *fakeDatapath) RemoveEndpoint(_ context.Context, network, veth string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -91,7 +91,7 @@ func (a *Agent) published() []nat.Publish {
 	owners := a.gwAddrs.Owners()
 	var out []nat.Publish
 	for _, l := range a.locals {
-		if l.Phase == phaseDetaching || l.Net.Internal {
+		if l.Phase == phaseDetaching || l.Net.Internal || l.pending() {
 			continue
 		}
 		ip, ok := owners[gatewayOwner(l.NetnsID)]

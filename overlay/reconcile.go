@@ -354,10 +354,13 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 		}
 	}
 	for _, l := range p.Locals {
+		if l.pending() && l.Netns != "" {
+			a.startBindLocked(l.key()) // after a restart, or a long wait
+		}
 		spec := a.endpointSpec(l)
 		changes, err := a.dp.CheckEndpoint(ctx, spec)
 		switch {
-		case errors.Is(err, vtep.ErrEndpointGone) && !localExists(l):
+		case errors.Is(err, vtep.ErrEndpointGone) && !l.pending() && !localExists(l):
 			if !synced {
 				continue // removing it needs the store; later
 			}
@@ -577,7 +580,7 @@ func (a *Agent) reconcileNetworkStore(ctx context.Context, name string, cur *Net
 			continue
 		}
 		for ip, o := range addrs {
-			if o.Node != a.cfg.Node || w.names[id][o.Endpoint] {
+			if o.Node != a.cfg.Node || w.names[id][o.Endpoint] || !staleReservation(o, time.Now()) {
 				continue
 			}
 			if err := a.ipam.ReleaseAddr(ctx, id, ip, o); err == nil {

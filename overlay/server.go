@@ -69,6 +69,37 @@ func (a *Agent) Handler() http.Handler {
 		err := a.Detach(r.Context(), r.PathValue("name"), r.PathValue("endpoint"))
 		a.reply(w, r, http.StatusNoContent, nil, err)
 	})
+	mux.HandleFunc("PUT /v1/networks/{name}/endpoints/{endpoint}/netns", func(w http.ResponseWriter, r *http.Request) {
+		var req api.NetnsRequest
+		if err := decodeBody(w, r, &req); err != nil {
+			a.reply(w, r, 0, nil, err)
+			return
+		}
+		err := a.SetNetns(r.Context(), r.PathValue("name"), r.PathValue("endpoint"), req.Netns)
+		a.reply(w, r, http.StatusNoContent, nil, err)
+	})
+	mux.HandleFunc("POST /v1/network-plans", func(w http.ResponseWriter, r *http.Request) {
+		var req api.CreateNetworkRequest
+		if err := decodeBody(w, r, &req); err != nil {
+			a.reply(w, r, 0, nil, err)
+			return
+		}
+		out, err := a.PlanNetwork(r.Context(), req)
+		a.reply(w, r, http.StatusOK, out, err)
+	})
+	mux.HandleFunc("POST /v1/networks/{name}/addresses", func(w http.ResponseWriter, r *http.Request) {
+		var req api.ReserveRequest
+		if err := decodeBody(w, r, &req); err != nil {
+			a.reply(w, r, 0, nil, err)
+			return
+		}
+		out, err := a.Reserve(r.Context(), r.PathValue("name"), req.IP)
+		a.reply(w, r, http.StatusCreated, out, err)
+	})
+	mux.HandleFunc("DELETE /v1/networks/{name}/addresses/{ip}", func(w http.ResponseWriter, r *http.Request) {
+		err := a.ReleaseReservation(r.Context(), r.PathValue("name"), r.PathValue("ip"))
+		a.reply(w, r, http.StatusNoContent, nil, err)
+	})
 	mux.HandleFunc("GET /v1/endpoints", func(w http.ResponseWriter, r *http.Request) {
 		out, err := a.Endpoints(r.Context(), r.URL.Query().Get("network"))
 		if errors.Is(err, kvstore.ErrUnavailable) {

@@ -37,7 +37,16 @@ type localEndpoint struct {
 	// ReplaceDefault: the attach asked for the container's own default
 	// route to be replaced by the gateway's (restored at detach).
 	ReplaceDefault bool `json:"replace_default,omitempty"`
+	// Handoff is the name the container side was made under in the
+	// agent's own namespace, for a runtime to move into its container
+	// (Docker's Join); Netns is then where the runtime said it went, and
+	// NetnsID is zero until the agent has seen it there.
+	Handoff string `json:"handoff,omitempty"`
 }
+
+// pending reports whether the endpoint's interface was handed to a
+// runtime and not yet seen in its container.
+func (l *localEndpoint) pending() bool { return l.Handoff != "" && l.NetnsID == (nsID{}) }
 
 type nsID struct {
 	Dev uint64 `json:"dev"`

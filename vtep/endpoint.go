@@ -25,6 +25,10 @@ type EndpointSpec struct {
 	Addr        netip.Prefix
 	MAC         net.HardwareAddr // nil = chosen by the kernel
 	MTU         int              // 0 = br0's
+	// Handoff: the container side is for a container runtime (Docker) to
+	// move and configure. It is made in the caller's own namespace under
+	// IfName, down and without address; ContainerNS is ignored.
+	Handoff bool
 }
 
 // ValidIfName reports whether n can name a network interface.
@@ -39,7 +43,9 @@ func (s *EndpointSpec) check() error {
 		return fmt.Errorf("invalid host veth name %q", s.HostVeth)
 	case s.IfName != "" && !ValidIfName(s.IfName):
 		return fmt.Errorf("invalid interface name %q", s.IfName)
-	case s.ContainerNS == "":
+	case s.Handoff && s.IfName == "":
+		return errors.New("a handed-off interface needs a name")
+	case s.ContainerNS == "" && !s.Handoff:
 		return errors.New("no container namespace")
 	case !s.Addr.IsValid() || !s.Addr.Addr().Unmap().Is4():
 		return fmt.Errorf("address %s is not an IPv4 prefix", s.Addr)
@@ -124,6 +130,9 @@ func (m *Manager) addEndpoint(ctx context.Context, s EndpointSpec) (string, erro
 		return "", err
 	}
 	defer e.close()
+	if s.Handoff {
+		return m.addHandoff(ctx, e, s)
+	}
 	if err := e.openContainer(s.ContainerNS); err != nil {
 		return "", err
 	}
@@ -205,6 +214,88 @@ func (m *Manager) addEndpoint(ctx context.Context, s EndpointSpec) (string, erro
 	}
 	ok = true
 	return ifName, nil
+}
+
+// addHandoff makes a pair whose container side stays in the caller's
+// namespace, for a runtime to move into its container and configure
+// (Docker's Join): only MTU and MAC are set on it. An existing HostVeth
+// that is a veth is kept, wherever its peer went: the runtime may have
+// moved it already.
+func (m *Manager) addHandoff(ctx context.Context, e *endpointCtx, s EndpointSpec) (string, error) {
+	if s.MTU == 0 {
+		s.MTU = e.br.Attrs().MTU
+	}
+	hl, err := e.h.LinkByName(s.HostVeth)
+	switch {
+	case err == nil:
+		if _, ok := hl.(*netlink.Veth); !ok {
+			return "", fmt.Errorf("existing %s is a %s, not a veth", s.HostVeth, hl.Type())
+		}
+		_, err := m.checkEndpoint(ctx, e, hl, nil, s)
+		return s.IfName, err
+	case !isNotFound(err):
+		return "", fmt.Errorf("look up %s: %w", s.HostVeth, err)
+	}
+	if err := m.step(ctx, "create veth"); err != nil {
+		return "", err
+	}
+	self, err := netns.Get()
+	if err != nil {
+		return "", fmt.Errorf("own namespace: %w", err)
+	}
+	defer self.Close()
+	attrs := netlink.NewLinkAttrs()
+	attrs.Name, attrs.MTU = s.HostVeth, s.MTU
+	veth := &netlink.Veth{LinkAttrs: attrs, PeerName: s.IfName, PeerHardwareAddr: s.MAC,
+		PeerNamespace: netlink.NsFd(int(self)), PeerMTU: uint32(s.MTU)}
+	if err := e.h.LinkAdd(veth); err != nil {
+		return "", fmt.Errorf("create veth %s (peer %s for the runtime): %w", s.HostVeth, s.IfName, err)
+	}
+	if hl, err = e.h.LinkByName(s.HostVeth); err == nil {
+		_, err = m.checkEndpoint(ctx, e, hl, nil, s) // on br0 and up
+	}
+	if err != nil {
+		if l, lerr := e.h.LinkByName(s.HostVeth); lerr == nil {
+			e.h.LinkDel(l) // takes the peer with it
+		}
+		return "", fmt.Errorf("attach %s: %w", s.HostVeth, err)
+	}
+	return s.IfName, nil
+}
+
+// FindPeer looks for the container side of an endpoint's veth in the
+// namespace at containerNS: its name and whether it holds addr. A peer
+// that is not there (not moved in yet) is found=false, not an error.
+func (m *Manager) FindPeer(ctx context.Context, network, hostVeth, containerNS string, addr netip.Prefix) (name string, hasAddr, found bool, err error) {
+	defer m.nets.lock(network)()
+	if err := ctx.Err(); err != nil {
+		return "", false, false, err
+	}
+	e, err := m.openNetwork(network)
+	if err != nil {
+		return "", false, false, err
+	}
+	defer e.close()
+	l, err := e.h.LinkByName(hostVeth)
+	if err != nil {
+		return "", false, false, fmt.Errorf("look up %s: %w", hostVeth, err)
+	}
+	if err := e.openContainer(containerNS); err != nil {
+		return "", false, false, err
+	}
+	peer, err := peerOf(e, l, containerNS)
+	if errors.Is(err, errPeerElsewhere) {
+		return "", false, false, nil
+	}
+	if err != nil {
+		return "", false, false, err
+	}
+	addrs, err := e.ch.AddrList(peer, netlink.FAMILY_V4)
+	if err != nil {
+		return "", false, false, fmt.Errorf("addresses of %s: %w", peer.Attrs().Name, err)
+	}
+	has := slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return prefixOf(a.IPNet) == addr })
+	return peer.Attrs().Name, has, true, nil
 }
 
 // createVeth makes the pair in one request, the peer directly in the

@@ -27,6 +27,7 @@ import (
 	"golang.org/x/net/netutil"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/dockerplugin"
 	"github.com/vxnet/vxnet/internal/netnsutil"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
@@ -41,7 +42,7 @@ type options struct {
 	logLevel, pool                                                string
 	gwBridge, gwSubnet, chainPrefix, iptables                     string
 	noEgress, cleanup                                             bool
-	debugAddr, metricsAddr                                        string
+	debugAddr, metricsAddr, dockerSocket, dockerHost              string
 	vxlanPort                                                     int
 	resync, nodeTTL, holdDown, holdLeft                           time.Duration
 	caFile, certFile, keyFile                                     string
@@ -81,6 +82,8 @@ func parseFlags() (*options, error) {
 	fs.StringVar(&o.caFile, "store-ca-file", "", "CA certificate for the store's TLS (env CONSUL_CACERT)")
 	fs.StringVar(&o.certFile, "store-cert-file", "", "client certificate for the store (env CONSUL_CLIENT_CERT)")
 	fs.StringVar(&o.keyFile, "store-key-file", "", "client key for the store (env CONSUL_CLIENT_KEY)")
+	fs.StringVar(&o.dockerSocket, "docker-plugin-socket", "", "serve Docker's network and IPAM plugin protocol on this unix socket; Docker names the plugin after the file (recommended: /run/docker/plugins/vxnet.sock, giving the drivers the name vxnet); off by default")
+	fs.StringVar(&o.dockerHost, "docker-host", "unix:///var/run/docker.sock", "the Docker daemon the plugin asks for network names, which Docker's plugin protocol does not pass")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus metrics (/metrics) and health (/healthz, /readyz) on this address (e.g. 127.0.0.1:9473); off by default")
 	fs.StringVar(&o.debugAddr, "debug-addr", "", "serve Go's pprof profiles on this address (e.g. 127.0.0.1:6060); off by default")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
@@ -304,6 +307,12 @@ func run() error {
 			}
 		}()
 	}
+	if o.dockerSocket != "" {
+		if err := serveDockerPlugin(ctx, o, log); err != nil {
+			return err
+		}
+		defer os.Remove(o.dockerSocket)
+	}
 	warnPrivateMounts(log, o.runDir)
 	log.Info("vxnetd starting", "version", api.Version, "node", o.node, "advertise", addr, "store", redact(o.store),
 		"socket", o.socket, "underlay_mtu", mtu)
@@ -321,6 +330,34 @@ func run() error {
 	os.Remove(o.socket)
 	log.Info("vxnetd stopped")
 	return err
+}
+
+// serveDockerPlugin starts the Docker plugin on its socket. It talks to
+// this agent through its API socket, like any other client.
+func serveDockerPlugin(ctx context.Context, o *options, log *slog.Logger) error {
+	client, err := api.NewClient("unix://" + o.socket)
+	if err != nil {
+		return err
+	}
+	docker, err := dockerplugin.NewDocker(o.dockerHost)
+	if err != nil {
+		return fmt.Errorf("--docker-host: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(o.dockerSocket), 0o755); err != nil {
+		return fmt.Errorf("--docker-plugin-socket: %w", err)
+	}
+	ln, err := listen(o.dockerSocket, "")
+	if err != nil {
+		return fmt.Errorf("--docker-plugin-socket: %w", err)
+	}
+	p := dockerplugin.New(ctx, client, docker, log.With("part", "docker-plugin"))
+	go func() {
+		if err := p.Serve(ctx, ln); err != nil {
+			log.Error("docker plugin", "err", err)
+		}
+	}()
+	log.Info("docker plugin listening", "socket", o.dockerSocket, "docker_host", o.dockerHost)
+	return nil
 }
 
 // checkGatewaySubnet refuses a gateway subnet that a route of the host

@@ -1,0 +1,84 @@
+package dockerplugin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"time"
+
+	"github.com/vxnet/vxnet/api"
+)
+
+// DockerNetwork is what the plugin needs of a Docker network: the plugin
+// protocol passes its id and pool, never its name.
+type DockerNetwork struct {
+	Name     string
+	Internal bool
+	Subnet   string
+	Gateway  string
+}
+
+// Docker is what the plugin asks of the Docker daemon.
+type Docker interface {
+	Network(ctx context.Context, id string) (*DockerNetwork, error)
+}
+
+// ErrNoSuchNetwork: the daemon does not know the network (yet: it shows
+// one only after the driver has created it).
+var ErrNoSuchNetwork = errors.New("no such Docker network")
+
+// dockerAPI reads networks from the Docker daemon's API on its socket:
+// one GET, so no client library.
+type dockerAPI struct {
+	http *http.Client
+}
+
+// NewDocker talks to the daemon at host (unix:///path or a path).
+func NewDocker(host string) (Docker, error) {
+	path, err := api.SocketPath(host)
+	if err != nil {
+		return nil, fmt.Errorf("docker host: %w", err)
+	}
+	d := &net.Dialer{Timeout: 2 * time.Second}
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return d.DialContext(ctx, "unix", path)
+	}}
+	return &dockerAPI{http: &http.Client{Transport: tr, Timeout: 10 * time.Second}}, nil
+}
+
+func (d *dockerAPI) Network(ctx context.Context, id string) (*DockerNetwork, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker/networks/"+url.PathEscape(id), nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := d.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("ask Docker for network %.12s: %w", id, err)
+	}
+	defer resp.Body.Close()
+	switch {
+	case resp.StatusCode == http.StatusNotFound:
+		return nil, fmt.Errorf("network %.12s: %w", id, ErrNoSuchNetwork)
+	case resp.StatusCode != http.StatusOK:
+		return nil, fmt.Errorf("ask Docker for network %.12s: %s", id, resp.Status)
+	}
+	var v struct {
+		Name     string
+		Internal bool
+		IPAM     struct {
+			Config []struct{ Subnet, Gateway string }
+		}
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		return nil, fmt.Errorf("network %.12s from Docker: %w", id, err)
+	}
+	n := &DockerNetwork{Name: v.Name, Internal: v.Internal}
+	if len(v.IPAM.Config) > 0 {
+		n.Subnet, n.Gateway = v.IPAM.Config[0].Subnet, v.IPAM.Config[0].Gateway
+	}
+	return n, nil
+}

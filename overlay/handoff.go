@@ -1,0 +1,221 @@
+package overlay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"time"
+
+	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/ipam"
+)
+
+// A runtime such as Docker builds a container's interface from the
+// driver's answers: it asks for an address before the endpoint exists
+// (Reserve), has the endpoint made with its interface left in the host's
+// namespace (AttachRequest.Handoff), moves that interface into the
+// container itself, and says where the container will be (SetNetns)
+// before the container's namespace exists. The agent then watches for the
+// interface to arrive there and only then gives the container its gateway
+// interface and published ports (bindNetns): the container's namespace is
+// Docker's to make.
+
+// reservationTTL is how long a reservation that no endpoint took over is
+// kept before a full pass releases it: Docker asks for the endpoint
+// milliseconds after the address.
+const reservationTTL = 10 * time.Minute
+
+// bindWait bounds how long the agent watches for a handed-off interface to
+// arrive (polls fast for bindFast, then slower); later, the next passes
+// look again.
+const (
+	bindWait     = 2 * time.Minute
+	bindFast     = 10 * time.Second
+	bindFastPoll = 10 * time.Millisecond
+	bindSlowPoll = 250 * time.Millisecond
+)
+
+// Reserve reserves an address of the network for this host: want if
+// given, else the next free one.
+func (a *Agent) Reserve(ctx context.Context, network, want string) (*api.Reservation, error) {
+	n, _, err := a.getNetwork(ctx, network)
+	if err != nil {
+		return nil, err
+	}
+	if n.Removing {
+		return nil, conflictf("network %q is being removed", network)
+	}
+	var ip netip.Addr
+	if want != "" {
+		if ip, err = netip.ParseAddr(want); err != nil || !ip.Is4() {
+			return nil, invalidf("ip %q is not an IPv4 address", want)
+		}
+	}
+	lease := ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway, VNI: n.VNI}
+	got, err := a.ipam.AllocateAddr(ctx, n.ID, lease, ip, ipam.ReservationOwner(a.cfg.Node, time.Now()))
+	if err != nil {
+		return nil, fmt.Errorf("reserve an address of %s: %w", network, err)
+	}
+	return &api.Reservation{IP: got.String()}, nil
+}
+
+// ReleaseReservation releases an address this host reserved and no
+// endpoint took over. Anything else is left alone: an endpoint's address
+// goes with its detach, and Docker releases the address after that.
+func (a *Agent) ReleaseReservation(ctx context.Context, network, addr string) error {
+	ip, err := netip.ParseAddr(addr)
+	if err != nil || !ip.Is4() {
+		return invalidf("ip %q is not an IPv4 address", addr)
+	}
+	n, _, err := a.getNetwork(ctx, network)
+	if err != nil {
+		return err
+	}
+	if err := a.ipam.ReleaseReservation(ctx, n.ID, ip, a.cfg.Node); err != nil {
+		return fmt.Errorf("release %s of %s: %w", ip, network, err)
+	}
+	return nil
+}
+
+// staleReservation reports whether a full pass may release an address
+// held by o, an owner that is no local endpoint.
+func staleReservation(o ipam.AddrOwner, now time.Time) bool {
+	since, ok := o.Reserved()
+	return !ok || now.Sub(since) > reservationTTL
+}
+
+// SetNetns records where the runtime moves a handed-off interface and
+// starts watching for it there. The path need not be a namespace yet:
+// Docker names it before it makes it.
+func (a *Agent) SetNetns(ctx context.Context, network, name, path string) error {
+	if !filepath.IsAbs(path) {
+		return invalidf("netns %q: give an absolute path", path)
+	}
+	if err := a.mu.LockCtx(ctx); err != nil {
+		return fmt.Errorf("waiting for the agent: %w", err)
+	}
+	l := a.locals[network+"/"+name]
+	switch {
+	case l == nil || l.Phase == phaseDetaching:
+		a.unlock()
+		return notFoundf("endpoint %q of network %q is not on this host", name, network)
+	case l.Handoff == "":
+		a.unlock()
+		return invalidf("endpoint %q was attached to %s, not handed off", name, l.Netns)
+	case !l.pending() && l.Netns == path:
+		a.unlock()
+		return nil
+	case !l.pending():
+		a.unlock()
+		return conflictf("endpoint %q is in %s already", name, l.Netns)
+	}
+	if l.Netns != path {
+		prev := l.Netns
+		l.Netns = path
+		if err := a.state.save(l); err != nil {
+			l.Netns = prev
+			a.unlock()
+			return fmt.Errorf("endpoint %s: %w", name, err)
+		}
+	}
+	a.startBindLocked(l.key())
+	a.unlock()
+	return nil
+}
+
+// startBindLocked starts watching for a pending endpoint's interface in
+// its namespace, unless that is under way. Called with mu held.
+func (a *Agent) startBindLocked(key string) {
+	if a.binding[key] || a.life == nil {
+		return
+	}
+	a.binding[key] = true
+	life := a.life
+	a.bg.Go(func() {
+		defer func() {
+			a.mu.Lock()
+			delete(a.binding, key)
+			a.unlock()
+		}()
+		start := time.Now()
+		for time.Since(start) < bindWait {
+			done, err := a.bindNetns(life, key)
+			if done {
+				return
+			}
+			if err != nil && time.Since(start) > bindFast {
+				a.log.Debug("handed-off interface not in its namespace yet", "endpoint", key, "err", err)
+			}
+			poll := bindFastPoll
+			if time.Since(start) > bindFast {
+				poll = bindSlowPoll
+			}
+			select {
+			case <-life.Done():
+				return
+			case <-time.After(poll):
+			}
+		}
+		a.log.Warn("a handed-off interface did not arrive in its namespace; the next passes look again", "endpoint", key)
+	})
+}
+
+// bindNetns looks for a pending endpoint's interface in the namespace the
+// runtime named, and once the runtime has moved it there and given it its
+// address, records the namespace and gives the container its gateway
+// interface and published ports. done: nothing more to wait for.
+func (a *Agent) bindNetns(ctx context.Context, key string) (done bool, err error) {
+	a.mu.Lock()
+	l := a.locals[key]
+	if l == nil || !l.pending() || l.Netns == "" || l.Phase == phaseDetaching {
+		a.unlock()
+		return true, nil
+	}
+	path, netName, veth, addr := l.Netns, l.Net.NamespaceName(), l.Endpoint.HostVeth(), l.addrPrefix()
+	a.unlock()
+	if err := a.dp.CheckNetNS(path); err != nil {
+		return false, err
+	}
+	id, err := statNS(path)
+	if err != nil {
+		return false, err
+	}
+	ifName, hasAddr, found, err := a.dp.FindPeer(ctx, netName, veth, path, addr)
+	switch {
+	case err != nil:
+		return false, err
+	case !found:
+		return false, errors.New("not moved in yet")
+	case !hasAddr:
+		// The runtime is still configuring it: a gateway made now could
+		// race its routes.
+		return false, errors.New("no address yet")
+	}
+	if err := a.mu.LockCtx(ctx); err != nil {
+		return true, err
+	}
+	defer a.unlock()
+	if a.locals[key] != l || !l.pending() || l.Netns != path || l.Phase == phaseDetaching {
+		return true, nil
+	}
+	l.NetnsID, l.Endpoint.Interface = id, ifName
+	if err := a.state.save(l); err != nil {
+		l.NetnsID, l.Endpoint.Interface = nsID{}, l.Handoff
+		return false, fmt.Errorf("journal: %w", err)
+	}
+	if _, err := a.ensureGateway(ctx, l); err != nil {
+		// The next full pass makes it (reconcileEgress).
+		a.log.Warn("gateway interface of a handed-off endpoint", "endpoint", key, "err", err)
+	}
+	if len(l.Endpoint.Ports) > 0 {
+		if err := a.syncPublished(ctx); err != nil {
+			a.log.Warn("published ports of a handed-off endpoint", "endpoint", key, "err", err)
+		}
+	}
+	a.log.Info("handed-off interface is in its container", "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name, "interface", ifName, "netns", path)
+	a.events.emit(api.Event{Kind: "attach", Network: l.Endpoint.Network, Node: a.cfg.Node, Endpoint: l.Endpoint.Name,
+		IP: l.Endpoint.IP.String(), Detail: ifName + " in " + path + " (moved there by the runtime)"})
+	return true, nil
+}

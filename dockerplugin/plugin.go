@@ -71,10 +71,11 @@ type Plugin struct {
 }
 
 type binding struct {
-	done chan struct{}
-	name string
-	err  error
-	opts netOpts
+	done   chan struct{}
+	name   string
+	subnet string // Docker's, once known
+	err    error
+	opts   netOpts
 }
 
 // netOpts are the vxnet settings of CreateNetwork's -o options.
@@ -261,6 +262,14 @@ func (p *Plugin) networkForPool(ctx context.Context, subnet string) (string, err
 			}
 		}
 		if len(waits) == 0 {
+			// Say why, if a Docker network of that subnet failed to bind.
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			for _, b := range p.nets {
+				if isDone(b) && b.err != nil && b.subnet == subnet {
+					return "", b.err
+				}
+			}
 			return "", fmt.Errorf("no vxnet network has subnet %s", subnet)
 		}
 		// A network of that subnet may be on its way: wait for the
@@ -324,12 +333,25 @@ func parseOptions(o map[string]any) (netOpts, error) {
 	return out, nil
 }
 
-// bindingFor returns the network's binding, starting it if there is none.
+func isDone(b *binding) bool {
+	select {
+	case <-b.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// bindingFor returns the network's binding, starting it if there is none
+// or the last one failed (which is tried again, to say why again or to
+// find it fixed).
 func (p *Plugin) bindingFor(id string, opts netOpts) *binding {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if b := p.nets[id]; b != nil {
+	if b := p.nets[id]; b != nil && !(isDone(b) && b.err != nil) {
 		return b
+	} else if b != nil && opts == (netOpts{}) {
+		opts = b.opts
 	}
 	b := &binding{done: make(chan struct{}), opts: opts}
 	p.nets[id] = b
@@ -338,35 +360,28 @@ func (p *Plugin) bindingFor(id string, opts netOpts) *binding {
 }
 
 // bind waits for Docker to show the network, then creates the vxnet
-// network of its name or joins the existing one. A failed binding is
-// forgotten, so that the next call tries again and says why.
+// network of its name or joins the existing one.
 func (p *Plugin) bind(id string, b *binding) {
 	ctx, cancel := context.WithTimeout(p.life, bindTimeout)
 	defer cancel()
-	b.name, b.err = p.ensureNetwork(ctx, id, b.opts)
+	b.name, b.subnet, b.err = p.ensureNetwork(ctx, id, b.opts)
 	if b.err != nil {
 		p.log.Error("docker network has no vxnet network", "docker_network", id[:min(12, len(id))], "err", b.err)
-		p.mu.Lock()
-		if p.nets[id] == b {
-			delete(p.nets, id)
-		}
-		p.mu.Unlock()
 	} else {
 		p.log.Info("docker network bound", "network", b.name, "docker_network", id[:min(12, len(id))])
 	}
 	close(b.done)
 }
 
-func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (string, error) {
+func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (name, subnet string, err error) {
 	var dn *DockerNetwork
 	for {
-		var err error
 		if dn, err = p.docker.Network(ctx, id); err == nil {
 			break
 		}
 		select {
 		case <-ctx.Done():
-			return "", fmt.Errorf("Docker did not show network %.12s: %w", id, err)
+			return "", "", fmt.Errorf("Docker did not show network %.12s: %w", id, err)
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -374,21 +389,21 @@ func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (st
 		have, err := p.agent.InspectNetwork(ctx, dn.Name)
 		if err == nil {
 			if have.Subnet != dn.Subnet {
-				return "", fmt.Errorf("vxnet network %q has subnet %s, but Docker's network %q was given %s (Docker tells its IPAM driver no network name, so without --subnet a new one is chosen): "+
+				return "", dn.Subnet, fmt.Errorf("vxnet network %q has subnet %s, but Docker's network %q was given %s (Docker tells its IPAM driver no network name, so without --subnet a new one is chosen): "+
 					"docker network rm %s && docker network create -d vxnet --ipam-driver vxnet --subnet %s %s",
 					dn.Name, have.Subnet, dn.Name, dn.Subnet, dn.Name, have.Subnet, dn.Name)
 			}
-			return dn.Name, nil
+			return dn.Name, dn.Subnet, nil
 		}
-		if ae := (*api.Error)(nil); !errors.As(err, &ae) || ae.Code != api.CodeNotFound || try > 0 {
-			return "", err
+		if !isNotFound(err) || try > 0 {
+			return "", dn.Subnet, err
 		}
 		_, err = p.agent.CreateNetwork(ctx, api.CreateNetworkRequest{Name: dn.Name, Subnet: dn.Subnet, Gateway: dn.Gateway,
 			VNI: opts.vni, MTU: opts.mtu, Internal: dn.Internal})
 		if ae := (*api.Error)(nil); err == nil || errors.As(err, &ae) && ae.Code == api.CodeConflict {
 			continue // made, or made by another host meanwhile: check it
 		}
-		return "", err
+		return "", dn.Subnet, err
 	}
 }
 

@@ -450,7 +450,10 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	a.crashPoint("attach-veth")
 	l.Endpoint.Interface = ifName
 	if l.pending() {
-		return ifName, nil, nil // egress and ports once the runtime has moved it (bindNetns)
+		// Named by the runtime once it has moved it (bindNetns), which
+		// also gives the container its egress and ports.
+		l.Endpoint.Interface = ""
+		return ifName, nil, nil
 	}
 	// Undone when no endpoint of the container needs the gateway any
 	// more, which, once this one is no longer attaching, may be none.

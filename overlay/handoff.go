@@ -202,7 +202,7 @@ func (a *Agent) bindNetns(ctx context.Context, key string) (done bool, err error
 	}
 	l.NetnsID, l.Endpoint.Interface = id, ifName
 	if err := a.state.save(l); err != nil {
-		l.NetnsID, l.Endpoint.Interface = nsID{}, l.Handoff
+		l.NetnsID, l.Endpoint.Interface = nsID{}, ""
 		return false, fmt.Errorf("journal: %w", err)
 	}
 	if _, err := a.ensureGateway(ctx, l); err != nil {

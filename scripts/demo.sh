@@ -7,15 +7,20 @@
 #   scripts/demo.sh                 # every vxnetd talks to the Consul server
 #   scripts/demo.sh --local-consul  # a Consul client agent on every host, as
 #                                   # Consul is usually run; vxnetd asks it
+#   scripts/demo.sh --docker        # the article's Docker commands: a dockerd
+#                                   # per host using vxnet's Docker plugin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 local_consul=
+docker_mode=
 case "${1:-}" in
   "") ;;
   --local-consul) local_consul=1 ;;
-  *) echo "demo: unknown argument $1 (try --local-consul)" >&2; exit 2 ;;
+  --docker) docker_mode=1 ;;
+  *) echo "demo: unknown argument $1 (try --local-consul or --docker)" >&2; exit 2 ;;
 esac
 CONSUL_BIN=$(scripts/deps.sh | tail -n 1)
+[ -z "$docker_mode" ] || scripts/install-runtimes.sh
 
 p="vxdemo$$"              # prefix of everything the demo creates
 work=$(mktemp -d /tmp/vxnet-demo.XXXXXX)
@@ -31,8 +36,18 @@ cleanup() {
   set +e
   # A second Ctrl-C must not cut the removal short and leave namespaces behind.
   trap '' INT TERM
+  for h in "${hosts[@]}"; do
+    # Docker's containers first, while its daemon and the plugin answer.
+    if [ -S "$work/$h/docker/docker.sock" ]; then
+      ids=$(DOCKER_HOST="unix://$work/$h/docker/docker.sock" /usr/bin/docker ps -aq 2>/dev/null)
+      [ -z "$ids" ] || DOCKER_HOST="unix://$work/$h/docker/docker.sock" /usr/bin/docker rm -f $ids >/dev/null 2>&1
+    fi
+  done
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
   wait 2>/dev/null
+  for h in "${hosts[@]}"; do
+    [ -d "$work/$h/docker/exec" ] && umount -R "$work/$h/docker/exec" 2>/dev/null
+  done
   for h in "${hosts[@]}"; do
     for m in "$work/$h/run/netns/"*; do [ -e "$m" ] && umount -l "$m" 2>/dev/null; done
   done
@@ -102,9 +117,14 @@ bold "One vxnetd per host"
 i=1
 for h in "${hosts[@]}"; do
   mkdir -p "$work/$h"
+  extra=()
+  if [ -n "$docker_mode" ]; then
+    mkdir -p "$work/$h/docker/"{plugins,etc,data,exec,run}
+    extra=(--docker-plugin-socket "$work/$h/docker/plugins/vxnet.sock" --docker-host "unix://$work/$h/docker/docker.sock")
+  fi
   nsenter --net="/var/run/netns/$p-$h" vxnetd --store "$store" \
     --node "$h" --advertise "192.168.77.$i" --state-dir "$work/$h/state" --run-dir "$work/$h/run" \
-    --socket "$work/$h/vxnet.sock" >"$work/$h/vxnetd.log" 2>&1 &
+    --socket "$work/$h/vxnet.sock" "${extra[@]}" >"$work/$h/vxnetd.log" 2>&1 &
   pids+=($!)
   agent_pid[$h]=$!
   i=$((i + 1))
@@ -113,6 +133,11 @@ for h in "${hosts[@]}"; do
   for _ in $(seq 100); do vxnet -H "unix://$work/$h/vxnet.sock" status >/dev/null 2>&1 && break; sleep 0.1; done
 done
 on() { local h=$1; shift; printf '\033[36m[%s]$ vxnet %s\033[0m\n' "$h" "$*"; vxnet -H "unix://$work/$h/vxnet.sock" "$@"; }
+
+if [ -n "$docker_mode" ]; then
+  . scripts/demo-docker.sh
+  exit 0
+fi
 
 on h1 node ls
 bold "Create two overlay networks, on different hosts; every host sees both"

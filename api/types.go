@@ -66,8 +66,19 @@ type Endpoint struct {
 	// Egress, in an attach's answer: the container's gateway interface
 	// on the host's gateway bridge, its address, and what its default
 	// route is.
-	Egress  *Egress   `json:"egress,omitempty"`
+	Egress *Egress `json:"egress,omitempty"`
+	// DNS, in an attach's answer: the network's DNS server (its gateway
+	// address) and search domain, when the agent runs DNS.
+	DNS *DNS `json:"dns,omitempty"`
+	// Aliases are DNS names of the endpoint besides its name.
+	Aliases []string  `json:"aliases,omitempty"`
 	Created time.Time `json:"created"`
+}
+
+// DNS is how a container resolves its network's names.
+type DNS struct {
+	Server string   `json:"server"`
+	Search []string `json:"search"`
 }
 
 // Node is one host running an agent.
@@ -148,6 +159,8 @@ type AttachRequest struct {
 	// (PUT .../endpoints/{endpoint}/netns); egress and published ports
 	// follow once the interface is seen there.
 	Handoff string `json:"handoff,omitempty"`
+	// Aliases are more DNS names of the endpoint on its network.
+	Aliases []string `json:"aliases,omitempty"`
 }
 
 // NetnsRequest says where a handed-off interface went.

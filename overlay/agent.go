@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/dnsserver"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/metrics"
@@ -72,6 +73,9 @@ type Config struct {
 	PauseFor time.Duration
 	// Egress configures the gateway bridge and NAT; nil turns egress off.
 	Egress *nat.Config
+	// DNS configures the DNS server of each network on this host (on
+	// its gateway address); nil turns DNS off.
+	DNS *dnsserver.Config
 	Logger *slog.Logger
 }
 
@@ -147,6 +151,8 @@ type Agent struct {
 	// bg is what runs in life on behalf of requests (handoff watches):
 	// Run waits for it before returning.
 	bg sync.WaitGroup
+	// dns runs the networks' DNS servers; nil without DNS.
+	dns *dnsserver.Manager
 	// identityChecked: the store's identity was compared with the one
 	// remembered, once since start; until then peers are only added.
 	identityChecked atomic.Bool
@@ -230,6 +236,11 @@ func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, 
 		fatal:    make(chan error, 1),
 		started:  time.Now(),
 	}
+	if cfg.DNS != nil {
+		c := *cfg.DNS
+		c.IsNetwork, c.Log = a.isNetwork, cfg.Logger.With("part", "dns")
+		a.dns = dnsserver.NewManager(c)
+	}
 	if eg != nil {
 		a.egress = eg
 		gw := a.egress.GatewayAddr()
@@ -308,6 +319,9 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 	var helpers sync.WaitGroup
 	defer helpers.Wait()
 	defer a.bg.Wait()
+	if a.dns != nil {
+		defer a.dns.Close()
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.mu.Lock()
@@ -1013,6 +1027,43 @@ func (a *Agent) probeStore(ctx context.Context) (time.Duration, error) {
 
 // cachedNetworks is the agent's view of the networks, for listings while
 // the store does not answer.
+// isNetwork reports whether name is an overlay network's: the DNS servers
+// answer its names only on that network.
+func (a *Agent) isNetwork(name string) bool {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	for n := range a.networks {
+		if strings.EqualFold(n, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// ensureDNS runs the network's DNS server on this host (it needs the
+// network's namespace and view). Called with mu held.
+func (a *Agent) ensureDNS(n *Network) {
+	if a.dns == nil {
+		return
+	}
+	v := a.views[n.ID]
+	if v == nil {
+		return
+	}
+	err := a.dns.Ensure(dnsserver.Spec{Netns: a.dp.NetNSPath(n.NamespaceName()), Network: n.Name, Gateway: n.Gateway, Subnet: n.Subnet, Zone: v.zone})
+	if err != nil {
+		a.log.Warn("dns server", "network", n.Name, "err", err)
+	}
+}
+
+// dnsInfo is what a container of the network is told to resolve with.
+func (a *Agent) dnsInfo(n *Network) *api.DNS {
+	if a.dns == nil {
+		return nil
+	}
+	return &api.DNS{Server: n.Gateway.String(), Search: []string{n.Name}}
+}
+
 func (a *Agent) cachedNetworks() []api.Network {
 	a.cmu.RLock()
 	defer a.cmu.RUnlock()

@@ -138,6 +138,11 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	if err := ValidateName("endpoint", name); err != nil {
 		return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
 	}
+	for _, al := range req.Aliases {
+		if err := ValidateName("alias", al); err != nil {
+			return nil, &codedError{code: api.CodeInvalid, msg: err.Error()}
+		}
+	}
 	if req.Interface != "" && !vtep.ValidIfName(req.Interface) {
 		return nil, invalidf("interface %q: give a name of 1 to 15 characters without '/', ':' or spaces", req.Interface)
 	}
@@ -209,7 +214,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		Endpoint: Endpoint{
 			Version: recordVersion, ID: id, Name: name, Network: network, NetworkID: n.ID,
 			Node: a.cfg.Node, VTEP: a.cfg.Advertise, Ports: portSpecs, Created: time.Now().UTC().Truncate(time.Second),
-			Interface: req.Interface,
+			Interface: req.Interface, Aliases: req.Aliases,
 		},
 		Net: *n, Netns: path, NetnsID: nsid, MTU: networkMTU(n, a.localMTU()),
 		ReplaceDefault: req.ReplaceDefaultRoute, Handoff: req.Handoff,
@@ -318,7 +323,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	a.log.Info("endpoint attached", "network", network, "endpoint", name, "ip", ip, "interface", ifName, "netns", path)
 	a.events.emit(api.Event{Kind: "attach", Network: network, Node: a.cfg.Node, Endpoint: name, IP: ip.String(), Detail: ifName + " in " + path})
 	out := l.Endpoint.apiView()
-	out.Netns, out.Egress = path, eg
+	out.Netns, out.Egress, out.DNS = path, eg, a.dnsInfo(n)
 	return &out, nil
 }
 
@@ -439,6 +444,7 @@ func (a *Agent) attachKernel(ctx context.Context, l *localEndpoint, spec vtep.Ne
 	if err != nil {
 		return "", nil, err
 	}
+	a.ensureDNS(&l.Net)
 	st.mark("kernel-network")
 	a.crashPoint("attach-network")
 	u.onKernel(func(ctx context.Context) error { return a.dp.RemoveEndpoint(ctx, spec.Name, l.Endpoint.HostVeth()) })
@@ -731,6 +737,9 @@ func (a *Agent) dropIdleNetworkExcept(ctx context.Context, n *Network, except *l
 		// namespace may hold endpoints this host cannot account for.
 		a.log.Warn("keeping a network namespace no readable journal record needs: the journal of its network has unreadable records", "namespace", ns, "network", n.Name)
 		return
+	}
+	if a.dns != nil {
+		a.dns.Stop(a.dp.NetNSPath(ns))
 	}
 	if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
 		a.log.Warn("remove idle network namespace", "namespace", ns, "err", err)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -206,7 +207,7 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 			ops = append(ops, kvstore.Op{Kind: kvstore.OpDelete, Key: key})
 			continue
 		}
-		data, _ := json.Marshal(&PeerRecord{Version: recordVersion, Node: c.a.cfg.Node, VTEP: c.a.cfg.Advertise, IPs: packAddrs(ips)})
+		data, _ := json.Marshal(c.a.ownRecord(id, ips))
 		if session != "" {
 			ops = append(ops, kvstore.Op{Kind: kvstore.OpLock, Key: key, Value: data, Session: session})
 		} else {
@@ -245,6 +246,23 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 	}
 	c.wmu.Unlock()
 	return nil
+}
+
+// ownRecord is this host's peer record of a network holding ips, with
+// the names of the local endpoints that have them.
+func (a *Agent) ownRecord(netID string, ips []netip.Addr) *PeerRecord {
+	packed := packAddrs(ips)
+	names := map[netip.Addr]string{}
+	for _, l := range a.viewLocals() {
+		if l.Net.ID == netID && l.Endpoint.IP.IsValid() {
+			names[l.Endpoint.IP] = strings.Join(append([]string{l.Endpoint.Name}, l.Endpoint.Aliases...), " ")
+		}
+	}
+	r := &PeerRecord{Version: recordVersion, Node: a.cfg.Node, VTEP: a.cfg.Advertise, IPs: packed}
+	for i := 0; i+4 <= len(packed); i += 4 {
+		r.Names = append(r.Names, names[netip.AddrFrom4([4]byte(packed[i:i+4]))])
+	}
+	return r
 }
 
 // dedupChecks drops repeated index checks of one key (attaches of one

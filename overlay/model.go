@@ -63,7 +63,9 @@ type Endpoint struct {
 	MAC       HardwareAddr `json:"mac"`
 	Interface string       `json:"interface"`
 	// Ports published on the endpoint's host (HOSTPORT:CONTAINERPORT/PROTO).
-	Ports   []string  `json:"ports,omitempty"`
+	Ports []string `json:"ports,omitempty"`
+	// Aliases are DNS names of the endpoint besides its name.
+	Aliases []string  `json:"aliases,omitempty"`
 	Created time.Time `json:"created"`
 }
 
@@ -235,7 +237,7 @@ func (n *Network) apiView(localMTU int) api.Network {
 func (e *Endpoint) apiView() api.Endpoint {
 	return api.Endpoint{
 		Name: e.Name, ID: e.ID, Network: e.Network, Node: e.Node, IP: e.IP.String(),
-		MAC: e.MAC.String(), Interface: e.Interface, VTEP: e.VTEP.String(), Ports: e.Ports, Created: e.Created,
+		MAC: e.MAC.String(), Interface: e.Interface, VTEP: e.VTEP.String(), Ports: e.Ports, Aliases: e.Aliases, Created: e.Created,
 	}
 }
 

@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
+
+	"github.com/vxnet/vxnet/dnsserver"
 )
 
 // A host's endpoints on one network, as every other host with endpoints
@@ -28,6 +31,13 @@ type PeerRecord struct {
 	// IPs are the endpoints' IPv4 addresses, 4 bytes each, sorted (in
 	// JSON: base64, 5.3 bytes an endpoint).
 	IPs []byte `json:"ips"`
+	// Names are the endpoints' DNS names, one string per address in the
+	// order of IPs, its names separated by spaces (the endpoint's name,
+	// then its aliases). They make the record about four times larger,
+	// but spare every host a watch of the endpoint records: the peers'
+	// names come with their addresses. Records written before names
+	// have none.
+	Names []string `json:"names,omitempty"`
 }
 
 func (r *PeerRecord) check() error {
@@ -40,8 +50,24 @@ func (r *PeerRecord) check() error {
 		return fmt.Errorf("vtep %s is not a unicast IPv4 address", r.VTEP)
 	case len(r.IPs)%4 != 0:
 		return fmt.Errorf("addresses: %d bytes, not a multiple of 4", len(r.IPs))
+	case len(r.Names) != 0 && len(r.Names) != len(r.IPs)/4:
+		return fmt.Errorf("%d names for %d addresses", len(r.Names), len(r.IPs)/4)
 	}
 	return nil
+}
+
+// Entries are the record's addresses with their names.
+func (r *PeerRecord) Entries() []dnsserver.Entry {
+	ips := r.Addrs()
+	out := make([]dnsserver.Entry, 0, len(ips))
+	for i, ip := range ips {
+		e := dnsserver.Entry{IP: ip}
+		if i < len(r.Names) {
+			e.Names = strings.Fields(r.Names[i])
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 // Addrs decodes the addresses.

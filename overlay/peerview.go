@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/dnsserver"
 	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/metrics"
 )
@@ -58,6 +59,10 @@ type peerView struct {
 	// pendingSince is when the first change the kernel does not hold yet
 	// reached the view (for the convergence metric).
 	pendingSince time.Time
+	// zone is the network's names as the records say (this host's own
+	// included), kept up to date per changed record for the network's
+	// DNS server; it has its own lock.
+	zone *dnsserver.Zone
 }
 
 // markPending notes that a change reached the view.
@@ -402,6 +407,7 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 		a.kickRenew() // its session may have ended: a new one, sooner than the next renewal
 	}
 	v.updateClaims(a.cfg.Node, prevRecs, activeHeld(held, now), recs, activeHeld(newHeld, now))
+	v.syncZone(prevRecs, activeHeld(held, now), recs, activeHeld(newHeld, now))
 	if index > v.index || reset {
 		v.index = index
 	}
@@ -448,8 +454,49 @@ func (a *Agent) expireHolds(v *peerView, lost bool) {
 	v.mu.Lock()
 	v.deltaOK = false
 	v.claims = nil
+	v.rebuildZoneLocked()
 	v.mu.Unlock()
 	a.markDirty(v.id)
+}
+
+// syncZone moves the names from one state of the records to the next,
+// node by changed node. Called with mu held.
+func (v *peerView) syncZone(prevRecs, prevHeld, recs, held map[string]*PeerRecord) {
+	if v.zone == nil {
+		return
+	}
+	nodes := map[string]bool{}
+	for _, m := range []map[string]*PeerRecord{prevRecs, prevHeld, recs, held} {
+		for n := range m {
+			nodes[n] = true
+		}
+	}
+	for node := range nodes {
+		before, after := effective(prevRecs, prevHeld, node), effective(recs, held, node)
+		switch {
+		case before == after:
+		case after == nil:
+			v.zone.SetNode(node, nil)
+		default:
+			v.zone.SetNode(node, after.Entries())
+		}
+	}
+}
+
+// rebuildZoneLocked makes the names again from the records in force (a
+// hold that ended leaves no snapshot to say so). Called with mu held.
+func (v *peerView) rebuildZoneLocked() {
+	if v.zone == nil {
+		return
+	}
+	all := map[string][]dnsserver.Entry{}
+	for node, r := range activeHeld(v.held, time.Now()) {
+		all[node] = r.Entries()
+	}
+	for node, r := range v.recs {
+		all[node] = r.Entries()
+	}
+	v.zone.Reset(all)
 }
 
 // takeOwnLost reports, once, that this host's record was lost.
@@ -532,7 +579,7 @@ func (a *Agent) ensureViews(ctx context.Context) {
 
 func (a *Agent) startView(ctx context.Context, id string) *peerView {
 	vctx, cancel := context.WithCancel(ctx)
-	v := &peerView{id: id, node: a.cfg.Node, cancel: cancel}
+	v := &peerView{id: id, node: a.cfg.Node, cancel: cancel, zone: dnsserver.NewZone()}
 	a.views[id] = v
 	go a.watchPeers(vctx, v)
 	return v

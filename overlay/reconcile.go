@@ -130,6 +130,9 @@ func (a *Agent) reconcileKernel(ctx context.Context, full, withStore bool) []*lo
 			if !keep[ns] && len(a.journalGaps) == 0 {
 				a.log.Info("removing network namespace with no local endpoints", "namespace", ns)
 				a.leakRemoved("namespace", "", ns, 1)
+				if a.dns != nil {
+					a.dns.Stop(a.dp.NetNSPath(ns))
+				}
 				if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
 					a.log.Warn("remove network namespace", "namespace", ns, "err", err)
 				}
@@ -347,6 +350,7 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 		a.log.Error("ensure network", "network", p.Net.Name, "err", err)
 		return
 	}
+	a.ensureDNS(&p.Net)
 	want := map[string]bool{}
 	for _, l := range a.locals {
 		if l.Net.NamespaceName() == p.Spec.Name {
@@ -613,7 +617,8 @@ func (a *Agent) ensurePublished(ctx context.Context, v *peerView, ls []*localEnd
 	for _, l := range ls {
 		want = append(want, l.Endpoint.IP)
 	}
-	current := own != nil && bytes.Equal(own.IPs, packAddrs(want)) && own.VTEP == a.cfg.Advertise && (session == "" || ownSession == session)
+	current := own != nil && bytes.Equal(own.IPs, packAddrs(want)) && own.VTEP == a.cfg.Advertise && (session == "" || ownSession == session) &&
+		slices.Equal(own.Names, a.ownRecord(netID, want).Names) // names too: a record of an older agent has none
 	if current && !all {
 		return
 	}

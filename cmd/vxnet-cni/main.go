@@ -166,11 +166,18 @@ func result(n *api.NetworkDetail, ep *api.Endpoint, netnsPath string) (*current.
 		return nil, types.NewError(types.ErrInternal, "vxnet-cni: the agent's address "+ep.IP, err.Error())
 	}
 	ipnet := net.IPNet{IP: addr.AsSlice(), Mask: net.CIDRMask(subnet.Bits(), 32)}
-	return &current.Result{
+	res := &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
 		Interfaces: []*current.Interface{{Name: ep.Interface, Mac: ep.MAC, Mtu: n.MTU, Sandbox: netnsPath}},
 		IPs:        []*current.IPConfig{{Interface: current.Int(0), Address: ipnet, Gateway: net.ParseIP(n.Gateway)}},
-	}, nil
+	}
+	if d := ep.DNS; d != nil {
+		// The network's DNS server answers its endpoints' names and
+		// forwards the rest; the runtime writes the container's
+		// resolv.conf from this.
+		res.DNS = types.DNS{Nameservers: []string{d.Server}, Domain: n.Name, Search: d.Search}
+	}
+	return res, nil
 }
 
 // cmdDel detaches; an endpoint, network or agent record already gone is

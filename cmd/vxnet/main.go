@@ -19,6 +19,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/atomicfile"
 )
 
 type cli struct {
@@ -421,6 +422,7 @@ func (c *cli) printEndpoints(eps []api.Endpoint) error {
 
 func (c *cli) attach() *cobra.Command {
 	var req api.AttachRequest
+	var resolvConf string
 	cmd := &cobra.Command{
 		Use:   "attach NETWORK NETNS",
 		Short: "Attach a network namespace (a path, or a name under /var/run/netns) to a network",
@@ -448,6 +450,11 @@ func (c *cli) attach() *cobra.Command {
 				if err != nil {
 					return err
 				}
+				if resolvConf != "" {
+					if err := writeResolvConf(resolvConf, e.DNS); err != nil {
+						return fmt.Errorf("attached, but --resolv-conf: %w", err)
+					}
+				}
 				if c.output == "json" {
 					return c.json(e)
 				}
@@ -465,6 +472,9 @@ func (c *cli) attach() *cobra.Command {
 					}
 					fmt.Fprintf(c.out, "egress: %s %s on the host's gateway bridge; %s\n", ifName, g.Address, route)
 				}
+				if d := e.DNS; d != nil {
+					fmt.Fprintf(c.out, "dns: nameserver %s, search %s\n", d.Server, strings.Join(d.Search, " "))
+				}
 				return nil
 			})
 		},
@@ -475,7 +485,24 @@ func (c *cli) attach() *cobra.Command {
 		"forward HOSTPORT:CONTAINERPORT[/tcp|udp] of the host's addresses to the container (repeatable)")
 	cmd.Flags().BoolVar(&req.ReplaceDefaultRoute, "default-route", false,
 		"replace the container's own default route with one through the gateway bridge; detach restores it")
+	cmd.Flags().StringArrayVar(&req.Aliases, "alias", nil, "another DNS name of the endpoint on the network (repeatable)")
+	cmd.Flags().StringVar(&resolvConf, "resolv-conf", "",
+		"write a resolv.conf naming the network's DNS server and search domain to this path (for ip netns users: /etc/netns/NAME/resolv.conf)")
 	return cmd
+}
+
+// writeResolvConf points a namespace's resolver at its network's DNS
+// server; `ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over
+// /etc/resolv.conf.
+func writeResolvConf(path string, d *api.DNS) error {
+	if d == nil {
+		return errors.New("the agent runs without DNS (vxnetd --dns=false)")
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	body := fmt.Sprintf("# written by vxnet attach\nnameserver %s\nsearch %s\n", d.Server, strings.Join(d.Search, " "))
+	return atomicfile.Write(path, []byte(body), 0o644)
 }
 
 func (c *cli) detach() *cobra.Command {

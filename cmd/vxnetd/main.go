@@ -27,6 +27,7 @@ import (
 	"golang.org/x/net/netutil"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/dnsserver"
 	"github.com/vxnet/vxnet/dockerplugin"
 	"github.com/vxnet/vxnet/internal/netnsutil"
 	"github.com/vxnet/vxnet/ipam"
@@ -41,7 +42,8 @@ type options struct {
 	store, advertise, node, stateDir, runDir, socket, socketGroup string
 	logLevel, pool                                                string
 	gwBridge, gwSubnet, chainPrefix, iptables                     string
-	noEgress, cleanup                                             bool
+	noEgress, cleanup, dns, dnsForward                            bool
+	dnsResolvConf                                                 string
 	debugAddr, metricsAddr, dockerSocket, dockerHost              string
 	vxlanPort                                                     int
 	resync, nodeTTL, holdDown, holdLeft                           time.Duration
@@ -78,6 +80,9 @@ func parseFlags() (*options, error) {
 	fs.StringVar(&o.chainPrefix, "chain-prefix", nat.DefaultChainPrefix, "prefix of this agent's iptables chains")
 	fs.StringVar(&o.iptables, "iptables", "", "iptables program: iptables-nft or iptables-legacy (default: iptables, the distribution's choice)")
 	fs.BoolVar(&o.noEgress, "no-egress", false, "give containers no gateway interface and program no NAT")
+	fs.BoolVar(&o.dns, "dns", true, "run a DNS server per network on its gateway address (port 53, in the network's namespace) answering the network's endpoint names on every host")
+	fs.BoolVar(&o.dnsForward, "dns-forward", true, "forward names outside the overlay to the resolvers of --dns-resolv-conf; false answers them REFUSED")
+	fs.StringVar(&o.dnsResolvConf, "dns-resolv-conf", "/etc/resolv.conf", "the resolv.conf whose nameservers names outside the overlay are forwarded to")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove the gateway bridge, its interfaces and every iptables rule and chain this agent made, then exit (overlay namespaces and containers' overlay interfaces stay)")
 	fs.StringVar(&o.caFile, "store-ca-file", "", "CA certificate for the store's TLS (env CONSUL_CACERT)")
 	fs.StringVar(&o.certFile, "store-cert-file", "", "client certificate for the store (env CONSUL_CLIENT_CERT)")
@@ -235,10 +240,14 @@ func run() error {
 	}
 	defer store.Close()
 
+	var dnsCfg *dnsserver.Config
+	if o.dns {
+		dnsCfg = &dnsserver.Config{Forward: o.dnsForward, ResolvConf: o.dnsResolvConf}
+	}
 	agent, err := overlay.New(overlay.Config{
 		Node: o.node, Advertise: addr, StateDir: o.stateDir, NetNSDir: filepath.Join(o.runDir, "netns"),
 		VXLANPort: o.vxlanPort, UnderlayMTU: mtu, ResyncInterval: o.resync, NodeTTL: o.nodeTTL, HoldDown: holdConfig(o.holdDown), HoldLeft: holdConfig(o.holdLeft),
-		StoreName: storeName(o.store, o.stateDir), IPAM: ipam.Options{Pool: pool}, Egress: egress, Logger: log,
+		StoreName: storeName(o.store, o.stateDir), IPAM: ipam.Options{Pool: pool}, Egress: egress, DNS: dnsCfg, Logger: log,
 		CrashAt: os.Getenv("VXNETD_TEST_CRASH_AT"), PauseAt: os.Getenv("VXNETD_TEST_PAUSE_AT"), PauseFor: 2 * time.Second,
 	}, store)
 	if err != nil {

@@ -1,0 +1,375 @@
+package dnsserver
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/vishvananda/netns"
+
+	"github.com/vxnet/vxnet/internal/netnsutil"
+)
+
+// Config is what every network's server shares.
+type Config struct {
+	// Forward sends names outside the overlay to the resolvers of
+	// ResolvConf; without it they are answered REFUSED.
+	Forward    bool
+	ResolvConf string // default /etc/resolv.conf
+	// TTL of answers and of negative answers (default 5 s): short, so
+	// that a detach or a host's death is seen soon.
+	TTL uint32
+	// MaxInflight bounds the queries a network's server works on at
+	// once (default 256), and MaxForwards those of them waiting for an
+	// outside resolver (default 64); more are dropped, not queued, so
+	// that a flood costs the agent a bounded amount of work, and slow
+	// outside names do not hold up the network's own.
+	MaxInflight, MaxForwards int
+	// IsNetwork says whether a name is that of an overlay network: its
+	// names are never forwarded, and only its own server answers them.
+	IsNetwork func(name string) bool
+	Log       *slog.Logger
+}
+
+// Spec is one network's server: the namespace it listens in, on the
+// network's gateway address, and its names.
+type Spec struct {
+	Netns   string // path of the network's namespace
+	Network string // the zone: names are <endpoint> and <endpoint>.<network>
+	Gateway netip.Addr
+	Subnet  netip.Prefix
+	Zone    *Zone
+}
+
+// Manager runs a server per network namespace.
+type Manager struct {
+	cfg Config
+	up  *upstream
+
+	mu      sync.Mutex
+	servers map[string]*server // by namespace path
+}
+
+// NewManager makes a manager; it listens nowhere until Ensure.
+func NewManager(cfg Config) *Manager {
+	if cfg.ResolvConf == "" {
+		cfg.ResolvConf = "/etc/resolv.conf"
+	}
+	if cfg.TTL == 0 {
+		cfg.TTL = 5
+	}
+	if cfg.MaxInflight == 0 {
+		cfg.MaxInflight = 256
+	}
+	if cfg.MaxForwards == 0 {
+		cfg.MaxForwards = 64
+	}
+	if cfg.IsNetwork == nil {
+		cfg.IsNetwork = func(string) bool { return false }
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Manager{cfg: cfg, up: &upstream{path: cfg.ResolvConf}, servers: map[string]*server{}}
+}
+
+type server struct {
+	spec     Spec
+	ns       [2]uint64 // the namespace's dev and inode when the sockets were made
+	udp, tcp *dns.Server
+	sem, fwd chan struct{}
+}
+
+// Ensure runs the network's server, or checks that the running one still
+// listens in the namespace at spec.Netns (a namespace made again needs
+// new sockets) on the same address. It is cheap when nothing changed.
+func (m *Manager) Ensure(spec Spec) error {
+	id, err := nsIdentity(spec.Netns)
+	if err != nil {
+		return fmt.Errorf("dns server of %s: %w", spec.Network, err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if s := m.servers[spec.Netns]; s != nil {
+		if s.ns == id && s.spec.Gateway == spec.Gateway && s.spec.Network == spec.Network && s.spec.Zone == spec.Zone {
+			s.spec.Subnet = spec.Subnet
+			return nil
+		}
+		s.stop()
+		delete(m.servers, spec.Netns)
+	}
+	s := &server{spec: spec, ns: id, sem: make(chan struct{}, m.cfg.MaxInflight), fwd: make(chan struct{}, m.cfg.MaxForwards)}
+	if err := m.listen(s); err != nil {
+		return fmt.Errorf("dns server of %s on %s:53: %w", spec.Network, spec.Gateway, err)
+	}
+	m.servers[spec.Netns] = s
+	m.cfg.Log.Info("dns server listening", "network", spec.Network, "addr", spec.Gateway.String()+":53", "netns", spec.Netns)
+	return nil
+}
+
+// Stop stops the server of a namespace, if any.
+func (m *Manager) Stop(netnsPath string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if s := m.servers[netnsPath]; s != nil {
+		s.stop()
+		delete(m.servers, netnsPath)
+	}
+}
+
+// Close stops every server.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for p, s := range m.servers {
+		s.stop()
+		delete(m.servers, p)
+	}
+}
+
+// Running lists the namespaces served.
+func (m *Manager) Running() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []string
+	for p := range m.servers {
+		out = append(out, p)
+	}
+	return out
+}
+
+func nsIdentity(path string) ([2]uint64, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return [2]uint64{}, err
+	}
+	return [2]uint64{uint64(st.Dev), st.Ino}, nil
+}
+
+// listen opens the sockets inside the network's namespace: they stay
+// there, while the goroutines serving them, and the forwarding, run in
+// the agent's own namespace.
+func (m *Manager) listen(s *server) error {
+	h, err := netns.GetFromPath(s.spec.Netns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	addr := net.JoinHostPort(s.spec.Gateway.String(), "53")
+	var pc net.PacketConn
+	var ln net.Listener
+	err = netnsutil.WithNetNS(h, func() error {
+		var err error
+		if pc, err = net.ListenPacket("udp4", addr); err != nil {
+			return err
+		}
+		if ln, err = net.Listen("tcp4", addr); err != nil {
+			pc.Close()
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	handler := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) { m.serve(s, w, r) })
+	s.udp = &dns.Server{PacketConn: pc, Handler: handler}
+	s.tcp = &dns.Server{Listener: ln, Handler: handler, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second}
+	for _, srv := range []*dns.Server{s.udp, s.tcp} {
+		go func() {
+			if err := srv.ActivateAndServe(); err != nil && !errors.Is(err, net.ErrClosed) {
+				m.cfg.Log.Warn("dns server", "network", s.spec.Network, "err", err)
+			}
+		}()
+	}
+	return nil
+}
+
+func (s *server) stop() {
+	for _, srv := range []*dns.Server{s.udp, s.tcp} {
+		if srv != nil {
+			srv.Shutdown()
+		}
+	}
+}
+
+// serve answers one query. Over the bound, the query is dropped: the
+// client retries, and the agent's other work goes on.
+func (m *Manager) serve(s *server, w dns.ResponseWriter, r *dns.Msg) {
+	select {
+	case s.sem <- struct{}{}:
+		defer func() { <-s.sem }()
+	default:
+		return
+	}
+	if out := m.answer(s, w, r); out != nil {
+		w.WriteMsg(out)
+	}
+}
+
+// answer is the reply to r, nil for none.
+func (m *Manager) answer(s *server, w dns.ResponseWriter, r *dns.Msg) *dns.Msg {
+	if len(r.Question) != 1 || r.Opcode != dns.OpcodeQuery {
+		out := new(dns.Msg)
+		out.SetRcode(r, dns.RcodeFormatError)
+		return out
+	}
+	q := r.Question[0]
+	name := strings.ToLower(q.Name)
+	zone := strings.ToLower(dns.Fqdn(s.spec.Network))
+	labels := dns.SplitDomainName(name)
+	switch {
+	case name == zone:
+		return m.noData(s, r)
+	case strings.HasSuffix(name, "."+zone) && len(labels) == 2:
+		return m.local(s, r, labels[0])
+	case len(labels) == 1:
+		// A single label is an endpoint of this network or nothing:
+		// never forwarded, so another network's endpoint of that name
+		// is not found either.
+		return m.local(s, r, labels[0])
+	case strings.HasSuffix(name, ".in-addr.arpa.") && q.Qtype == dns.TypePTR:
+		if ip, ok := reverseAddr(name); ok && s.spec.Subnet.Contains(ip) {
+			return m.reverse(s, r, ip)
+		}
+	}
+	if len(labels) > 0 && m.cfg.IsNetwork(labels[len(labels)-1]) {
+		// Another overlay's names (or this one's, deeper): not known
+		// here, and never sent outside.
+		return m.negative(s, r, dns.RcodeNameError)
+	}
+	if !m.cfg.Forward {
+		out := new(dns.Msg)
+		out.SetRcode(r, dns.RcodeRefused)
+		return out
+	}
+	select {
+	case s.fwd <- struct{}{}:
+		defer func() { <-s.fwd }()
+	default:
+		return nil // dropped: the client asks again
+	}
+	return m.forward(w, r)
+}
+
+func (m *Manager) local(s *server, r *dns.Msg, label string) *dns.Msg {
+	ips := s.spec.Zone.Lookup(label)
+	if len(ips) == 0 {
+		return m.negative(s, r, dns.RcodeNameError)
+	}
+	q := r.Question[0]
+	if q.Qtype != dns.TypeA && q.Qtype != dns.TypeANY {
+		return m.noData(s, r)
+	}
+	out := new(dns.Msg)
+	out.SetReply(r)
+	out.Authoritative, out.RecursionAvailable = true, m.cfg.Forward
+	for _, ip := range ips {
+		out.Answer = append(out.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: m.cfg.TTL}, A: ip.AsSlice()})
+	}
+	return out
+}
+
+func (m *Manager) reverse(s *server, r *dns.Msg, ip netip.Addr) *dns.Msg {
+	names := s.spec.Zone.Names(ip)
+	if len(names) == 0 {
+		return m.negative(s, r, dns.RcodeNameError)
+	}
+	q := r.Question[0]
+	out := new(dns.Msg)
+	out.SetReply(r)
+	out.Authoritative, out.RecursionAvailable = true, m.cfg.Forward
+	for _, n := range names {
+		out.Answer = append(out.Answer, &dns.PTR{Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypePTR, Class: dns.ClassINET, Ttl: m.cfg.TTL},
+			Ptr: dns.Fqdn(n + "." + s.spec.Network)})
+	}
+	return out
+}
+
+func (m *Manager) noData(s *server, r *dns.Msg) *dns.Msg { return m.negative(s, r, dns.RcodeSuccess) }
+
+// negative is NXDOMAIN or an empty answer, with the zone's SOA, whose
+// minimum makes resolvers cache the absence only briefly.
+func (m *Manager) negative(s *server, r *dns.Msg, rcode int) *dns.Msg {
+	out := new(dns.Msg)
+	out.SetRcode(r, rcode)
+	out.Authoritative, out.RecursionAvailable = true, m.cfg.Forward
+	zone := dns.Fqdn(s.spec.Network)
+	out.Ns = []dns.RR{&dns.SOA{Hdr: dns.RR_Header{Name: zone, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: m.cfg.TTL},
+		Ns: "ns." + zone, Mbox: "hostmaster." + zone, Serial: 1, Refresh: m.cfg.TTL, Retry: m.cfg.TTL, Expire: m.cfg.TTL, Minttl: m.cfg.TTL}}
+	return out
+}
+
+func reverseAddr(name string) (netip.Addr, bool) {
+	labels := dns.SplitDomainName(strings.TrimSuffix(name, "in-addr.arpa."))
+	if len(labels) != 4 {
+		return netip.Addr{}, false
+	}
+	ip, err := netip.ParseAddr(labels[3] + "." + labels[2] + "." + labels[1] + "." + labels[0])
+	return ip, err == nil && ip.Is4()
+}
+
+// forward asks the host's resolvers, over the transport the query came
+// by (a truncated answer makes the client ask again over TCP).
+func (m *Manager) forward(w dns.ResponseWriter, r *dns.Msg) *dns.Msg {
+	servers, err := m.up.servers()
+	if err != nil || len(servers) == 0 {
+		m.cfg.Log.Debug("dns: no resolver to forward to", "path", m.cfg.ResolvConf, "err", err)
+		out := new(dns.Msg)
+		out.SetRcode(r, dns.RcodeServerFailure)
+		return out
+	}
+	network := "udp"
+	if _, ok := w.RemoteAddr().(*net.TCPAddr); ok {
+		network = "tcp"
+	}
+	c := &dns.Client{Net: network, Timeout: 2 * time.Second}
+	for _, srv := range servers {
+		resp, _, err := c.Exchange(r, srv)
+		if err == nil && resp != nil {
+			resp.Id = r.Id
+			return resp
+		}
+	}
+	out := new(dns.Msg)
+	out.SetRcode(r, dns.RcodeServerFailure)
+	return out
+}
+
+// upstream is the resolvers of a resolv.conf, read again when it
+// changes.
+type upstream struct {
+	path string
+	mu   sync.Mutex
+	mod  time.Time
+	list []string
+}
+
+func (u *upstream) servers() ([]string, error) {
+	st, err := os.Stat(u.path)
+	if err != nil {
+		return nil, err
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if !st.ModTime().Equal(u.mod) || u.list == nil {
+		cc, err := dns.ClientConfigFromFile(u.path)
+		if err != nil {
+			return nil, err
+		}
+		u.list = u.list[:0]
+		for _, s := range cc.Servers {
+			u.list = append(u.list, net.JoinHostPort(s, cc.Port))
+		}
+		u.mod = st.ModTime()
+	}
+	return u.list, nil
+}

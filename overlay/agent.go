@@ -75,7 +75,7 @@ type Config struct {
 	Egress *nat.Config
 	// DNS configures the DNS server of each network on this host (on
 	// its gateway address); nil turns DNS off.
-	DNS *dnsserver.Config
+	DNS    *dnsserver.Config
 	Logger *slog.Logger
 }
 

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,6 +23,7 @@ import (
 	"github.com/docker/go-plugins-helpers/sdk"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/atomicfile"
 )
 
 // Agent is what the plugin needs of the local agent; *api.Client is one.
@@ -31,6 +33,7 @@ type Agent interface {
 	CreateNetwork(ctx context.Context, r api.CreateNetworkRequest) (*api.Network, error)
 	RemoveNetwork(ctx context.Context, name string) error
 	PlanNetwork(ctx context.Context, r api.CreateNetworkRequest) (*api.NetworkPlan, error)
+	Endpoints(ctx context.Context, network string) ([]api.Endpoint, error)
 	Attach(ctx context.Context, network string, r api.AttachRequest) (*api.Endpoint, error)
 	Detach(ctx context.Context, network, endpoint string) error
 	SetNetns(ctx context.Context, network, endpoint, netns string) error
@@ -67,7 +70,8 @@ type Plugin struct {
 	mu sync.Mutex
 	// nets: Docker network id -> its vxnet network, bound once Docker
 	// shows the network's name (the protocol never passes it).
-	nets map[string]*binding
+	nets  map[string]*binding
+	state string
 }
 
 type binding struct {
@@ -84,9 +88,55 @@ type netOpts struct {
 	mtu *int
 }
 
-// New makes a plugin; life bounds what it does in the background.
-func New(life context.Context, agent Agent, docker Docker, log *slog.Logger) *Plugin {
-	return &Plugin{agent: agent, docker: docker, log: log, life: life, nets: map[string]*binding{}}
+// New makes a plugin; life bounds what it does in the background. state
+// is a file where it keeps which vxnet network each Docker network is
+// ("" keeps it in memory only): Docker hides a network it is deleting
+// from its API, so a plugin restarted since the network was bound would
+// not learn it again at DeleteNetwork.
+func New(life context.Context, agent Agent, docker Docker, log *slog.Logger, state string) *Plugin {
+	p := &Plugin{agent: agent, docker: docker, log: log, life: life, nets: map[string]*binding{}, state: state}
+	if state == "" {
+		return p
+	}
+	data, err := os.ReadFile(state)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.Warn("docker plugin state", "path", state, "err", err)
+	}
+	var saved map[string]savedBinding
+	if len(data) > 0 {
+		if err := json.Unmarshal(data, &saved); err != nil {
+			log.Warn("docker plugin state unreadable; networks are learned from Docker again", "path", state, "err", err)
+		}
+	}
+	for id, sb := range saved {
+		b := &binding{done: make(chan struct{}), name: sb.Name, subnet: sb.Subnet}
+		close(b.done)
+		p.nets[id] = b
+	}
+	return p
+}
+
+// savedBinding is a binding as the state file keeps it.
+type savedBinding struct {
+	Name   string `json:"name"`
+	Subnet string `json:"subnet"`
+}
+
+// save writes the successful bindings. Called with mu held.
+func (p *Plugin) saveLocked() {
+	if p.state == "" {
+		return
+	}
+	out := map[string]savedBinding{}
+	for id, b := range p.nets {
+		if isDone(b) && b.err == nil {
+			out[id] = savedBinding{Name: b.name, Subnet: b.subnet}
+		}
+	}
+	data, _ := json.MarshalIndent(out, "", "  ")
+	if err := atomicfile.Write(p.state, data, 0o600); err != nil {
+		p.log.Warn("docker plugin state", "path", p.state, "err", err)
+	}
 }
 
 // Handler serves the protocol: Plugin.Activate and every call of both
@@ -367,10 +417,14 @@ func (p *Plugin) bind(id string, b *binding) {
 	b.name, b.subnet, b.err = p.ensureNetwork(ctx, id, b.opts)
 	if b.err != nil {
 		p.log.Error("docker network has no vxnet network", "docker_network", id[:min(12, len(id))], "err", b.err)
-	} else {
-		p.log.Info("docker network bound", "network", b.name, "docker_network", id[:min(12, len(id))])
+		close(b.done)
+		return
 	}
+	p.log.Info("docker network bound", "network", b.name, "docker_network", id[:min(12, len(id))])
 	close(b.done)
+	p.mu.Lock()
+	p.saveLocked()
+	p.mu.Unlock()
 }
 
 func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (name, subnet string, err error) {
@@ -385,6 +439,7 @@ func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (na
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+	var createErr error
 	for try := 0; ; try++ {
 		have, err := p.agent.InspectNetwork(ctx, dn.Name)
 		if err == nil {
@@ -395,16 +450,46 @@ func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (na
 			}
 			return dn.Name, dn.Subnet, nil
 		}
-		if !isNotFound(err) || try > 0 {
+		switch {
+		case !isNotFound(err):
+			return "", dn.Subnet, err
+		case createErr != nil:
+			// Refused for another reason than the name (a subnet
+			// another network has): that is the answer.
+			return "", dn.Subnet, fmt.Errorf("create vxnet network %q for Docker's: %w", dn.Name, createErr)
+		case try > 0:
 			return "", dn.Subnet, err
 		}
 		_, err = p.agent.CreateNetwork(ctx, api.CreateNetworkRequest{Name: dn.Name, Subnet: dn.Subnet, Gateway: dn.Gateway,
 			VNI: opts.vni, MTU: opts.mtu, Internal: dn.Internal})
 		if ae := (*api.Error)(nil); err == nil || errors.As(err, &ae) && ae.Code == api.CodeConflict {
-			continue // made, or made by another host meanwhile: check it
+			createErr = err // made, or a conflict (made by another host meanwhile?): look again
+			continue
 		}
 		return "", dn.Subnet, err
 	}
+}
+
+// forget drops a network's binding: its vxnet network was removed
+// (docker network rm on another host), and the next call binds again.
+func (p *Plugin) forget(id string, b *binding) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.nets[id] == b {
+		delete(p.nets, id)
+		p.saveLocked()
+	}
+}
+
+// boundName is the network's vxnet network if a binding has found it,
+// without asking anyone.
+func (p *Plugin) boundName(id string) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if b := p.nets[id]; b != nil && isDone(b) && b.err == nil {
+		return b.name
+	}
+	return ""
 }
 
 // network is the vxnet network of a Docker network.
@@ -425,6 +510,7 @@ func (p *Plugin) deleteNetwork(ctx context.Context, r *network.DeleteNetworkRequ
 	p.mu.Lock()
 	b := p.nets[r.NetworkID]
 	delete(p.nets, r.NetworkID)
+	p.saveLocked()
 	p.mu.Unlock()
 	var name string
 	if b != nil {
@@ -488,7 +574,19 @@ func (p *Plugin) createEndpoint(ctx context.Context, r *network.CreateEndpointRe
 	if err != nil {
 		return nil, err
 	}
-	out, err := p.agent.Attach(ctx, name, api.AttachRequest{Name: ep, IP: pfx.Addr().String(), Handoff: handoffName(ep), Publish: ports})
+	req := api.AttachRequest{Name: ep, IP: pfx.Addr().String(), Handoff: handoffName(ep), Publish: ports}
+	out, err := p.agent.Attach(ctx, name, req)
+	if isNotFound(err) {
+		// The vxnet network went (docker network rm on another host
+		// removed it unused): made again from this Docker network.
+		p.mu.Lock()
+		b := p.nets[r.NetworkID]
+		p.mu.Unlock()
+		p.forget(r.NetworkID, b)
+		if name, err = p.network(ctx, r.NetworkID); err == nil {
+			out, err = p.agent.Attach(ctx, name, req)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -539,14 +637,28 @@ func publishSpecs(v any) ([]string, error) {
 	return out, nil
 }
 
+// deleteEndpoint detaches. Its network is found without Docker's API when
+// the plugin has not bound it since it started: Docker removes stale
+// endpoints when it starts, before its API answers.
 func (p *Plugin) deleteEndpoint(ctx context.Context, r *network.DeleteEndpointRequest) (any, error) {
 	ep, err := endpointName(r.EndpointID)
 	if err != nil {
 		return nil, err
 	}
-	name, err := p.network(ctx, r.NetworkID)
-	if err != nil {
-		return nil, err
+	name := p.boundName(r.NetworkID)
+	if name == "" {
+		eps, err := p.agent.Endpoints(ctx, "")
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range eps {
+			if e.Name == ep {
+				name = e.Network
+			}
+		}
+		if name == "" {
+			return nil, nil // gone already
+		}
 	}
 	if err := p.agent.Detach(ctx, name, ep); err != nil && !isNotFound(err) {
 		return nil, err
@@ -582,21 +694,18 @@ func (p *Plugin) endpointInfo(ctx context.Context, r *network.InfoRequest) (any,
 	if err != nil {
 		return nil, err
 	}
-	name, err := p.network(ctx, r.NetworkID)
-	if err != nil {
-		return nil, err
+	v := map[string]string{"vxnet.endpoint": ep}
+	if name := p.boundName(r.NetworkID); name != "" {
+		v["vxnet.network"] = name
 	}
-	return &network.InfoResponse{Value: map[string]string{"vxnet.network": name, "vxnet.endpoint": ep}}, nil
+	return &network.InfoResponse{Value: v}, nil
 }
 
-// programExternal checks that the endpoint exists: its published ports
-// were given with it (CreateEndpoint has Docker's port map), and the agent
-// applies them once the container has its gateway interface.
+// programExternal has nothing to do: the published ports came with the
+// endpoint (CreateEndpoint has Docker's port map), and the agent applies
+// them once the container has its gateway interface.
 func (p *Plugin) programExternal(ctx context.Context, r *network.ProgramExternalConnectivityRequest) (any, error) {
-	if _, err := endpointName(r.EndpointID); err != nil {
-		return nil, err
-	}
-	_, err := p.network(ctx, r.NetworkID)
+	_, err := endpointName(r.EndpointID)
 	return nil, err
 }
 

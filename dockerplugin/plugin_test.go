@@ -15,7 +15,7 @@ import (
 // The protocol's edges that need no agent: what the plugin says it is,
 // and the bad input it refuses before asking anyone.
 func TestActivateAndRefusals(t *testing.T) {
-	p := New(context.Background(), nil, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p := New(context.Background(), nil, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), "")
 	srv := httptest.NewServer(p.Handler())
 	defer srv.Close()
 	call := func(path, body string) (int, map[string]any) {

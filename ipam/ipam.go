@@ -98,8 +98,10 @@ type AddrOwner struct {
 const reservedPrefix = "reserved@"
 
 // ReservationOwner is the owner of an address the node reserved at now.
+// A random part makes each reservation its own: two of one address in the
+// same second must not take each other for a retry.
 func ReservationOwner(node string, now time.Time) AddrOwner {
-	return AddrOwner{Node: node, Endpoint: reservedPrefix + strconv.FormatInt(now.Unix(), 10)}
+	return AddrOwner{Node: node, Endpoint: fmt.Sprintf("%s%d.%08x", reservedPrefix, now.Unix(), rand.Uint32())}
 }
 
 // Reserved reports whether the owner is a reservation, and since when.
@@ -108,6 +110,7 @@ func (o AddrOwner) Reserved() (time.Time, bool) {
 	if !ok {
 		return time.Time{}, false
 	}
+	ts, _, _ = strings.Cut(ts, ".")
 	sec, err := strconv.ParseInt(ts, 10, 64)
 	if err != nil {
 		return time.Time{}, true // a reservation of unknown age: old

@@ -151,6 +151,11 @@ type Agent struct {
 	// bg is what runs in life on behalf of requests (handoff watches):
 	// Run waits for it before returning.
 	bg sync.WaitGroup
+	// resv are the addresses reserved and maybe not taken over.
+	resv reservations
+	// stopping: Run is returning, and starts nothing more in bg (under
+	// mu).
+	stopping bool
 	// dns runs the networks' DNS servers; nil without DNS.
 	dns *dnsserver.Manager
 	// identityChecked: the store's identity was compared with the one
@@ -318,7 +323,14 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 	// whatever reason it returns.
 	var helpers sync.WaitGroup
 	defer helpers.Wait()
-	defer a.bg.Wait()
+	defer func() {
+		// The API may still call in: nothing new may join bg once it
+		// is waited for.
+		a.mu.Lock()
+		a.stopping = true
+		a.unlock()
+		a.bg.Wait()
+	}()
 	if a.dns != nil {
 		defer a.dns.Close()
 	}

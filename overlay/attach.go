@@ -321,7 +321,11 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	st.mark("finish")
 	a.log.Debug("attach timing", st.attrs...)
 	a.log.Info("endpoint attached", "network", network, "endpoint", name, "ip", ip, "interface", ifName, "netns", path)
-	a.events.emit(api.Event{Kind: "attach", Network: network, Node: a.cfg.Node, Endpoint: name, IP: ip.String(), Detail: ifName + " in " + path})
+	detail := ifName + " in " + path
+	if l.Handoff != "" {
+		detail = ifName + " handed off to the runtime"
+	}
+	a.events.emit(api.Event{Kind: "attach", Network: network, Node: a.cfg.Node, Endpoint: name, IP: ip.String(), Detail: detail})
 	out := l.Endpoint.apiView()
 	out.Netns, out.Egress, out.DNS = path, eg, a.dnsInfo(n)
 	return &out, nil

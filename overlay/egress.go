@@ -31,6 +31,17 @@ func gatewayVeth(id nsID) string {
 	return fmt.Sprintf("gw%07x", h.Sum32()&0xfffffff)
 }
 
+// gatewayIfName is the name of a container's gateway interface: the
+// first free ethN (nat's default), except in a container whose interfaces
+// a runtime names (Docker counts eth0, eth1... itself, and a second
+// network's interface would find its name taken).
+func gatewayIfName(l *localEndpoint) string {
+	if l.Handoff != "" {
+		return "vxgw0"
+	}
+	return ""
+}
+
 // wantGateways lists, per container, one local endpoint that needs egress:
 // an attached one, or an attach under way (inflight), which made or is
 // making the gateway. What an interrupted attach or detach left needs
@@ -112,7 +123,7 @@ func (a *Agent) addGateway(ctx context.Context, l *localEndpoint) (created bool,
 	if err != nil {
 		return false, "", fmt.Errorf("gateway address: %w", err)
 	}
-	spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: veth, Addr: prefixFor(ip, a.egress.Config().Subnet.Bits()),
+	spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: veth, IfName: gatewayIfName(rep), Addr: prefixFor(ip, a.egress.Config().Subnet.Bits()),
 		ReplaceDefault: rep.ReplaceDefault}
 	if rep.ReplaceDefault {
 		// On disk before they go: a crash between their removal and
@@ -222,7 +233,7 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 			}
 			continue
 		}
-		spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: gatewayVeth(id), Addr: prefixFor(ip, a.egress.Config().Subnet.Bits()),
+		spec := nat.GatewaySpec{ContainerNS: l.Netns, HostVeth: gatewayVeth(id), IfName: gatewayIfName(l), Addr: prefixFor(ip, a.egress.Config().Subnet.Bits()),
 			ReplaceDefault: l.ReplaceDefault}
 		changes, err := a.egress.CheckGateway(ctx, spec)
 		if ctx.Err() != nil {

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/vxnet/vxnet/api"
@@ -54,11 +57,72 @@ func (a *Agent) Reserve(ctx context.Context, network, want string) (*api.Reserva
 		}
 	}
 	lease := ipam.NetworkLease{Subnet: n.Subnet, Gateway: n.Gateway, VNI: n.VNI}
-	got, err := a.ipam.AllocateAddr(ctx, n.ID, lease, ip, ipam.ReservationOwner(a.cfg.Node, time.Now()))
+	owner := ipam.ReservationOwner(a.cfg.Node, time.Now())
+	got, err := a.ipam.AllocateAddr(ctx, n.ID, lease, ip, owner)
 	if err != nil {
 		return nil, fmt.Errorf("reserve an address of %s: %w", network, err)
 	}
+	a.resv.add(n.ID, got, owner)
 	return &api.Reservation{IP: got.String()}, nil
+}
+
+// reservations are the addresses this agent reserved, so that full passes
+// release those no endpoint took over on any network, also one with no
+// endpoint here (whose addresses those passes do not list). A restart
+// forgets them: on networks with endpoints here, the passes' own check
+// finds them.
+type reservations struct {
+	mu sync.Mutex
+	m  map[reservation]time.Time
+}
+
+type reservation struct {
+	netID string
+	ip    netip.Addr
+	owner ipam.AddrOwner
+}
+
+func (r *reservations) add(netID string, ip netip.Addr, owner ipam.AddrOwner) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.m == nil {
+		r.m = map[reservation]time.Time{}
+	}
+	r.m[reservation{netID, ip, owner}] = time.Now()
+}
+
+func (r *reservations) forget(netID string, ip netip.Addr) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for k := range r.m {
+		if k.netID == netID && k.ip == ip {
+			delete(r.m, k)
+		}
+	}
+}
+
+// sweep releases the reservations older than reservationTTL that are
+// still reservations (the exact owner: one taken over is an endpoint's).
+func (r *reservations) sweep(ctx context.Context, a *Agent) {
+	r.mu.Lock()
+	var old []reservation
+	for k, t := range r.m {
+		if time.Since(t) > reservationTTL {
+			old = append(old, k)
+		}
+	}
+	r.mu.Unlock()
+	for _, k := range old {
+		err := a.ipam.ReleaseAddr(ctx, k.netID, k.ip, k.owner)
+		if err != nil && !errors.Is(err, ipam.ErrInUse) {
+			continue // the store: next full pass
+		}
+		if err == nil {
+			a.log.Warn("released an address reserved for an endpoint that never came", "ip", k.ip)
+			a.leakRemoved("address", a.networkName(k.netID), k.ip.String(), 1)
+		}
+		r.forget(k.netID, k.ip)
+	}
 }
 
 // ReleaseReservation releases an address this host reserved and no
@@ -76,7 +140,23 @@ func (a *Agent) ReleaseReservation(ctx context.Context, network, addr string) er
 	if err := a.ipam.ReleaseReservation(ctx, n.ID, ip, a.cfg.Node); err != nil {
 		return fmt.Errorf("release %s of %s: %w", ip, network, err)
 	}
+	a.resv.forget(n.ID, ip)
 	return nil
+}
+
+// abandonedHandoff reports whether a handed-off interface has waited so
+// long for its container that the runtime must have given up on it
+// without saying so (its DeleteEndpoint lost while the agent was down):
+// the namespace it was to go to does not exist, or none was named.
+func abandonedHandoff(l *localEndpoint, now time.Time) bool {
+	if !l.pending() || now.Sub(l.Endpoint.Created) < reservationTTL {
+		return false
+	}
+	if l.Netns == "" {
+		return true
+	}
+	_, err := os.Stat(l.Netns)
+	return errors.Is(err, os.ErrNotExist)
 }
 
 // staleReservation reports whether a full pass may release an address
@@ -101,6 +181,9 @@ func (a *Agent) SetNetns(ctx context.Context, network, name, path string) error 
 	case l == nil || l.Phase == phaseDetaching:
 		a.unlock()
 		return notFoundf("endpoint %q of network %q is not on this host", name, network)
+	case l.Phase != phaseAttached:
+		a.unlock()
+		return conflictf("endpoint %q of network %q is still being attached", name, network)
 	case l.Handoff == "":
 		a.unlock()
 		return invalidf("endpoint %q was attached to %s, not handed off", name, l.Netns)
@@ -128,8 +211,8 @@ func (a *Agent) SetNetns(ctx context.Context, network, name, path string) error 
 // startBindLocked starts watching for a pending endpoint's interface in
 // its namespace, unless that is under way. Called with mu held.
 func (a *Agent) startBindLocked(key string) {
-	if a.binding[key] || a.life == nil {
-		return
+	if a.binding[key] || a.stopping || !a.running.Load() {
+		return // before Run, the first pass starts it
 	}
 	a.binding[key] = true
 	life := a.life
@@ -181,6 +264,11 @@ func (a *Agent) bindNetns(ctx context.Context, key string) (done bool, err error
 	id, err := statNS(path)
 	if err != nil {
 		return false, err
+	}
+	// What resolveNetns refuses of a netns given at attach: the agent's
+	// own, or an overlay's.
+	if self, err := statNS("/proc/self/ns/net"); err == nil && self == id || strings.HasPrefix(filepath.Clean(path), filepath.Clean(a.cfg.NetNSDir)+"/") {
+		return false, fmt.Errorf("netns %s is the agent's own or an overlay's: no container's", path)
 	}
 	ifName, hasAddr, found, err := a.dp.FindPeer(ctx, netName, veth, path, addr)
 	switch {

@@ -357,7 +357,25 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 			want[l.Endpoint.HostVeth()] = true // any phase: an attach may be under way
 		}
 	}
+	removeGone := func(l *localEndpoint, why string) {
+		// The kernel half now; the store half by the next pass's
+		// bounded store phase (finishInterrupted), not here under mu
+		// with no bound.
+		a.log.Info(why+"; removing its endpoint", "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name, "netns", l.Netns)
+		if err := a.purgeKernel(ctx, l); err != nil {
+			a.log.Warn("remove endpoint of a gone container", "endpoint", l.Endpoint.Name, "err", err)
+		} else if err := a.state.save(l); err != nil {
+			a.log.Warn("journal the removal of a gone container's endpoint", "endpoint", l.Endpoint.Name, "err", err)
+		}
+		a.trigger()
+	}
 	for _, l := range p.Locals {
+		if l.pending() && abandonedHandoff(l, time.Now()) {
+			if synced {
+				removeGone(l, "no container took a handed-off interface")
+			}
+			continue
+		}
 		if l.pending() && l.Netns != "" {
 			a.startBindLocked(l.key()) // after a restart, or a long wait
 		}
@@ -368,16 +386,7 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 			if !synced {
 				continue // removing it needs the store; later
 			}
-			// The kernel half now; the store half by the next pass's
-			// bounded store phase (finishInterrupted), not here under mu
-			// with no bound.
-			a.log.Info("container namespace is gone; removing its endpoint", "network", l.Endpoint.Network, "endpoint", l.Endpoint.Name, "netns", l.Netns)
-			if err := a.purgeKernel(ctx, l); err != nil {
-				a.log.Warn("remove endpoint of a gone container", "endpoint", l.Endpoint.Name, "err", err)
-			} else if err := a.state.save(l); err != nil {
-				a.log.Warn("journal the removal of a gone container's endpoint", "endpoint", l.Endpoint.Name, "err", err)
-			}
-			a.trigger()
+			removeGone(l, "container namespace is gone")
 		case errors.Is(err, vtep.ErrEndpointGone):
 			if _, err := a.dp.AddEndpoint(ctx, spec); err != nil {
 				a.log.Error("recreate endpoint interface", "endpoint", l.Endpoint.Name, "err", err)
@@ -493,6 +502,10 @@ func (a *Agent) reconcileStore(ctx context.Context, full bool) {
 	}
 	if ctx.Err() != nil {
 		a.republishAll.Store(a.republishAll.Load() || forced) // cut short in the last one
+		return
+	}
+	if full {
+		a.resv.sweep(ctx, a)
 	}
 }
 

@@ -26,8 +26,8 @@ type EndpointSpec struct {
 	MAC         net.HardwareAddr // nil = chosen by the kernel
 	MTU         int              // 0 = br0's
 	// Handoff: the container side is for a container runtime (Docker) to
-	// move and configure. It is made in the caller's own namespace under
-	// IfName, down and without address; ContainerNS is ignored.
+	// move and configure. It is made in the host namespace under IfName,
+	// down and without address; ContainerNS is ignored.
 	Handoff bool
 }
 
@@ -216,7 +216,7 @@ func (m *Manager) addEndpoint(ctx context.Context, s EndpointSpec) (string, erro
 	return ifName, nil
 }
 
-// addHandoff makes a pair whose container side stays in the caller's
+// addHandoff makes a pair whose container side stays in the host
 // namespace, for a runtime to move into its container and configure
 // (Docker's Join): only MTU and MAC are set on it. An existing HostVeth
 // that is a veth is kept, wherever its peer went: the runtime may have
@@ -239,15 +239,12 @@ func (m *Manager) addHandoff(ctx context.Context, e *endpointCtx, s EndpointSpec
 	if err := m.step(ctx, "create veth"); err != nil {
 		return "", err
 	}
-	self, err := netns.Get()
-	if err != nil {
-		return "", fmt.Errorf("own namespace: %w", err)
-	}
-	defer self.Close()
+	// The host namespace the manager was made in, where the runtime
+	// looks: not this thread's, which may be anywhere.
 	attrs := netlink.NewLinkAttrs()
 	attrs.Name, attrs.MTU = s.HostVeth, s.MTU
 	veth := &netlink.Veth{LinkAttrs: attrs, PeerName: s.IfName, PeerHardwareAddr: s.MAC,
-		PeerNamespace: netlink.NsFd(int(self)), PeerMTU: uint32(s.MTU)}
+		PeerNamespace: netlink.NsFd(int(m.host)), PeerMTU: uint32(s.MTU)}
 	if err := e.h.LinkAdd(veth); err != nil {
 		return "", fmt.Errorf("create veth %s (peer %s for the runtime): %w", s.HostVeth, s.IfName, err)
 	}

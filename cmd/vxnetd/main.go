@@ -359,7 +359,7 @@ func serveDockerPlugin(ctx context.Context, o *options, log *slog.Logger) error 
 	if err != nil {
 		return fmt.Errorf("--docker-plugin-socket: %w", err)
 	}
-	p := dockerplugin.New(ctx, client, docker, log.With("part", "docker-plugin"))
+	p := dockerplugin.New(ctx, client, docker, log.With("part", "docker-plugin"), filepath.Join(o.stateDir, "docker-networks.json"))
 	go func() {
 		if err := p.Serve(ctx, ln); err != nil {
 			log.Error("docker plugin", "err", err)

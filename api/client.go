@@ -240,6 +240,11 @@ func (c *Client) SetNetns(ctx context.Context, network, endpoint, netns string) 
 	return c.do(ctx, http.MethodPut, "/v1/networks/"+url.PathEscape(network)+"/endpoints/"+url.PathEscape(endpoint)+"/netns", NetnsRequest{Netns: netns}, nil)
 }
 
+// SetAliases replaces an endpoint's other DNS names.
+func (c *Client) SetAliases(ctx context.Context, network, endpoint string, aliases []string) error {
+	return c.do(ctx, http.MethodPut, "/v1/networks/"+url.PathEscape(network)+"/endpoints/"+url.PathEscape(endpoint)+"/aliases", AliasesRequest{Aliases: aliases}, nil)
+}
+
 // Reserve reserves an address of a network for this host.
 func (c *Client) Reserve(ctx context.Context, network string, r ReserveRequest) (*Reservation, error) {
 	var out Reservation

@@ -12,7 +12,8 @@
 //	DELETE /v1/networks/{name}
 //	POST   /v1/networks/{name}/endpoints          AttachRequest -> Endpoint
 //	DELETE /v1/networks/{name}/endpoints/{endpoint}
-//	PUT    /v1/networks/{name}/endpoints/{endpoint}/netns  NetnsRequest: where a handed-off interface went
+//	PUT    /v1/networks/{name}/endpoints/{endpoint}/netns    NetnsRequest: where a handed-off interface went
+//	PUT    /v1/networks/{name}/endpoints/{endpoint}/aliases  AliasesRequest: its other DNS names
 //	POST   /v1/networks/{name}/addresses          ReserveRequest -> Reservation
 //	DELETE /v1/networks/{name}/addresses/{ip}     release a reservation (not an endpoint's address)
 //	POST   /v1/network-plans                      CreateNetworkRequest -> NetworkPlan (creates nothing)
@@ -166,6 +167,11 @@ type AttachRequest struct {
 // NetnsRequest says where a handed-off interface went.
 type NetnsRequest struct {
 	Netns string `json:"netns"`
+}
+
+// AliasesRequest replaces an endpoint's other DNS names.
+type AliasesRequest struct {
+	Aliases []string `json:"aliases"`
 }
 
 // ReserveRequest reserves an address of a network for this host before

@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/vxnet/vxnet/api"
@@ -25,6 +27,10 @@ type DockerNetwork struct {
 // Docker is what the plugin asks of the Docker daemon.
 type Docker interface {
 	Network(ctx context.Context, id string) (*DockerNetwork, error)
+	// EndpointNames are the DNS names Docker gives the container of an
+	// endpoint: its name and its aliases on the network; found is false
+	// until the container runs with the endpoint.
+	EndpointNames(ctx context.Context, endpointID string) (names []string, found bool, err error)
 }
 
 // ErrNoSuchNetwork: the daemon does not know the network (yet: it shows
@@ -81,4 +87,46 @@ func (d *dockerAPI) Network(ctx context.Context, id string) (*DockerNetwork, err
 		n.Subnet, n.Gateway = v.IPAM.Config[0].Subnet, v.IPAM.Config[0].Gateway
 	}
 	return n, nil
+}
+
+func (d *dockerAPI) EndpointNames(ctx context.Context, endpointID string) ([]string, bool, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker/containers/json", nil)
+	if err != nil {
+		return nil, false, err
+	}
+	resp, err := d.http.Do(req)
+	if err != nil {
+		return nil, false, fmt.Errorf("ask Docker for containers: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, false, fmt.Errorf("ask Docker for containers: %s", resp.Status)
+	}
+	var list []struct {
+		Names           []string
+		NetworkSettings struct {
+			Networks map[string]struct {
+				EndpointID string
+				Aliases    []string
+			}
+		}
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+		return nil, false, fmt.Errorf("containers from Docker: %w", err)
+	}
+	for _, c := range list {
+		for _, n := range c.NetworkSettings.Networks {
+			if n.EndpointID != endpointID {
+				continue
+			}
+			var names []string
+			for _, name := range append(c.Names, n.Aliases...) {
+				if name = strings.TrimPrefix(name, "/"); name != "" && !slices.Contains(names, name) {
+					names = append(names, name)
+				}
+			}
+			return names, true, nil
+		}
+	}
+	return nil, false, nil
 }

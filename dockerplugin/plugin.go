@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +38,7 @@ type Agent interface {
 	Attach(ctx context.Context, network string, r api.AttachRequest) (*api.Endpoint, error)
 	Detach(ctx context.Context, network, endpoint string) error
 	SetNetns(ctx context.Context, network, endpoint, netns string) error
+	SetAliases(ctx context.Context, network, endpoint string, aliases []string) error
 	Reserve(ctx context.Context, network string, r api.ReserveRequest) (*api.Reservation, error)
 	ReleaseReservation(ctx context.Context, network, ip string) error
 }
@@ -683,10 +685,39 @@ func (p *Plugin) join(ctx context.Context, r *network.JoinRequest) (any, error) 
 	if err := p.agent.SetNetns(ctx, name, ep, r.SandboxKey); err != nil {
 		return nil, err
 	}
+	go p.learnNames(name, ep, r.EndpointID)
 	return &network.JoinResponse{
 		InterfaceName:         network.InterfaceName{SrcName: handoffName(ep), DstPrefix: "eth"},
 		DisableGatewayService: true,
 	}, nil
+}
+
+// learnNames gives the endpoint its container's names in vxnet's DNS,
+// once the container runs: Docker shows them only then.
+func (p *Plugin) learnNames(network, ep, endpointID string) {
+	ctx, cancel := context.WithTimeout(p.life, bindTimeout)
+	defer cancel()
+	for {
+		names, found, err := p.docker.EndpointNames(ctx, endpointID)
+		if found {
+			// Docker's names are vxnet's kind (letters, digits, '_',
+			// '.', '-'); the agent refuses any other.
+			names = slices.DeleteFunc(names, func(n string) bool { return n == ep })
+			if err := p.agent.SetAliases(ctx, network, ep, names); err != nil {
+				p.log.Warn("give an endpoint its container's names", "network", network, "endpoint", ep, "err", err)
+			}
+			return
+		}
+		if err != nil {
+			p.log.Debug("container names", "endpoint", ep, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			p.log.Debug("no running container for the endpoint; it keeps no other names", "endpoint", ep)
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 func (p *Plugin) endpointInfo(ctx context.Context, r *network.InfoRequest) (any, error) {

@@ -598,30 +598,37 @@ func (a *Agent) PlanNetwork(ctx context.Context, req api.CreateNetworkRequest) (
 	if err != nil {
 		return nil, err
 	}
-	if ireq.Subnet.IsValid() {
-		nets, err := a.Networks(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("plan network: %w", err)
-		}
-		for _, n := range nets {
-			if n.Subnet == ireq.Subnet.String() {
-				if ireq.Gateway.IsValid() && ireq.Gateway.String() != n.Gateway {
-					return nil, conflictf("subnet %s is network %q's, whose gateway is %s, not %s", n.Subnet, n.Name, n.Gateway, ireq.Gateway)
-				}
-				return &api.NetworkPlan{Subnet: n.Subnet, Gateway: n.Gateway, Network: n.Name}, nil
-			}
-		}
-	}
 	avoid, err := a.outsideRanges(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("plan network: %w", err)
 	}
 	ireq.Avoid, ireq.Records = avoid, a.networkRecords
-	l, err := a.ipam.Plan(ctx, ireq)
-	if err != nil {
-		return nil, fmt.Errorf("plan network: %w", err)
+	for try := 0; ; try++ {
+		if ireq.Subnet.IsValid() {
+			nets, err := a.Networks(ctx)
+			if err != nil {
+				return nil, fmt.Errorf("plan network: %w", err)
+			}
+			for _, n := range nets {
+				if n.Subnet == ireq.Subnet.String() {
+					if ireq.Gateway.IsValid() && ireq.Gateway.String() != n.Gateway {
+						return nil, conflictf("subnet %s is network %q's, whose gateway is %s, not %s", n.Subnet, n.Name, n.Gateway, ireq.Gateway)
+					}
+					return &api.NetworkPlan{Subnet: n.Subnet, Gateway: n.Gateway, Network: n.Name}, nil
+				}
+			}
+		}
+		l, err := a.ipam.Plan(ctx, ireq)
+		if errors.Is(err, ipam.ErrInUse) && ireq.Subnet.IsValid() && try < 3 {
+			// A network of that subnet was made between the listing
+			// and the reservations' read: it may be this very one.
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("plan network: %w", err)
+		}
+		return &api.NetworkPlan{Subnet: l.Subnet.String(), Gateway: l.Gateway.String()}, nil
 	}
-	return &api.NetworkPlan{Subnet: l.Subnet.String(), Gateway: l.Gateway.String()}, nil
 }
 
 // networkRequest checks a create request's addressing and MTU.

@@ -2,17 +2,20 @@ package overlay
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/vxnet/vxnet/api"
 	"github.com/vxnet/vxnet/ipam"
+	"github.com/vxnet/vxnet/kvstore"
 )
 
 // A runtime such as Docker builds a container's interface from the
@@ -306,4 +309,64 @@ func (a *Agent) bindNetns(ctx context.Context, key string) (done bool, err error
 	a.events.emit(api.Event{Kind: "attach", Network: l.Endpoint.Network, Node: a.cfg.Node, Endpoint: l.Endpoint.Name,
 		IP: l.Endpoint.IP.String(), Detail: ifName + " in " + path + " (moved there by the runtime)"})
 	return true, nil
+}
+
+// SetAliases replaces an endpoint's other DNS names (a runtime learns its
+// container's name only once it runs: Docker passes the driver none). The
+// endpoint record and this host's peer record are written together; the
+// network's attaches wait meanwhile, since the peer record is written
+// whole.
+func (a *Agent) SetAliases(ctx context.Context, network, name string, aliases []string) error {
+	for _, al := range aliases {
+		if err := ValidateName("alias", al); err != nil {
+			return &codedError{code: api.CodeInvalid, msg: err.Error()}
+		}
+	}
+	lk := a.ops.get(network)
+	lk.Lock()
+	defer lk.Unlock()
+	if err := a.mu.LockCtx(ctx); err != nil {
+		return fmt.Errorf("waiting for the agent: %w", err)
+	}
+	l := a.locals[network+"/"+name]
+	if l == nil || l.Phase != phaseAttached {
+		a.unlock()
+		return notFoundf("endpoint %q of network %q is not attached on this host", name, network)
+	}
+	if slices.Equal(l.Endpoint.Aliases, aliases) {
+		a.unlock()
+		return nil
+	}
+	prev := l.Endpoint.Aliases
+	l.Endpoint.Aliases = slices.Clone(aliases)
+	if err := a.state.save(l); err != nil {
+		l.Endpoint.Aliases = prev
+		a.unlock()
+		return fmt.Errorf("endpoint %s: %w", name, err)
+	}
+	netID, rec := l.Net.ID, l.Endpoint
+	var want []netip.Addr
+	for _, o := range a.locals {
+		if o.Net.ID == netID && o.Phase == phaseAttached {
+			want = append(want, o.Endpoint.IP)
+		}
+	}
+	a.unlock() // the view now has the names the peer record is written with
+	key := endpointKey(network, name)
+	kv, err := a.store.Get(ctx, key)
+	if err != nil {
+		return fmt.Errorf("endpoint %s: %w", name, err)
+	}
+	data, _ := json.Marshal(&rec)
+	// As publishOps, but over the record as it is.
+	ops := []kvstore.Op{{Kind: kvstore.OpCAS, Key: key, Value: data, Index: kv.ModifyIndex}}
+	if a.sessionsInUse() {
+		ops = []kvstore.Op{{Kind: kvstore.OpCheckIndex, Key: key, Index: kv.ModifyIndex}, {Kind: kvstore.OpLock, Key: key, Value: data}}
+	}
+	if err := a.commit(ctx, &commitReq{netID: netID, ops: ops, set: want, setOK: true}); err != nil {
+		// The journal has them: the next pass writes the peer record.
+		return fmt.Errorf("endpoint %s: write its names: %w", name, err)
+	}
+	a.log.Info("endpoint names set", "network", network, "endpoint", name, "aliases", aliases)
+	return nil
 }

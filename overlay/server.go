@@ -78,6 +78,15 @@ func (a *Agent) Handler() http.Handler {
 		err := a.SetNetns(r.Context(), r.PathValue("name"), r.PathValue("endpoint"), req.Netns)
 		a.reply(w, r, http.StatusNoContent, nil, err)
 	})
+	mux.HandleFunc("PUT /v1/networks/{name}/endpoints/{endpoint}/aliases", func(w http.ResponseWriter, r *http.Request) {
+		var req api.AliasesRequest
+		if err := decodeBody(w, r, &req); err != nil {
+			a.reply(w, r, 0, nil, err)
+			return
+		}
+		err := a.SetAliases(r.Context(), r.PathValue("name"), r.PathValue("endpoint"), req.Aliases)
+		a.reply(w, r, http.StatusNoContent, nil, err)
+	})
 	mux.HandleFunc("POST /v1/network-plans", func(w http.ResponseWriter, r *http.Request) {
 		var req api.CreateNetworkRequest
 		if err := decodeBody(w, r, &req); err != nil {

@@ -52,6 +52,8 @@ cleanup() {
     for m in "$work/$h/run/netns/"*; do [ -e "$m" ] && umount -l "$m" 2>/dev/null; done
   done
   for ns in $(ip netns list | awk '{print $1}' | grep "^$p-"); do ip netns del "$ns"; done
+  rm -rf /etc/netns/"$p"-*
+  rmdir /etc/netns 2>/dev/null
   rm -rf "$work"
 }
 # cleanup only on EXIT: as a handler of INT or TERM too it would run and
@@ -147,10 +149,12 @@ on h3 network ls
 
 bold "Four containers: net1c1 (h1) and net1c2 (h2) on net1, net2c1 (h2) and net2c2 (h1) on net2"
 for c in net1c1 net1c2 net2c1 net2c2; do ip netns add "$p-$c"; done
-on h1 attach net1 "$p-net1c1" --name net1c1
-on h2 attach net1 "$p-net1c2" --name net1c2
-on h2 attach net2 "$p-net2c1" --name net2c1
-on h1 attach net2 "$p-net2c2" --name net2c2
+# --resolv-conf: ip netns exec puts /etc/netns/NAME/resolv.conf in place
+# of /etc/resolv.conf, naming the network's DNS server (its gateway).
+on h1 attach net1 "$p-net1c1" --name net1c1 --resolv-conf "/etc/netns/$p-net1c1/resolv.conf"
+on h2 attach net1 "$p-net1c2" --name net1c2 --resolv-conf "/etc/netns/$p-net1c2/resolv.conf"
+on h2 attach net2 "$p-net2c1" --name net2c1 --resolv-conf "/etc/netns/$p-net2c1/resolv.conf"
+on h1 attach net2 "$p-net2c2" --name net2c2 --resolv-conf "/etc/netns/$p-net2c2/resolv.conf"
 on h3 endpoint ls
 
 bold "Inside net1c1 (as 'docker exec net1c1 ip addr' in the article)"
@@ -171,6 +175,14 @@ run ls "$work/h3/run/netns/"
 
 bold "net1c1 (h1) pings net1c2 (h2) across the VXLAN tunnel"
 run ip netns exec "$p-net1c1" ping -c 3 -i 0.2 10.0.0.3
+
+bold "By name, as in the article: net1's DNS server (10.0.0.1 on h1) knows net1c2 on h2, and not net2c1"
+run cat "/etc/netns/$p-net1c1/resolv.conf"
+run ip netns exec "$p-net1c1" getent hosts net1c2
+run ip netns exec "$p-net1c1" ping -c 2 -i 0.2 net1c2
+printf '\033[36m$ ip netns exec %s getent hosts net2c1\033[0m\n' "$p-net1c1"
+if ip netns exec "$p-net1c1" getent hosts net2c1; then echo "UNEXPECTED: net1c1 resolves net2c1" >&2; exit 1; fi
+echo "(not found: net2c1 is on net2)"
 
 bold "Ping matrix: same network across hosts works, across networks fails"
 declare -A ip=([net1c1]=10.0.0.2 [net1c2]=10.0.0.3 [net2c1]=10.0.1.2 [net2c2]=10.0.1.3)

@@ -89,7 +89,10 @@ func TestDNSAcrossHosts(t *testing.T) {
 	// vxnet attach says where the DNS server is and writes resolv.conf
 	// for ip netns users.
 	etc := "/etc/netns/" + c1
-	t.Cleanup(func() { os.RemoveAll(etc) })
+	t.Cleanup(func() {
+		os.RemoveAll(etc)
+		os.Remove("/etc/netns") // if empty: made for this test
+	})
 	var e api.Endpoint
 	a1.jsonOut(&e, "attach", "net1", c1, "--name", "net1c1", "--resolv-conf", etc+"/resolv.conf")
 	if e.DNS == nil || e.DNS.Server != "10.55.0.1" || len(e.DNS.Search) != 1 || e.DNS.Search[0] != "net1" {

@@ -192,7 +192,9 @@ func TestDockerArticle(t *testing.T) {
 		t.Errorf("docker network ls: %q", ls)
 	}
 
-	d1.mustDocker("run", "-d", "--name", "c1", "--net", "net1", "vxtest/busybox", "sleep", "600")
+	// --dns: Docker's embedded DNS asks vxnet's (net1's gateway) for
+	// what it does not know, the containers of other hosts.
+	d1.mustDocker("run", "-d", "--name", "c1", "--net", "net1", "--dns", "10.44.0.1", "vxtest/busybox", "sleep", "600")
 	d2.mustDocker("run", "-d", "--name", "c2", "--net", "net1", "vxtest/busybox", "sleep", "600")
 	d2.mustDocker("run", "-d", "--name", "c3", "--net", "net2", "vxtest/busybox", "sleep", "600")
 	ip1, ip2, ip3 := d1.ip(t, "c1", "net1"), d2.ip(t, "c2", "net1"), d2.ip(t, "c3", "net2")
@@ -225,6 +227,13 @@ func TestDockerArticle(t *testing.T) {
 	eventually(t, 5*time.Second, "c1 pings c2 across hosts", func() error {
 		out, err := d1.docker("exec", "c1", "ping", "-c", "1", "-W", "1", ip2)
 		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	})
+	eventually(t, 5*time.Second, "c1 pings c2 by its container name", func() error {
+		out, err := d1.docker("exec", "c1", "ping", "-c", "1", "-W", "1", "c2")
+		if err != nil || !strings.Contains(out, ip2) {
 			return fmt.Errorf("%v: %s", err, out)
 		}
 		return nil

@@ -12,12 +12,14 @@
 #   scripts/bench.sh --virtual-hosts 100 --other-networks 20
 #   scripts/bench.sh --liveness 3   # how long a dead host's entries stay,
 #                                   # TTL alone and with a Consul agent per host
+#   scripts/bench.sh --dns 50       # name resolution beside peer entries,
+#                                   # after attach and after detach
 #
 # It reports; it does not judge. Everything it makes is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 export VXNET_BENCH=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
     --churn) export VXNET_BENCH_CHURN="$2"; shift 2 ;;
     --other-networks) export VXNET_BENCH_OTHER_NETWORKS="$2"; shift 2 ;;
     --liveness) export VXNET_BENCH_LIVENESS="$2"; shift 2 ;;
+    --dns) export VXNET_BENCH_DNS="$2"; shift 2 ;;
     --out) export VXNET_BENCH_OUT="$(realpath -m "$2")"; shift 2 ;;
     -h|--help) usage ;;
     *) echo "bench: unknown argument $1" >&2; usage 2 >&2 ;;
@@ -43,4 +46,5 @@ export CONSUL_BIN
 run='^TestBenchmarkMesh$'
 [ -n "${VXNET_BENCH_VHOSTS:-}" ] && run='^TestBenchmarkVirtualHosts$'
 [ -n "${VXNET_BENCH_LIVENESS:-}" ] && run='^TestBenchmarkLiveness$'
+[ -n "${VXNET_BENCH_DNS:-}" ] && run='^TestBenchmarkDNS$'
 go test -v -count=1 -timeout 60m -run "$run" ./test/

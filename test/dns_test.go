@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -141,4 +143,149 @@ func TestDNSAcrossHosts(t *testing.T) {
 	c4 := c.net.AddNS("net1c2b")
 	a1.mustVxnet("attach", "net1", c4, "--name", "net1c2", "--ip", "10.55.0.40")
 	expect("the name at its new address", "10.55.0.40", "NOERROR", "net1c2")
+}
+
+// dnsPoller asks a DNS server from inside a namespace, over a socket made
+// there.
+type dnsPoller struct {
+	conn *dns.Conn
+}
+
+func newDNSPoller(t *testing.T, nsName, server string) *dnsPoller {
+	t.Helper()
+	h, err := netns.GetFromName(nsName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	var c net.Conn
+	if err := netnsutil.WithNetNS(h, func() error {
+		var err error
+		c, err = net.Dial("udp4", net.JoinHostPort(server, "53"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &dnsPoller{conn: &dns.Conn{Conn: c}}
+}
+
+// lookup is the A answer for name ("" for none) or an error.
+func (p *dnsPoller) lookup(name string) (string, error) {
+	q := new(dns.Msg)
+	q.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	p.conn.SetDeadline(time.Now().Add(200 * time.Millisecond))
+	if err := p.conn.WriteMsg(q); err != nil {
+		return "", err
+	}
+	for {
+		r, err := p.conn.ReadMsg()
+		if err != nil {
+			return "", err
+		}
+		if r.Id != q.Id {
+			continue // a late answer to an earlier query
+		}
+		for _, rr := range r.Answer {
+			if a, ok := rr.(*dns.A); ok {
+				return a.A.String(), nil
+			}
+		}
+		return "", nil
+	}
+}
+
+// The bench of name resolution beside the peer entries: an endpoint
+// attached on h2 is resolvable from h1's container, and unresolvable after
+// its detach, within how long of its peer entries; the floor is a Consul
+// write waking a blocking query, measured in the same run.
+func TestBenchmarkDNS(t *testing.T) {
+	rounds, _ := strconv.Atoi(os.Getenv("VXNET_BENCH_DNS"))
+	if rounds <= 0 {
+		t.Skip("runs with scripts/bench.sh --dns ROUNDS")
+	}
+	c := newCluster(t, 3)
+	a1, a2 := c.agents[0], c.agents[1]
+	var n api.Network
+	a1.jsonOut(&n, "network", "create", "n", "--subnet", "10.56.0.0/24")
+	obs := c.net.AddNS("obs")
+	a1.mustVxnet("attach", "n", obs, "--name", "obs", "--ip", "10.56.0.2")
+	c.agents[2].mustVxnet("attach", "n", c.net.AddNS("far"), "--name", "far", "--ip", "10.56.0.3")
+	w, err := watchNeighbors(filepath.Join(a1.netnsDir(), nsName(n.ID)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.close()
+	p := newDNSPoller(t, obs, "10.56.0.1")
+	floor := measureFloor(t, c, rounds)
+
+	// watchName polls the name every millisecond from before the CLI
+	// call, so that the name's time is measured as the peer entries'
+	// are, and returns when it first answered as want says.
+	watchName := func(name string, want func(string, error) bool) func() time.Time {
+		done := make(chan time.Time, 1)
+		go func() {
+			deadline := time.Now().Add(10 * time.Second)
+			for time.Now().Before(deadline) {
+				if want(p.lookup(name)) {
+					done <- time.Now()
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+			done <- time.Time{}
+		}()
+		return func() time.Time { return <-done }
+	}
+	entry := func(f func() (time.Time, bool)) time.Time {
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			if at, ok := f(); ok {
+				return at
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		t.Fatal("peer entry not converged in 10s")
+		return time.Time{}
+	}
+	var peerUp, dnsUp, peerDown, dnsDown []time.Duration
+	for r := range rounds {
+		host := 10 + r%200
+		name, ip, mac := fmt.Sprintf("e%d", r), fmt.Sprintf("10.56.0.%d", host), fmt.Sprintf("02:42:0a:38:00:%02x", host)
+		ns := c.net.AddNS(name)
+		w.reset()
+		resolved := watchName(name, func(got string, err error) bool { return got == ip })
+		a2.mustVxnet("attach", "n", ns, "--name", name, "--ip", ip)
+		t0 := time.Now()
+		tn := entry(func() (time.Time, bool) { return w.added(ip, mac) })
+		td := resolved()
+		if td.IsZero() {
+			t.Fatalf("%s not resolvable in 10s", name)
+		}
+		peerUp, dnsUp = append(peerUp, tn.Sub(t0)), append(dnsUp, td.Sub(t0))
+		gone := watchName(name, func(got string, err error) bool { return err == nil && got == "" })
+		a2.mustVxnet("detach", "n", name)
+		t0 = time.Now()
+		tn = entry(func() (time.Time, bool) { return w.removed(ip, mac) })
+		td = gone()
+		if td.IsZero() {
+			t.Fatalf("%s still resolvable 10s after its detach", name)
+		}
+		peerDown, dnsDown = append(peerDown, tn.Sub(t0)), append(dnsDown, td.Sub(t0))
+	}
+	for _, d := range [][]time.Duration{peerUp, dnsUp, peerDown, dnsDown} {
+		slices.Sort(d)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\nname resolution beside peer entries, %d rounds, 3 hosts (ms after the CLI returned; negative: before)\n", rounds)
+	fmt.Fprintf(&b, "%-40s %8s %8s %8s\n", "", "p50", "p99", "max")
+	row := func(what string, d []time.Duration) {
+		fmt.Fprintf(&b, "%-40s %8s %8s %8s\n", what, ms(pct(d, 0.5)), ms(pct(d, 0.99)), ms(d[len(d)-1]))
+	}
+	row("floor: consul write wakes a watcher", floor)
+	row("attach: peer entry on h1", peerUp)
+	row("attach: name resolves on h1", dnsUp)
+	row("detach: peer entry gone on h1", peerDown)
+	row("detach: name gone on h1", dnsDown)
+	fmt.Print(b.String())
 }

@@ -36,7 +36,10 @@ type Config struct {
 	// IsNetwork says whether a name is that of an overlay network: its
 	// names are never forwarded, and only its own server answers them.
 	IsNetwork func(name string) bool
-	Log       *slog.Logger
+	// Count, if set, is told of each query: "local", "forwarded",
+	// "refused" or "dropped".
+	Count func(result string)
+	Log   *slog.Logger
 }
 
 // Spec is one network's server: the namespace it listens in, on the
@@ -74,6 +77,9 @@ func NewManager(cfg Config) *Manager {
 	}
 	if cfg.IsNetwork == nil {
 		cfg.IsNetwork = func(string) bool { return false }
+	}
+	if cfg.Count == nil {
+		cfg.Count = func(string) {}
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
@@ -208,6 +214,7 @@ func (m *Manager) serve(s *server, w dns.ResponseWriter, r *dns.Msg) {
 	case s.sem <- struct{}{}:
 		defer func() { <-s.sem }()
 	default:
+		m.cfg.Count("dropped")
 		return
 	}
 	if out := m.answer(s, w, r); out != nil {
@@ -244,9 +251,11 @@ func (m *Manager) answer(s *server, w dns.ResponseWriter, r *dns.Msg) *dns.Msg {
 	if len(labels) > 0 && m.cfg.IsNetwork(labels[len(labels)-1]) {
 		// Another overlay's names (or this one's, deeper): not known
 		// here, and never sent outside.
+		m.cfg.Count("local")
 		return m.negative(s, r, dns.RcodeNameError)
 	}
 	if !m.cfg.Forward {
+		m.cfg.Count("refused")
 		out := new(dns.Msg)
 		out.SetRcode(r, dns.RcodeRefused)
 		return out
@@ -255,12 +264,15 @@ func (m *Manager) answer(s *server, w dns.ResponseWriter, r *dns.Msg) *dns.Msg {
 	case s.fwd <- struct{}{}:
 		defer func() { <-s.fwd }()
 	default:
-		return nil // dropped: the client asks again
+		m.cfg.Count("dropped")
+		return nil // the client asks again
 	}
+	m.cfg.Count("forwarded")
 	return m.forward(w, r)
 }
 
 func (m *Manager) local(s *server, r *dns.Msg, label string) *dns.Msg {
+	m.cfg.Count("local")
 	ips := s.spec.Zone.Lookup(label)
 	if len(ips) == 0 {
 		return m.negative(s, r, dns.RcodeNameError)
@@ -279,6 +291,7 @@ func (m *Manager) local(s *server, r *dns.Msg, label string) *dns.Msg {
 }
 
 func (m *Manager) reverse(s *server, r *dns.Msg, ip netip.Addr) *dns.Msg {
+	m.cfg.Count("local")
 	names := s.spec.Zone.Names(ip)
 	if len(names) == 0 {
 		return m.negative(s, r, dns.RcodeNameError)

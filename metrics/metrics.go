@@ -49,6 +49,8 @@ var (
 	Repairs        = counterVec("drift_repairs_total", "Drift found in the kernel and repaired, by kind.", "kind")
 	LeaksRemoved   = counterVec("leaks_removed_total", "Things of no endpoint removed (a crash's leftovers), by kind.", "kind")
 
+	DNSQueries = counterVec("dns_queries_total", "Queries the networks' DNS servers answered, by how: local (an overlay name or its absence), forwarded, refused, dropped (over the bound).", "result")
+
 	buildInfo = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "vxnet", Name: "build_info", Help: "Always 1; the labels say which vxnet runs."}, []string{"version", "goversion"})
 )
 

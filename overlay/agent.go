@@ -244,6 +244,7 @@ func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, 
 	if cfg.DNS != nil {
 		c := *cfg.DNS
 		c.IsNetwork, c.Log = a.isNetwork, cfg.Logger.With("part", "dns")
+		c.Count = func(result string) { metrics.DNSQueries.WithLabelValues(result).Inc() }
 		a.dns = dnsserver.NewManager(c)
 	}
 	if eg != nil {

@@ -83,12 +83,17 @@ func TestCNIWithCnitool(t *testing.T) {
 			Address string `json:"address"`
 			Gateway string `json:"gateway"`
 		} `json:"ips"`
+		DNS struct {
+			Nameservers []string `json:"nameservers"`
+			Search      []string `json:"search"`
+		} `json:"dns"`
 	}
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		t.Fatalf("result: %v\n%s", err, out)
 	}
 	if res.CNIVersion != "1.0.0" || len(res.Interfaces) != 1 || res.Interfaces[0].Name != "eth0" || res.Interfaces[0].Mac != "02:42:0a:1f:00:02" ||
-		len(res.IPs) != 1 || res.IPs[0].Address != "10.31.0.2/24" || res.IPs[0].Gateway != "10.31.0.1" {
+		len(res.IPs) != 1 || res.IPs[0].Address != "10.31.0.2/24" || res.IPs[0].Gateway != "10.31.0.1" ||
+		len(res.DNS.Nameservers) != 1 || res.DNS.Nameservers[0] != "10.31.0.1" || len(res.DNS.Search) != 1 || res.DNS.Search[0] != "n1" {
 		t.Fatalf("ADD result:\n%s", out)
 	}
 	if out, err := h2.run("add", "net1", c2, `CAP_ARGS={"ips":["10.31.0.50/24"]}`); err != nil || !strings.Contains(out, "10.31.0.50/24") {

@@ -38,6 +38,9 @@ func outsideResolver(t *testing.T, nsName, addr string) {
 	}
 	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
 		out := new(dns.Msg)
+		if strings.EqualFold(r.Question[0].Name, "slow.example.") {
+			time.Sleep(1500 * time.Millisecond) // a resolver that keeps forwards waiting
+		}
 		if q := r.Question[0]; strings.EqualFold(q.Name, "outside.example.") && q.Qtype == dns.TypeA {
 			out.SetReply(r)
 			out.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.ParseIP("203.0.113.7")}}
@@ -143,6 +146,46 @@ func TestDNSAcrossHosts(t *testing.T) {
 	c4 := c.net.AddNS("net1c2b")
 	a1.mustVxnet("attach", "net1", c4, "--name", "net1c2", "--ip", "10.55.0.40")
 	expect("the name at its new address", "10.55.0.40", "NOERROR", "net1c2")
+
+	// A flood of queries that keep forwards waiting: they are dropped
+	// over the bound, and meanwhile the network's own names answer, as
+	// do the agent's API and its datapath work.
+	flood := newDNSPoller(t, c1, srv)
+	stop := make(chan struct{})
+	flooded := make(chan int)
+	go func() {
+		n := 0
+		q := new(dns.Msg)
+		q.SetQuestion("slow.example.", dns.TypeA)
+		for {
+			select {
+			case <-stop:
+				flooded <- n
+				return
+			default:
+			}
+			q.Id = dns.Id()
+			flood.conn.WriteMsg(q)
+			n++
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	p := newDNSPoller(t, c1, srv)
+	for i := range 20 {
+		if got, err := p.lookup("net1c2"); err != nil || got != "10.55.0.40" {
+			t.Errorf("lookup %d during the flood: %q %v", i, got, err)
+		}
+	}
+	start := time.Now()
+	a1.mustVxnet("status")
+	c5 := c.net.AddNS("net1c5")
+	a1.mustVxnet("attach", "net1", c5, "--name", "net1c5")
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("status and an attach took %s during the flood", d)
+	}
+	close(stop)
+	t.Logf("%d queries sent in the flood", <-flooded)
+	expect("an outside name after the flood", "203.0.113.7", "NOERROR", "outside.example")
 }
 
 // dnsPoller asks a DNS server from inside a namespace, over a socket made

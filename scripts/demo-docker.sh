@@ -40,10 +40,11 @@ dk h1 network inspect net1
 on h3 network ls
 
 bold "Four containers: net1c1 (h1) and net1c2 (h2) on net1, net2c1 (h2) and net2c2 (h1) on net2"
-dk h1 run -d --name net1c1 --net net1 busybox sleep 3600
-dk h2 run -d --name net1c2 --net net1 busybox sleep 3600
-dk h2 run -d --name net2c1 --net net2 busybox sleep 3600
-dk h1 run -d --name net2c2 --net net2 busybox sleep 3600
+echo "(--dns: Docker's embedded DNS asks the network's vxnet DNS server, on its gateway, for the containers of other hosts)"
+dk h1 run -d --name net1c1 --net net1 --dns 10.0.0.1 busybox sleep 3600
+dk h2 run -d --name net1c2 --net net1 --dns 10.0.0.1 busybox sleep 3600
+dk h2 run -d --name net2c1 --net net2 --dns 10.0.1.1 busybox sleep 3600
+dk h1 run -d --name net2c2 --net net2 --dns 10.0.1.1 busybox sleep 3600
 on h3 endpoint ls
 
 bold "Inside net1c1"
@@ -58,6 +59,13 @@ for c in "${!at[@]}"; do
 done
 bold "net1c1 (h1) pings net1c2 (h2) across the VXLAN tunnel"
 dk h1 exec net1c1 ping -c 3 "${ip[net1c2]}"
+
+bold "By name, as in the article: net1c1 (h1) pings net1c2 (h2)"
+for _ in $(seq 50); do dkq h1 exec net1c1 ping -c 1 -W 1 net1c2 >/dev/null 2>&1 && break; sleep 0.1; done
+dk h1 exec net1c1 ping -c 2 net1c2
+printf '\033[36m[h1]$ docker exec net1c1 ping -c 1 -W 1 net2c1\033[0m\n'
+if dkq h1 exec net1c1 ping -c 1 -W 1 net2c1; then echo "UNEXPECTED: net1c1 reaches net2c1 by name" >&2; exit 1; fi
+echo "(net2c1 is on net2: no such name on net1)"
 
 bold "Ping matrix: same network across hosts works, across networks fails"
 ctrs=(net1c1 net1c2 net2c1 net2c2)

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # Installs what vxnet's demo and tests need on a Debian machine, skipping
 # what is already there. Prints the Consul binary's path on the last line.
+#
+#   scripts/deps.sh              # the demo's and the tests' common needs
+#   scripts/deps.sh --runtimes   # also docker.io, podman, runc,
+#                                # busybox-static, dnsutils and cnitool,
+#                                # which only the runtime tests and
+#                                # demo.sh --docker need (they install
+#                                # them themselves when missing)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -29,4 +36,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 modprobe vxlan 2>/dev/null || true
+if [ "${1:-}" = --runtimes ]; then
+  "$here/install-runtimes.sh"
+  "$here/install-cnitool.sh" >/dev/null
+fi
 "$here/install-consul.sh"

@@ -14,6 +14,7 @@ import (
 
 	"github.com/miekg/dns"
 	"github.com/vishvananda/netns"
+	"golang.org/x/net/netutil"
 
 	"github.com/vxnet/vxnet/internal/netnsutil"
 )
@@ -36,6 +37,9 @@ type Config struct {
 	// IsNetwork says whether a name is that of an overlay network: its
 	// names are never forwarded, and only its own server answers them.
 	IsNetwork func(name string) bool
+	// IsOverlayAddr says whether an address is in an overlay network's
+	// subnet: its reverse name is never forwarded either.
+	IsOverlayAddr func(ip netip.Addr) bool
 	// Count, if set, is told of each query: "local", "forwarded",
 	// "refused" or "dropped".
 	Count func(result string)
@@ -59,6 +63,7 @@ type Manager struct {
 
 	mu      sync.Mutex
 	servers map[string]*server // by namespace path
+	closed  bool
 }
 
 // NewManager makes a manager; it listens nowhere until Ensure.
@@ -81,6 +86,9 @@ func NewManager(cfg Config) *Manager {
 	if cfg.Count == nil {
 		cfg.Count = func(string) {}
 	}
+	if cfg.IsOverlayAddr == nil {
+		cfg.IsOverlayAddr = func(netip.Addr) bool { return false }
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
@@ -90,7 +98,8 @@ func NewManager(cfg Config) *Manager {
 type server struct {
 	spec     Spec
 	ns       [2]uint64 // the namespace's dev and inode when the sockets were made
-	udp, tcp *dns.Server
+	pc       net.PacketConn
+	ln       net.Listener
 	sem, fwd chan struct{}
 }
 
@@ -104,6 +113,9 @@ func (m *Manager) Ensure(spec Spec) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return nil // the agent is stopping
+	}
 	if s := m.servers[spec.Netns]; s != nil {
 		if s.ns == id && s.spec.Gateway == spec.Gateway && s.spec.Network == spec.Network && s.spec.Zone == spec.Zone {
 			s.spec.Subnet = spec.Subnet
@@ -131,10 +143,11 @@ func (m *Manager) Stop(netnsPath string) {
 	}
 }
 
-// Close stops every server.
+// Close stops every server, and Ensure starts none after it.
 func (m *Manager) Close() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.closed = true
 	for p, s := range m.servers {
 		s.stop()
 		delete(m.servers, p)
@@ -186,10 +199,16 @@ func (m *Manager) listen(s *server) error {
 	if err != nil {
 		return err
 	}
+	// TCP connections are bounded like queries: each holds a descriptor
+	// and a goroutine while it idles.
+	ln = netutil.LimitListener(ln, maxTCPConns)
+	s.pc, s.ln = pc, ln
 	handler := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) { m.serve(s, w, r) })
-	s.udp = &dns.Server{PacketConn: pc, Handler: handler}
-	s.tcp = &dns.Server{Listener: ln, Handler: handler, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second}
-	for _, srv := range []*dns.Server{s.udp, s.tcp} {
+	idle := func() time.Duration { return 2 * time.Second }
+	for _, srv := range []*dns.Server{
+		{PacketConn: pc, Handler: handler},
+		{Listener: ln, Handler: handler, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second, IdleTimeout: idle},
+	} {
 		go func() {
 			if err := srv.ActivateAndServe(); err != nil && !errors.Is(err, net.ErrClosed) {
 				m.cfg.Log.Warn("dns server", "network", s.spec.Network, "err", err)
@@ -199,12 +218,16 @@ func (m *Manager) listen(s *server) error {
 	return nil
 }
 
+// maxTCPConns bounds a server's TCP connections.
+const maxTCPConns = 64
+
+// stop closes the sockets: the serving goroutines end with them, whether
+// or not they had started (a dns.Server's Shutdown refuses one that has
+// not, and waits for the queries in flight, forwards included), and the
+// namespace is not kept alive by a socket.
 func (s *server) stop() {
-	for _, srv := range []*dns.Server{s.udp, s.tcp} {
-		if srv != nil {
-			srv.Shutdown()
-		}
-	}
+	s.pc.Close()
+	s.ln.Close()
 }
 
 // serve answers one query. Over the bound, the query is dropped: the
@@ -217,9 +240,24 @@ func (m *Manager) serve(s *server, w dns.ResponseWriter, r *dns.Msg) {
 		m.cfg.Count("dropped")
 		return
 	}
-	if out := m.answer(s, w, r); out != nil {
-		w.WriteMsg(out)
+	out := m.answer(s, w, r)
+	if out == nil {
+		return
 	}
+	if _, udp := w.RemoteAddr().(*net.UDPAddr); udp {
+		// What the client can take: 512 bytes, or what its EDNS0
+		// record says; more is truncated, and it asks again over TCP.
+		size := dns.MinMsgSize
+		if opt := r.IsEdns0(); opt != nil {
+			size = max(int(opt.UDPSize()), dns.MinMsgSize)
+			if out.IsEdns0() == nil {
+				out.SetEdns0(uint16(size), false)
+			}
+		}
+		out.Compress = true
+		out.Truncate(size)
+	}
+	w.WriteMsg(out)
 }
 
 // answer is the reply to r, nil for none.
@@ -230,27 +268,31 @@ func (m *Manager) answer(s *server, w dns.ResponseWriter, r *dns.Msg) *dns.Msg {
 		return out
 	}
 	q := r.Question[0]
-	name := strings.ToLower(q.Name)
+	name := strings.ToLower(dns.Fqdn(q.Name))
 	zone := strings.ToLower(dns.Fqdn(s.spec.Network))
-	labels := dns.SplitDomainName(name)
 	switch {
 	case name == zone:
-		return m.noData(s, r)
-	case strings.HasSuffix(name, "."+zone) && len(labels) == 2:
-		return m.local(s, r, labels[0])
-	case len(labels) == 1:
-		// A single label is an endpoint of this network or nothing:
-		// never forwarded, so another network's endpoint of that name
-		// is not found either.
-		return m.local(s, r, labels[0])
+		return m.negative(s, r, dns.RcodeSuccess)
+	case strings.HasSuffix(name, "."+zone):
+		// <endpoint>.<network>: the endpoint's name may have dots.
+		return m.local(s, r, strings.TrimSuffix(name, "."+zone))
 	case strings.HasSuffix(name, ".in-addr.arpa.") && q.Qtype == dns.TypePTR:
 		if ip, ok := reverseAddr(name); ok && s.spec.Subnet.Contains(ip) {
 			return m.reverse(s, r, ip)
+		} else if ok && m.cfg.IsOverlayAddr(ip) {
+			m.cfg.Count("local")
+			return m.negative(s, r, dns.RcodeNameError) // another overlay's
 		}
 	}
-	if len(labels) > 0 && m.cfg.IsNetwork(labels[len(labels)-1]) {
-		// Another overlay's names (or this one's, deeper): not known
-		// here, and never sent outside.
+	// A single label is an endpoint of this network or nothing, and so
+	// is a name with dots that one of its endpoints has.
+	bare := strings.TrimSuffix(name, ".")
+	if dns.CountLabel(name) == 1 || len(s.spec.Zone.Lookup(bare)) > 0 {
+		return m.local(s, r, bare)
+	}
+	if m.inOtherNetwork(name) {
+		// Another overlay's names are not known here, and are never
+		// sent outside: no answer says what another network holds.
 		m.cfg.Count("local")
 		return m.negative(s, r, dns.RcodeNameError)
 	}
@@ -271,10 +313,28 @@ func (m *Manager) answer(s *server, w dns.ResponseWriter, r *dns.Msg) *dns.Msg {
 	return m.forward(w, r)
 }
 
+// inOtherNetwork reports whether a name ends in an overlay network's name
+// (which may have dots itself).
+func (m *Manager) inOtherNetwork(name string) bool {
+	for off, end := 0, false; !end; off, end = dns.NextLabel(name, off) {
+		if off > 0 && m.cfg.IsNetwork(strings.TrimSuffix(name[off:], ".")) {
+			return true
+		}
+	}
+	return false
+}
+
 func (m *Manager) local(s *server, r *dns.Msg, label string) *dns.Msg {
 	m.cfg.Count("local")
 	ips := s.spec.Zone.Lookup(label)
 	if len(ips) == 0 {
+		if !s.spec.Zone.Complete() {
+			// The other hosts' names are not known yet (the store
+			// has not answered since the start): no answer to cache.
+			out := new(dns.Msg)
+			out.SetRcode(r, dns.RcodeServerFailure)
+			return out
+		}
 		return m.negative(s, r, dns.RcodeNameError)
 	}
 	q := r.Question[0]
@@ -378,10 +438,12 @@ func (u *upstream) servers() ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		u.list = u.list[:0]
+		// A new slice: forwards under way still read the old one.
+		list := make([]string, 0, len(cc.Servers))
 		for _, s := range cc.Servers {
-			u.list = append(u.list, net.JoinHostPort(s, cc.Port))
+			list = append(list, net.JoinHostPort(s, cc.Port))
 		}
+		u.list = list
 		u.mod = st.ModTime()
 	}
 	return u.list, nil

@@ -19,10 +19,17 @@ func (fakeWriter) RemoteAddr() net.Addr { return &net.UDPAddr{IP: net.IPv4(10, 1
 func TestAnswers(t *testing.T) {
 	z := NewZone()
 	z.SetNode("h1", []Entry{{IP: netip.MustParseAddr("10.1.0.2"), Names: []string{"web", "www"}}})
-	z.SetNode("h2", []Entry{{IP: netip.MustParseAddr("10.1.0.3"), Names: []string{"db"}}})
-	m := NewManager(Config{Forward: false, IsNetwork: func(n string) bool { return n == "net1" || n == "net2" }})
+	z.SetNode("h2", []Entry{{IP: netip.MustParseAddr("10.1.0.3"), Names: []string{"db"}}, {IP: netip.MustParseAddr("10.1.0.4"), Names: []string{"api.v1"}}})
+	m := NewManager(Config{Forward: false, IsNetwork: func(n string) bool { return n == "net1" || n == "net2" || n == "prod.eu" },
+		IsOverlayAddr: func(ip netip.Addr) bool { return netip.MustParsePrefix("10.0.0.0/8").Contains(ip) }})
 	s := &server{spec: Spec{Network: "net1", Subnet: netip.MustParsePrefix("10.1.0.0/24"), Zone: z},
 		sem: make(chan struct{}, 1), fwd: make(chan struct{}, 1)}
+	q := new(dns.Msg)
+	q.SetQuestion("nope.", dns.TypeA)
+	if out := m.answer(s, fakeWriter{}, q); out.Rcode != dns.RcodeServerFailure {
+		t.Errorf("a name not found before the other hosts' are known: %s, want SERVFAIL", dns.RcodeToString[out.Rcode])
+	}
+	z.SetComplete()
 	ask := func(name string, qtype uint16) (int, []string) {
 		t.Helper()
 		q := new(dns.Msg)
@@ -55,7 +62,11 @@ func TestAnswers(t *testing.T) {
 		{"a.db.net1.", dns.TypeA, dns.RcodeNameError, nil}, // deeper in this one
 		{"2.0.1.10.in-addr.arpa.", dns.TypePTR, dns.RcodeSuccess, []string{"web.net1.", "www.net1."}},
 		{"9.0.1.10.in-addr.arpa.", dns.TypePTR, dns.RcodeNameError, nil},
-		{"example.com.", dns.TypeA, dns.RcodeRefused, nil}, // forwarding off
+		{"example.com.", dns.TypeA, dns.RcodeRefused, nil},                  // forwarding off
+		{"api.v1.", dns.TypeA, dns.RcodeSuccess, []string{"10.1.0.4"}},      // a name with a dot
+		{"api.v1.net1.", dns.TypeA, dns.RcodeSuccess, []string{"10.1.0.4"}}, // and its network
+		{"x.prod.eu.", dns.TypeA, dns.RcodeNameError, nil},                  // a network with a dot
+		{"9.0.2.10.in-addr.arpa.", dns.TypePTR, dns.RcodeNameError, nil},    // another overlay's subnet
 	} {
 		rcode, got := ask(c.name, c.qtype)
 		if rcode != c.rcode || !slices.Equal(got, c.want) {
@@ -70,5 +81,47 @@ func TestAnswers(t *testing.T) {
 	z.SetNode("h2", nil)
 	if rcode, _ := ask("db.", dns.TypeA); rcode != dns.RcodeNameError || z.Len() != 1 {
 		t.Errorf("a gone host's name: %s, %d names left", dns.RcodeToString[rcode], z.Len())
+	}
+}
+
+// captureWriter keeps what serve writes.
+type captureWriter struct {
+	fakeWriter
+	out *dns.Msg
+}
+
+func (c *captureWriter) WriteMsg(m *dns.Msg) error { c.out = m; return nil }
+
+// A UDP answer larger than the client takes is truncated, so that it
+// asks again over TCP: 512 bytes without EDNS0, its size with.
+func TestTruncatedOverUDP(t *testing.T) {
+	z := NewZone()
+	var es []Entry
+	for i := range 60 {
+		es = append(es, Entry{IP: netip.AddrFrom4([4]byte{10, 1, 0, byte(10 + i)}), Names: []string{"many"}})
+	}
+	z.SetNode("h1", es)
+	z.SetComplete()
+	m := NewManager(Config{})
+	s := &server{spec: Spec{Network: "net1", Subnet: netip.MustParsePrefix("10.1.0.0/24"), Zone: z},
+		sem: make(chan struct{}, 1), fwd: make(chan struct{}, 1)}
+	for _, edns := range []uint16{0, 4096} {
+		q := new(dns.Msg)
+		q.SetQuestion("many.net1.", dns.TypeA)
+		if edns > 0 {
+			q.SetEdns0(edns, false)
+		}
+		w := &captureWriter{}
+		m.serve(s, w, q)
+		packed, err := w.out.Pack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case edns == 0 && (!w.out.Truncated || len(packed) > dns.MinMsgSize):
+			t.Errorf("without EDNS0: %d bytes, truncated %v", len(packed), w.out.Truncated)
+		case edns > 0 && (w.out.Truncated || len(w.out.Answer) != 60 || w.out.IsEdns0() == nil):
+			t.Errorf("with EDNS0 %d: %d answers, truncated %v, opt %v", edns, len(w.out.Answer), w.out.Truncated, w.out.IsEdns0())
+		}
 	}
 }

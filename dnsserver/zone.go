@@ -29,6 +29,30 @@ type Zone struct {
 	// canon is an address's endpoint name, which PTR answers first (an
 	// endpoint's first name; its aliases follow).
 	canon map[netip.Addr]string
+	// complete: the other hosts' entries have been read once; before, a
+	// name not found may exist.
+	complete bool
+}
+
+// SetComplete says that the zone holds every host's entries.
+func (z *Zone) SetComplete() {
+	z.mu.Lock()
+	z.complete = true
+	z.mu.Unlock()
+}
+
+// Complete reports whether SetComplete was called.
+func (z *Zone) Complete() bool {
+	z.mu.RLock()
+	defer z.mu.RUnlock()
+	return z.complete
+}
+
+// Node returns one host's entries.
+func (z *Zone) Node(node string) []Entry {
+	z.mu.RLock()
+	defer z.mu.RUnlock()
+	return slices.Clone(z.nodes[node])
 }
 
 // NewZone makes an empty zone.

@@ -701,8 +701,10 @@ func (p *Plugin) learnNames(network, ep, endpointID string) {
 		names, found, err := p.docker.EndpointNames(ctx, endpointID)
 		if found {
 			// Docker's names are vxnet's kind (letters, digits, '_',
-			// '.', '-'); the agent refuses any other.
-			names = slices.DeleteFunc(names, func(n string) bool { return n == ep })
+			// '.', '-'), but for its legacy links' "container/alias"
+			// and names too long for a DNS label, which are left out
+			// rather than have the agent refuse them all.
+			names = slices.DeleteFunc(names, func(n string) bool { return n == ep || strings.Contains(n, "/") || len(n) > 63 })
 			if err := p.agent.SetAliases(ctx, network, ep, names); err != nil {
 				p.log.Warn("give an endpoint its container's names", "network", network, "endpoint", ep, "err", err)
 			}

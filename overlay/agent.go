@@ -245,6 +245,7 @@ func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, 
 		c := *cfg.DNS
 		c.IsNetwork, c.Log = a.isNetwork, cfg.Logger.With("part", "dns")
 		c.Count = func(result string) { metrics.DNSQueries.WithLabelValues(result).Inc() }
+		c.IsOverlayAddr = a.isOverlayAddr
 		a.dns = dnsserver.NewManager(c)
 	}
 	if eg != nil {
@@ -304,6 +305,34 @@ func (a *Agent) publishView() {
 	a.cmu.Lock()
 	a.localsView = v
 	a.cmu.Unlock()
+	a.setOwnNames()
+}
+
+// setOwnNames gives each network's zone this host's endpoints as its
+// journal has them, not as the store last showed them: they answer while
+// the store does not, and before the own record's round trip. Called with
+// mu held; a zone whose entries are the same is not touched.
+func (a *Agent) setOwnNames() {
+	if a.dns == nil {
+		return
+	}
+	own := map[string][]dnsserver.Entry{}
+	for _, l := range a.locals {
+		if l.Phase == phaseAttached && l.Endpoint.IP.IsValid() {
+			own[l.Net.ID] = append(own[l.Net.ID], dnsserver.Entry{IP: l.Endpoint.IP, Names: append([]string{l.Endpoint.Name}, l.Endpoint.Aliases...)})
+		}
+	}
+	for id, v := range a.views {
+		if v.zone == nil {
+			continue
+		}
+		es := own[id]
+		slices.SortFunc(es, func(x, y dnsserver.Entry) int { return x.IP.Compare(y.IP) })
+		if !slices.EqualFunc(v.ownNames, es, func(x, y dnsserver.Entry) bool { return x.IP == y.IP && slices.Equal(x.Names, y.Names) }) {
+			v.ownNames = es
+			v.zone.SetNode(a.cfg.Node, es)
+		}
+	}
 }
 
 // unlock publishes the locals view and releases mu.
@@ -322,6 +351,10 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 	// Stopped means stopped: the helpers below are done (and write
 	// nothing more to the state dir or the store) when Run returns, for
 	// whatever reason it returns.
+	if a.dns != nil {
+		// Last: a pass or an attach still under way may start a server.
+		defer a.dns.Close()
+	}
 	var helpers sync.WaitGroup
 	defer helpers.Wait()
 	defer func() {
@@ -332,9 +365,6 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 		a.unlock()
 		a.bg.Wait()
 	}()
-	if a.dns != nil {
-		defer a.dns.Close()
-	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.mu.Lock()
@@ -1054,6 +1084,18 @@ func (a *Agent) isNetwork(name string) bool {
 	defer a.cmu.RUnlock()
 	for n := range a.networks {
 		if strings.EqualFold(n, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// isOverlayAddr reports whether ip is in an overlay network's subnet.
+func (a *Agent) isOverlayAddr(ip netip.Addr) bool {
+	a.cmu.RLock()
+	defer a.cmu.RUnlock()
+	for _, n := range a.networks {
+		if n.Subnet.Contains(ip) {
 			return true
 		}
 	}

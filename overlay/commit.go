@@ -253,10 +253,16 @@ func (c *committer) txn(ctx context.Context, batch []*commitReq) error {
 func (a *Agent) ownRecord(netID string, ips []netip.Addr) *PeerRecord {
 	packed := packAddrs(ips)
 	names := map[netip.Addr]string{}
+	attached := map[netip.Addr]bool{}
 	for _, l := range a.viewLocals() {
-		if l.Net.ID == netID && l.Endpoint.IP.IsValid() {
-			names[l.Endpoint.IP] = strings.Join(append([]string{l.Endpoint.Name}, l.Endpoint.Aliases...), " ")
+		ip := l.Endpoint.IP
+		if l.Net.ID != netID || !ip.IsValid() || attached[ip] {
+			continue
 		}
+		// An attached endpoint's name wins over a stale record's of the
+		// same address, whatever the map's order.
+		names[ip] = strings.Join(append([]string{l.Endpoint.Name}, l.Endpoint.Aliases...), " ")
+		attached[ip] = l.Phase == phaseAttached
 	}
 	r := &PeerRecord{Version: recordVersion, Node: a.cfg.Node, VTEP: a.cfg.Advertise, IPs: packed}
 	for i := 0; i+4 <= len(packed); i += 4 {

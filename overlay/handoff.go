@@ -322,8 +322,16 @@ func (a *Agent) SetAliases(ctx context.Context, network, name string, aliases []
 			return &codedError{code: api.CodeInvalid, msg: err.Error()}
 		}
 	}
+	// The network's lock, as a pass takes it, but waited for: give up
+	// with the request rather than hold up the attaches queued behind.
 	lk := a.ops.get(network)
-	lk.Lock()
+	for !lk.TryLock() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the operations on network %s: %w", network, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 	defer lk.Unlock()
 	if err := a.mu.LockCtx(ctx); err != nil {
 		return fmt.Errorf("waiting for the agent: %w", err)

@@ -50,9 +50,9 @@ func (r *PeerRecord) check() error {
 		return fmt.Errorf("vtep %s is not a unicast IPv4 address", r.VTEP)
 	case len(r.IPs)%4 != 0:
 		return fmt.Errorf("addresses: %d bytes, not a multiple of 4", len(r.IPs))
-	case len(r.Names) != 0 && len(r.Names) != len(r.IPs)/4:
-		return fmt.Errorf("%d names for %d addresses", len(r.Names), len(r.IPs)/4)
 	}
+	// A names list that does not match the addresses is ignored
+	// (Entries), not a reason to drop the host's peers.
 	return nil
 }
 
@@ -60,9 +60,10 @@ func (r *PeerRecord) check() error {
 func (r *PeerRecord) Entries() []dnsserver.Entry {
 	ips := r.Addrs()
 	out := make([]dnsserver.Entry, 0, len(ips))
+	named := len(r.Names) == len(ips)
 	for i, ip := range ips {
 		e := dnsserver.Entry{IP: ip}
-		if i < len(r.Names) {
+		if named {
 			e.Names = strings.Fields(r.Names[i])
 		}
 		out = append(out, e)

@@ -63,6 +63,9 @@ type peerView struct {
 	// included), kept up to date per changed record for the network's
 	// DNS server; it has its own lock.
 	zone *dnsserver.Zone
+	// ownNames is what setOwnNames last gave the zone (under the
+	// agent's mu).
+	ownNames []dnsserver.Entry
 }
 
 // markPending notes that a change reached the view.
@@ -472,6 +475,9 @@ func (v *peerView) syncZone(prevRecs, prevHeld, recs, held map[string]*PeerRecor
 		}
 	}
 	for node := range nodes {
+		if node == v.node {
+			continue // this host's names come from its own records (setOwnNames)
+		}
 		before, after := effective(prevRecs, prevHeld, node), effective(recs, held, node)
 		switch {
 		case before == after:
@@ -481,6 +487,7 @@ func (v *peerView) syncZone(prevRecs, prevHeld, recs, held map[string]*PeerRecor
 			v.zone.SetNode(node, after.Entries())
 		}
 	}
+	v.zone.SetComplete()
 }
 
 // rebuildZoneLocked makes the names again from the records in force (a
@@ -496,6 +503,7 @@ func (v *peerView) rebuildZoneLocked() {
 	for node, r := range v.recs {
 		all[node] = r.Entries()
 	}
+	all[v.node] = v.zone.Node(v.node)
 	v.zone.Reset(all)
 }
 

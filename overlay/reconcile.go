@@ -684,14 +684,21 @@ func (a *Agent) ensureEndpointRecord(ctx context.Context, l *localEndpoint, sess
 		if json.Unmarshal(kv.Value, &cur) != nil || cur.ID != l.Endpoint.ID {
 			return fmt.Errorf("endpoint name taken by another endpoint in the store (node %s)", cur.Node)
 		}
-		if session == "" || kv.Session == session {
+		value := kv.Value
+		if !slices.Equal(cur.Aliases, l.Endpoint.Aliases) {
+			// Names set while the store did not take them.
+			value, _ = json.Marshal(&l.Endpoint)
+		} else if session == "" || kv.Session == session {
 			return nil
+		}
+		if session == "" {
+			return a.store.CAS(ctx, key, value, kv.ModifyIndex)
 		}
 		// Bound to an older session of this node (a restart without
 		// the session file): move it, once that session has let go.
 		return a.store.Txn(ctx, []kvstore.Op{
 			{Kind: kvstore.OpCheckIndex, Key: key, Index: kv.ModifyIndex},
-			{Kind: kvstore.OpLock, Key: key, Value: kv.Value, Session: session},
+			{Kind: kvstore.OpLock, Key: key, Value: value, Session: session},
 		})
 	case !errors.Is(err, kvstore.ErrNotFound):
 		return err

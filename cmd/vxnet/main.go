@@ -414,9 +414,17 @@ func (c *cli) printEndpoints(eps []api.Endpoint) error {
 		if ports == "" {
 			ports = "-"
 		}
-		rows = append(rows, []string{e.Name, e.Network, e.Node, e.IP, e.MAC, e.Interface, e.VTEP, ports})
+		aliases := strings.Join(e.Aliases, ",")
+		if aliases == "" {
+			aliases = "-"
+		}
+		ifName := e.Interface
+		if ifName == "" {
+			ifName = "-" // handed to a runtime that has not named it yet
+		}
+		rows = append(rows, []string{e.Name, e.Network, e.Node, e.IP, e.MAC, ifName, e.VTEP, ports, aliases})
 	}
-	c.table("NAME\tNETWORK\tNODE\tIP\tMAC\tINTERFACE\tVTEP\tPORTS", rows)
+	c.table("NAME\tNETWORK\tNODE\tIP\tMAC\tINTERFACE\tVTEP\tPORTS\tALIASES", rows)
 	return nil
 }
 

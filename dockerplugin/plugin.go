@@ -131,7 +131,7 @@ func (p *Plugin) saveLocked() {
 	}
 	out := map[string]savedBinding{}
 	for id, b := range p.nets {
-		if isDone(b) && b.err == nil {
+		if b.name != "" && b.err == nil {
 			out[id] = savedBinding{Name: b.name, Subnet: b.subnet}
 		}
 	}
@@ -416,17 +416,21 @@ func (p *Plugin) bindingFor(id string, opts netOpts) *binding {
 func (p *Plugin) bind(id string, b *binding) {
 	ctx, cancel := context.WithTimeout(p.life, bindTimeout)
 	defer cancel()
-	b.name, b.subnet, b.err = p.ensureNetwork(ctx, id, b.opts)
-	if b.err != nil {
-		p.log.Error("docker network has no vxnet network", "docker_network", id[:min(12, len(id))], "err", b.err)
-		close(b.done)
+	name, subnet, err := p.ensureNetwork(ctx, id, b.opts)
+	// Kept before the binding is done, so that a call it answers finds
+	// it kept (written under mu: saveLocked reads every binding).
+	p.mu.Lock()
+	b.name, b.subnet, b.err = name, subnet, err
+	if err == nil {
+		p.saveLocked()
+	}
+	p.mu.Unlock()
+	close(b.done)
+	if err != nil {
+		p.log.Error("docker network has no vxnet network", "docker_network", id[:min(12, len(id))], "err", err)
 		return
 	}
-	p.log.Info("docker network bound", "network", b.name, "docker_network", id[:min(12, len(id))])
-	close(b.done)
-	p.mu.Lock()
-	p.saveLocked()
-	p.mu.Unlock()
+	p.log.Info("docker network bound", "network", name, "docker_network", id[:min(12, len(id))])
 }
 
 func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (name, subnet string, err error) {

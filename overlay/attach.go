@@ -276,6 +276,9 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		a.publishOps(endpointKey(network, name), data, "")...) // bound to the session by the committer
 	undo.store(func(ctx context.Context) error { return a.unpublish(ctx, l) }) // a failed commit may have been applied
 	err = a.commit(ctx, &commitReq{netID: n.ID, ops: ops, add: ip})
+	if errors.Is(err, kvstore.ErrConflict) && a.removeLeftoverRecord(ctx, network, name, l) {
+		err = a.commit(ctx, &commitReq{netID: n.ID, ops: ops, add: ip})
+	}
 	if errors.Is(err, kvstore.ErrConflict) {
 		if cur, _, gerr := a.getNetwork(ctx, network); gerr != nil || cur.Removing || cur.ID != n.ID {
 			return nil, conflictf("network %q was removed during attach", network)
@@ -329,6 +332,35 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	out := l.Endpoint.apiView()
 	out.Netns, out.Egress, out.DNS = path, eg, a.dnsInfo(n)
 	return &out, nil
+}
+
+// removeLeftoverRecord removes an endpoint record of this host under
+// the name that no local record accounts for, and reports whether it did:
+// an earlier attach whose publish the store applied only after the attach
+// had given up and been undone (a frozen store thawing). Anything else
+// under the name is another endpoint's.
+func (a *Agent) removeLeftoverRecord(ctx context.Context, network, name string, self *localEndpoint) bool {
+	kv, err := a.store.Get(ctx, endpointKey(network, name))
+	if err != nil {
+		return false
+	}
+	var rec Endpoint
+	if decodeRecord(kv.Key, kv.Value, &rec) != nil || rec.Node != a.cfg.Node || rec.ID == self.Endpoint.ID {
+		return false
+	}
+	a.mu.Lock()
+	l := a.locals[network+"/"+name]
+	a.unlock()
+	if l != self {
+		return false // a record of the journal: a detach or a pass deals with it
+	}
+	if err := a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex); err != nil {
+		return false
+	}
+	a.log.Warn("removed a leftover record of this host under the name of a new endpoint: an earlier attach, undone, that the store applied late",
+		"network", network, "endpoint", name, "old_id", idPrefix(rec.ID, 12))
+	a.leakRemoved("endpoint_record", network, name, 1)
+	return true
 }
 
 // undoLog is what an attach has to undo if a later step fails: the undo
@@ -396,11 +428,28 @@ func (a *Agent) undoInterrupted(ctx context.Context, network string, nsid nsID, 
 			return fmt.Errorf("waiting for the agent: %w", err)
 		}
 		var l *localEndpoint
+		busy := false
 		for _, c := range a.locals {
-			if c.Endpoint.Network == network && (c.NetnsID == nsid && nsid != nsID{} || c.Endpoint.Name == name) && a.interruptedLocked(c) {
+			if c.Endpoint.Network != network || !(c.NetnsID == nsid && nsid != nsID{} || c.Endpoint.Name == name) {
+				continue
+			}
+			if a.interruptedLocked(c) {
 				l = c
 				break
 			}
+			// Being undone by a pass's store phase, or detached: what
+			// it leaves decides, so wait for it rather than be told the
+			// endpoint exists.
+			busy = busy || c.Phase == phaseDetaching && a.inflight[c.key()]
+		}
+		if l == nil && busy {
+			a.unlock()
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("waiting for the earlier operation on it to finish: %w", ctx.Err())
+			case <-time.After(20 * time.Millisecond):
+			}
+			continue
 		}
 		if l == nil {
 			a.unlock()

@@ -231,7 +231,7 @@ type Event struct {
 // as it should be, and if not what to do.
 type Finding struct {
 	// Check: kernel, mtu, underlay, store, session, datapath, egress,
-	// mounts, room.
+	// dns, mounts, room.
 	Check   string `json:"check"`
 	OK      bool   `json:"ok"`
 	Network string `json:"network,omitempty"`

@@ -71,6 +71,21 @@ func (a *Agent) Doctor(ctx context.Context) []api.Finding {
 	}
 	vteps := a.peerVTEPs()
 	a.unlock()
+	if a.dns != nil {
+		running := map[string]bool{}
+		for _, p := range a.dns.Running() {
+			running[p] = true
+		}
+		for _, ln := range nets {
+			n := &ln.net
+			if running[a.dp.NetNSPath(n.NamespaceName())] {
+				add(api.Finding{Check: "dns", Network: n.Name, OK: true, Message: fmt.Sprintf("DNS server on %s:53", n.Gateway)})
+			} else {
+				add(api.Finding{Check: "dns", Network: n.Name, OK: false, Message: fmt.Sprintf("no DNS server on %s:53: containers cannot resolve the network's names", n.Gateway),
+					Fix: "see the agent's log for why (\"dns server\"); the next pass tries again"})
+			}
+		}
+	}
 	if a.egress != nil {
 		problems, err := a.egress.CheckRules(ctx)
 		switch {

@@ -134,6 +134,19 @@ func TestDNSAcrossHosts(t *testing.T) {
 		t.Errorf("net2c1 resolves net1c2: %q %s", got, status)
 	}
 
+	var findings []api.Finding
+	out, _ := a1.vxnet("-o", "json", "doctor")
+	if err := jsonDecode(out, &findings); err != nil {
+		t.Fatalf("doctor: %v\n%s", err, out)
+	}
+	dnsOK := false
+	for _, f := range findings {
+		dnsOK = dnsOK || f.Check == "dns" && f.Network == "net1" && f.OK
+	}
+	if !dnsOK {
+		t.Errorf("doctor does not find net1's DNS server: %+v", findings)
+	}
+
 	// The article, by name.
 	if out, err := exec.Command("ip", "netns", "exec", c1, "ping", "-c", "1", "-W", "1", "net1c2").CombinedOutput(); err != nil {
 		t.Errorf("ping net1c2 by name: %v\n%s", err, out)

@@ -119,6 +119,9 @@ type Status struct {
 	ConsulNode string `json:"consul_node,omitempty"`
 	// SessionError says why the store refuses this node a session.
 	SessionError string `json:"session_error,omitempty"`
+	// DNS says whether the networks' DNS servers run, and where other
+	// names go: "off", or "on, ...".
+	DNS string `json:"dns,omitempty"`
 }
 
 // CreateNetworkRequest creates a network; absent fields are chosen by the

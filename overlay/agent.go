@@ -8,6 +8,7 @@
 package overlay
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -1007,6 +1008,14 @@ func (a *Agent) Status() api.Status {
 	}
 	if a.liveness != nil {
 		s.Liveness, s.ConsulNode = a.liveness.Mode(), a.liveness.Node
+	}
+	switch {
+	case a.cfg.DNS == nil:
+		s.DNS = "off"
+	case a.cfg.DNS.Forward:
+		s.DNS = "on, forwarding to the resolvers of " + cmp.Or(a.cfg.DNS.ResolvConf, "/etc/resolv.conf")
+	default:
+		s.DNS = "on, other names refused"
 	}
 	if a.sessionErr != nil {
 		s.SessionError = a.sessionErr.Error()

@@ -454,6 +454,12 @@ func (c *cli) attach() *cobra.Command {
 					}
 					req.Netns = abs
 				}
+				if resolvConf != "" {
+					// Refused before anything is attached, not after.
+					if st, err := cl.Status(ctx); err == nil && st.DNS == "off" {
+						return errors.New("--resolv-conf: the agent runs without DNS (vxnetd --dns=false)")
+					}
+				}
 				e, err := cl.Attach(ctx, args[0], req)
 				if err != nil {
 					return err
@@ -701,6 +707,9 @@ func (c *cli) status() *cobra.Command {
 				}
 				if s.SessionError != "" {
 					fmt.Fprintf(w, "Session:\tREFUSED: %s\n", s.SessionError)
+				}
+				if s.DNS != "" {
+					fmt.Fprintf(w, "DNS:\t%s\n", s.DNS)
 				}
 				return w.Flush()
 			})

@@ -262,7 +262,7 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 	st.mark("address")
 	a.crashPoint("attach-allocated")
 
-	spec := vtep.NetworkSpec{Name: n.NamespaceName(), VNI: n.VNI, Gateway: netip.PrefixFrom(n.Gateway, n.Subnet.Bits()), MTU: l.MTU}
+	spec := networkSpec(n, l.MTU)
 	ifName, eg, err := a.attachKernel(ctx, l, spec, ip, &undo, st)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 
@@ -50,15 +51,7 @@ func desiredState(peers map[string][]PeerAddr, locals map[string]*localEndpoint,
 			if mtu == 0 {
 				mtu = networkMTU(&l.Net, localMTU)
 			}
-			p = &netPlan{
-				Net: l.Net,
-				Spec: vtep.NetworkSpec{
-					Name:    ns,
-					VNI:     l.Net.VNI,
-					Gateway: netip.PrefixFrom(l.Net.Gateway, l.Net.Subnet.Bits()),
-					MTU:     mtu,
-				},
-			}
+			p = &netPlan{Net: l.Net, Spec: networkSpec(&l.Net, mtu)}
 			plans[ns] = p
 		}
 		p.Locals = append(p.Locals, l)
@@ -95,6 +88,18 @@ func peerError(n *Network, ip netip.Addr, localIPs map[netip.Addr]bool) error {
 		return fmt.Errorf("ip %s is the address of an endpoint on this host", ip)
 	}
 	return nil
+}
+
+// networkSpec is what the kernel is to hold of a network on this host.
+// br0 gets a MAC of its own, derived from the gateway address as the
+// endpoints' are from theirs, so that it does not change as ports come
+// and go.
+func networkSpec(n *Network, mtu int) vtep.NetworkSpec {
+	s := vtep.NetworkSpec{Name: n.NamespaceName(), VNI: n.VNI, Gateway: netip.PrefixFrom(n.Gateway, n.Subnet.Bits()), MTU: mtu}
+	if n.Gateway.Is4() { // a record that says otherwise is refused by vtep, not a crash here
+		s.BridgeMAC = net.HardwareAddr(ipam.MACFromIP(n.Gateway))
+	}
+	return s
 }
 
 func networkMTU(n *Network, localMTU int) int {

@@ -6,6 +6,7 @@
 package vtep
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -192,6 +193,11 @@ type NetworkSpec struct {
 	VNI     uint32       // VXLAN network identifier
 	Gateway netip.Prefix // br0's address, with the subnet's length
 	MTU     int          // 0 = the underlay's MTU minus VXLANOverhead
+	// BridgeMAC is br0's address; nil leaves it to the kernel, which
+	// gives a bridge its lowest port's and changes it as ports come and
+	// go, under the containers' ARP caches (the gateway, and its DNS
+	// server, then stop answering them until their entries expire).
+	BridgeMAC net.HardwareAddr
 }
 
 func (s *NetworkSpec) check() error {
@@ -300,7 +306,7 @@ func ensureBridge(h *netlink.Handle, s NetworkSpec) (netlink.Link, []string, err
 	}
 	if br == nil {
 		attrs := netlink.NewLinkAttrs()
-		attrs.Name, attrs.MTU = BridgeName, s.MTU
+		attrs.Name, attrs.MTU, attrs.HardwareAddr = BridgeName, s.MTU, s.BridgeMAC
 		if err := h.LinkAdd(&netlink.Bridge{LinkAttrs: attrs}); err != nil {
 			return nil, changes, fmt.Errorf("create %s: %w", BridgeName, err)
 		}
@@ -316,6 +322,13 @@ func ensureBridge(h *netlink.Handle, s NetworkSpec) (netlink.Link, []string, err
 			return nil, changes, fmt.Errorf("set %s mtu %d: %w", BridgeName, s.MTU, err)
 		}
 		changes = append(changes, fmt.Sprintf("%s mtu %d -> %d", BridgeName, br.Attrs().MTU, s.MTU))
+	}
+	if s.BridgeMAC != nil && !bytes.Equal(br.Attrs().HardwareAddr, s.BridgeMAC) {
+		// Set, it sticks: the kernel no longer follows the ports.
+		if err := h.LinkSetHardwareAddr(br, s.BridgeMAC); err != nil {
+			return nil, changes, fmt.Errorf("set %s mac %s: %w", BridgeName, s.BridgeMAC, err)
+		}
+		changes = append(changes, fmt.Sprintf("%s mac %s -> %s", BridgeName, br.Attrs().HardwareAddr, s.BridgeMAC))
 	}
 	c, err := ensureAddr(h, br, s.Gateway)
 	changes = append(changes, c...)

@@ -292,3 +292,37 @@ func networkWorld(t *testing.T) (*testnet.Net, *Manager) {
 	}
 	return tn, m
 }
+
+// br0 keeps the MAC it is given as ports come: left to the kernel, a
+// bridge takes its lowest port's, and the containers' ARP entries for the
+// gateway (and its DNS server) would point at a MAC no longer its.
+func TestBridgeMACStays(t *testing.T) {
+	tn := testnet.New(t)
+	m := hostManager(t, tn.AddHost("h"))
+	ctx := context.Background()
+	s := spec
+	s.BridgeMAC = mac("10.0.0.1")
+	if _, err := m.EnsureNetwork(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	c := tn.AddNS("c")
+	if _, err := m.AddEndpoint(ctx, EndpointSpec{Network: s.Name, ContainerNS: "/var/run/netns/" + c, HostVeth: "veth0000000",
+		Addr: netip.MustParsePrefix("10.0.0.2/24"), MAC: mac("10.0.0.2")}); err != nil {
+		t.Fatal(err)
+	}
+	// A port whose MAC sorts below br0's: a bridge left to the kernel
+	// would take it.
+	if out, err := exec.Command("nsenter", "--net="+m.NetNSPath(s.Name), "ip", "link", "set", "veth0000000", "address", "02:00:00:00:00:02").CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	out, err := exec.Command("nsenter", "--net="+m.NetNSPath(s.Name), "ip", "link", "show", BridgeName).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "link/ether "+s.BridgeMAC.String()) {
+		t.Errorf("br0 after a port came: %v\n%s", err, out)
+	}
+	// One set by hand is put back.
+	exec.Command("nsenter", "--net="+m.NetNSPath(s.Name), "ip", "link", "set", BridgeName, "address", "02:00:00:00:00:01").Run()
+	changes, err := m.EnsureNetwork(ctx, s)
+	if err != nil || len(changes) != 1 || !strings.Contains(changes[0], "mac") {
+		t.Errorf("repair: %v %v", changes, err)
+	}
+}

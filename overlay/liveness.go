@@ -105,6 +105,7 @@ func (a *Agent) kickRenew() {
 }
 
 func (a *Agent) renewOrCreate(ctx context.Context) error {
+	var old string
 	if id := a.currentSession(); id != "" {
 		err := a.store.RenewSession(ctx, id)
 		if err == nil {
@@ -127,13 +128,25 @@ func (a *Agent) renewOrCreate(ctx context.Context) error {
 			a.log.Warn("store session expired: this node was considered gone; registering again and republishing its endpoints")
 		}
 		a.setSession("")
+		old = id
 	}
 	id, err := a.store.CreateSession(ctx, "vxnet node "+a.cfg.Node, a.cfg.NodeTTL)
 	if err != nil {
 		return err
 	}
 	a.setSession(id)
-	if err := a.lockAlive(ctx, id); err != nil {
+	err = a.lockAlive(ctx, id)
+	if errors.Is(err, kvstore.ErrConflict) && old != "" {
+		// The store said the old session was gone, yet it holds this
+		// node's keys (a Consul server answering while it restores its
+		// state): it is this node's, and ended by its successor rather
+		// than left to hold them until its TTL runs out.
+		a.log.Warn("the store's answer that this node's session had ended was early: ending it", "session", old)
+		if derr := a.store.DestroySession(ctx, old); derr == nil {
+			err = a.lockAlive(ctx, id)
+		}
+	}
+	if err != nil {
 		return err
 	}
 	// Endpoints bound to a previous session are gone from the store; the

@@ -172,6 +172,19 @@ func TestBindings(t *testing.T) {
 		t.Fatalf("delete network after a restart: %v, %+v left", err, ag.nets)
 	}
 
+	// A network the plugin joined (made with vxnet network create) is not
+	// its to remove: Docker's network rm leaves it.
+	ag.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "made", Subnet: "10.9.0.0/24"})
+	dk.nets = map[string]*DockerNetwork{dockerNet: {Name: "made", Subnet: "10.9.0.0/24"}}
+	pj := New(ctx, ag, dk, log, "")
+	if _, err := pj.createEndpoint(ctx, endpointReq()); err != nil {
+		t.Fatalf("join: %v", err)
+	}
+	pj.deleteEndpoint(ctx, &network.DeleteEndpointRequest{NetworkID: dockerNet, EndpointID: dockerEP})
+	if _, err := pj.deleteNetwork(ctx, &network.DeleteNetworkRequest{NetworkID: dockerNet}); err != nil || ag.nets["made"] == nil {
+		t.Errorf("network rm of a joined network: %v, removed: %v", err, ag.nets["made"] == nil)
+	}
+
 	// A vxnet network of that name with another subnet: refused, saying
 	// which subnet to give.
 	ag.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "net1", Subnet: "10.8.0.0/24"})

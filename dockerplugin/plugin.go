@@ -80,8 +80,12 @@ type binding struct {
 	done   chan struct{}
 	name   string
 	subnet string // Docker's, once known
-	err    error
-	opts   netOpts
+	// created: this plugin made the vxnet network, which Docker's
+	// network rm may then remove; one made with vxnet network create,
+	// or by another host, is not its to remove.
+	created bool
+	err     error
+	opts    netOpts
 }
 
 // netOpts are the vxnet settings of CreateNetwork's -o options.
@@ -111,7 +115,7 @@ func New(life context.Context, agent Agent, docker Docker, log *slog.Logger, sta
 		}
 	}
 	for id, sb := range saved {
-		b := &binding{done: make(chan struct{}), name: sb.Name, subnet: sb.Subnet}
+		b := &binding{done: make(chan struct{}), name: sb.Name, subnet: sb.Subnet, created: sb.Created}
 		close(b.done)
 		p.nets[id] = b
 	}
@@ -120,8 +124,9 @@ func New(life context.Context, agent Agent, docker Docker, log *slog.Logger, sta
 
 // savedBinding is a binding as the state file keeps it.
 type savedBinding struct {
-	Name   string `json:"name"`
-	Subnet string `json:"subnet"`
+	Name    string `json:"name"`
+	Subnet  string `json:"subnet"`
+	Created bool   `json:"created,omitempty"`
 }
 
 // save writes the successful bindings. Called with mu held.
@@ -132,7 +137,7 @@ func (p *Plugin) saveLocked() {
 	out := map[string]savedBinding{}
 	for id, b := range p.nets {
 		if b.name != "" && b.err == nil {
-			out[id] = savedBinding{Name: b.name, Subnet: b.subnet}
+			out[id] = savedBinding{Name: b.name, Subnet: b.subnet, Created: b.created}
 		}
 	}
 	data, _ := json.MarshalIndent(out, "", "  ")
@@ -416,11 +421,11 @@ func (p *Plugin) bindingFor(id string, opts netOpts) *binding {
 func (p *Plugin) bind(id string, b *binding) {
 	ctx, cancel := context.WithTimeout(p.life, bindTimeout)
 	defer cancel()
-	name, subnet, err := p.ensureNetwork(ctx, id, b.opts)
+	name, subnet, created, err := p.ensureNetwork(ctx, id, b.opts)
 	// Kept before the binding is done, so that a call it answers finds
 	// it kept (written under mu: saveLocked reads every binding).
 	p.mu.Lock()
-	b.name, b.subnet, b.err = name, subnet, err
+	b.name, b.subnet, b.created, b.err = name, subnet, created, err
 	if err == nil {
 		p.saveLocked()
 	}
@@ -433,7 +438,7 @@ func (p *Plugin) bind(id string, b *binding) {
 	p.log.Info("docker network bound", "network", name, "docker_network", id[:min(12, len(id))])
 }
 
-func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (name, subnet string, err error) {
+func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (name, subnet string, created bool, err error) {
 	var dn *DockerNetwork
 	for {
 		if dn, err = p.docker.Network(ctx, id); err == nil {
@@ -441,7 +446,7 @@ func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (na
 		}
 		select {
 		case <-ctx.Done():
-			return "", "", fmt.Errorf("Docker did not show network %.12s: %w", id, err)
+			return "", "", false, fmt.Errorf("Docker did not show network %.12s: %w", id, err)
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -450,29 +455,29 @@ func (p *Plugin) ensureNetwork(ctx context.Context, id string, opts netOpts) (na
 		have, err := p.agent.InspectNetwork(ctx, dn.Name)
 		if err == nil {
 			if have.Subnet != dn.Subnet {
-				return "", dn.Subnet, fmt.Errorf("vxnet network %q has subnet %s, but Docker's network %q was given %s (Docker tells its IPAM driver no network name, so without --subnet a new one is chosen): "+
+				return "", dn.Subnet, false, fmt.Errorf("vxnet network %q has subnet %s, but Docker's network %q was given %s (Docker tells its IPAM driver no network name, so without --subnet a new one is chosen): "+
 					"docker network rm %s && docker network create -d vxnet --ipam-driver vxnet --subnet %s %s",
 					dn.Name, have.Subnet, dn.Name, dn.Subnet, dn.Name, have.Subnet, dn.Name)
 			}
-			return dn.Name, dn.Subnet, nil
+			return dn.Name, dn.Subnet, created, nil
 		}
 		switch {
 		case !isNotFound(err):
-			return "", dn.Subnet, err
+			return "", dn.Subnet, false, err
 		case createErr != nil:
 			// Refused for another reason than the name (a subnet
 			// another network has): that is the answer.
-			return "", dn.Subnet, fmt.Errorf("create vxnet network %q for Docker's: %w", dn.Name, createErr)
+			return "", dn.Subnet, false, fmt.Errorf("create vxnet network %q for Docker's: %w", dn.Name, createErr)
 		case try > 0:
-			return "", dn.Subnet, err
+			return "", dn.Subnet, false, err
 		}
 		_, err = p.agent.CreateNetwork(ctx, api.CreateNetworkRequest{Name: dn.Name, Subnet: dn.Subnet, Gateway: dn.Gateway,
 			VNI: opts.vni, MTU: opts.mtu, Internal: dn.Internal})
 		if ae := (*api.Error)(nil); err == nil || errors.As(err, &ae) && ae.Code == api.CodeConflict {
-			createErr = err // made, or a conflict (made by another host meanwhile?): look again
+			created, createErr = err == nil, err // made, or a conflict (made by another host meanwhile?): look again
 			continue
 		}
-		return "", dn.Subnet, err
+		return "", dn.Subnet, false, err
 	}
 }
 
@@ -509,28 +514,28 @@ func (p *Plugin) network(ctx context.Context, id string) (string, error) {
 	}
 }
 
-// deleteNetwork removes the vxnet network with Docker's when no host has
-// an endpoint on it; otherwise other hosts still use it, and only
-// Docker's is removed here.
+// deleteNetwork removes the vxnet network with Docker's when this plugin
+// made it and no host has an endpoint on it. One made with vxnet network
+// create, or by another host's plugin, stays: Docker's network rm says
+// that this host's Docker is done with it, not that every host is.
 func (p *Plugin) deleteNetwork(ctx context.Context, r *network.DeleteNetworkRequest) (any, error) {
 	p.mu.Lock()
 	b := p.nets[r.NetworkID]
 	delete(p.nets, r.NetworkID)
 	p.saveLocked()
 	p.mu.Unlock()
-	var name string
-	if b != nil {
-		select {
-		case <-b.done:
-			name = b.name
-		case <-ctx.Done():
-		}
-	} else if dn, err := p.docker.Network(ctx, r.NetworkID); err == nil {
-		name = dn.Name
-	}
-	if name == "" {
+	if b == nil {
 		return nil, nil
 	}
+	select {
+	case <-b.done:
+	case <-ctx.Done():
+		return nil, nil
+	}
+	if !b.created || b.err != nil {
+		return nil, nil
+	}
+	name := b.name
 	n, err := p.agent.InspectNetwork(ctx, name)
 	if err != nil || len(n.Endpoints) > 0 {
 		return nil, nil

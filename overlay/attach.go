@@ -350,9 +350,13 @@ func (a *Agent) removeLeftoverRecord(ctx context.Context, network, name string, 
 	}
 	a.mu.Lock()
 	l := a.locals[network+"/"+name]
+	gap := a.journalGap(network)
 	a.unlock()
-	if l != self {
-		return false // a record of the journal: a detach or a pass deals with it
+	if l != self || gap {
+		// A record of the journal: a detach or a pass deals with it.
+		// Or the journal has records it cannot read: the record may be
+		// a running container's, whose absence there is no intent.
+		return false
 	}
 	if err := a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex); err != nil {
 		return false

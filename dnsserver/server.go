@@ -9,7 +9,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
@@ -97,7 +96,7 @@ func NewManager(cfg Config) *Manager {
 
 type server struct {
 	spec     Spec
-	ns       [2]uint64 // the namespace's dev and inode when the sockets were made
+	ns       netnsutil.ID // the namespace when the sockets were made
 	pc       net.PacketConn
 	ln       net.Listener
 	sem, fwd chan struct{}
@@ -107,7 +106,7 @@ type server struct {
 // listens in the namespace at spec.Netns (a namespace made again needs
 // new sockets) on the same address. It is cheap when nothing changed.
 func (m *Manager) Ensure(spec Spec) error {
-	id, err := nsIdentity(spec.Netns)
+	id, err := netnsutil.IDOf(spec.Netns)
 	if err != nil {
 		return fmt.Errorf("dns server of %s: %w", spec.Network, err)
 	}
@@ -163,14 +162,6 @@ func (m *Manager) Running() []string {
 		out = append(out, p)
 	}
 	return out
-}
-
-func nsIdentity(path string) ([2]uint64, error) {
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		return [2]uint64{}, err
-	}
-	return [2]uint64{uint64(st.Dev), st.Ino}, nil
 }
 
 // listen opens the sockets inside the network's namespace: they stay

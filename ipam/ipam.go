@@ -578,47 +578,54 @@ func (a *Allocator) forget(netID string) {
 // ReleaseReservation frees ip if it is a reservation of node; an address
 // an endpoint holds, or nobody, is left alone (nil).
 func (a *Allocator) ReleaseReservation(ctx context.Context, netID string, ip netip.Addr, node string) error {
-	kv, err := a.store.Get(ctx, addrKey(netID, ip))
-	if errors.Is(err, kvstore.ErrNotFound) {
+	_, err := a.releaseIf(ctx, netID, ip, func(o AddrOwner) bool {
+		_, res := o.Reserved()
+		return res && o.Node == node
+	})
+	if errors.Is(err, errNotHeld) {
 		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("release %s: %w", ip, err)
-	}
-	var v addrValue
-	if json.Unmarshal(kv.Value, &v) != nil || v.Node != node {
-		return nil
-	}
-	if _, res := v.Reserved(); !res {
-		return nil
-	}
-	return a.ReleaseAddr(ctx, netID, ip, v.AddrOwner)
+	return err
 }
 
 // ReleaseAddr frees ip if owner holds it.
 func (a *Allocator) ReleaseAddr(ctx context.Context, netID string, ip netip.Addr, owner AddrOwner) error {
+	held, err := a.releaseIf(ctx, netID, ip, func(o AddrOwner) bool { return o == owner })
+	if errors.Is(err, errNotHeld) {
+		return fmt.Errorf("release %s: held by %s/%s, not %s/%s: %w", ip, held.Node, held.Endpoint, owner.Node, owner.Endpoint, ErrInUse)
+	}
+	return err
+}
+
+// errNotHeld: the address is held by an owner that releaseIf's test
+// refused.
+var errNotHeld = errors.New("not held so")
+
+// releaseIf frees ip if its owner passes ok (absent is nil); otherwise it
+// returns the owner it found and errNotHeld.
+func (a *Allocator) releaseIf(ctx context.Context, netID string, ip netip.Addr, ok func(AddrOwner) bool) (AddrOwner, error) {
 	for try := 0; try < maxRetries; try++ {
 		kv, err := a.store.Get(ctx, addrKey(netID, ip))
 		if errors.Is(err, kvstore.ErrNotFound) {
-			return nil
+			return AddrOwner{}, nil
 		}
 		if err != nil {
-			return fmt.Errorf("release %s: %w", ip, err)
+			return AddrOwner{}, fmt.Errorf("release %s: %w", ip, err)
 		}
 		var v addrValue
-		if err := json.Unmarshal(kv.Value, &v); err != nil || v.AddrOwner != owner {
-			return fmt.Errorf("release %s: held by %s/%s, not %s/%s: %w", ip, v.Node, v.Endpoint, owner.Node, owner.Endpoint, ErrInUse)
+		if err := json.Unmarshal(kv.Value, &v); err != nil || !ok(v.AddrOwner) {
+			return v.AddrOwner, errNotHeld
 		}
 		err = a.store.DeleteCAS(ctx, kv.Key, kv.ModifyIndex)
 		if err == nil {
 			a.mu.Lock()
 			delete(a.known[netID], ip)
 			a.mu.Unlock()
-			return nil
+			return AddrOwner{}, nil
 		}
 		if !errors.Is(err, kvstore.ErrConflict) {
-			return fmt.Errorf("release %s: %w", ip, err)
+			return AddrOwner{}, fmt.Errorf("release %s: %w", ip, err)
 		}
 	}
-	return fmt.Errorf("release %s: too much contention", ip)
+	return AddrOwner{}, fmt.Errorf("release %s: too much contention", ip)
 }

@@ -94,7 +94,7 @@ type container struct {
 	path string
 	ns   netns.NsHandle
 	h    *netlink.Handle
-	id   nsIdentity
+	id   netnsutil.ID
 }
 
 // openContainer opens the container's namespace. An error wraps
@@ -104,7 +104,7 @@ func openContainer(path string) (*container, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open container network namespace %s: %w", path, err)
 	}
-	id, err := identityOf(ns)
+	id, err := netnsutil.IDOfHandle(ns)
 	if err != nil {
 		ns.Close()
 		return nil, fmt.Errorf("container network namespace %s: %w", path, err)

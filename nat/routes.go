@@ -10,6 +10,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/vxnet/vxnet/internal/netnsutil"
 )
 
 // Route is a container's own IPv4 default route that AddGateway removed to
@@ -71,18 +73,6 @@ func (r Route) String() string {
 	return b.String() + " in " + r.Netns
 }
 
-// nsIdentity is a namespace's device and inode: what tells two namespaces
-// mounted on the same path apart.
-type nsIdentity struct{ dev, ino uint64 }
-
-func identityOf(ns netns.NsHandle) (nsIdentity, error) {
-	var st unix.Stat_t
-	if err := unix.Fstat(int(ns), &st); err != nil {
-		return nsIdentity{}, fmt.Errorf("stat namespace: %w", err)
-	}
-	return nsIdentity{dev: st.Dev, ino: st.Ino}, nil
-}
-
 func addrOf(ip net.IP) netip.Addr {
 	a, _ := netip.AddrFromSlice(ip.To4())
 	return a
@@ -97,7 +87,7 @@ func (m *Manager) isOurRoute(r netlink.Route) bool {
 
 // recordRoute describes r, a default route in the namespace ch is open on,
 // for restoreRoute.
-func recordRoute(ch *netlink.Handle, path string, id nsIdentity, r netlink.Route) (Route, error) {
+func recordRoute(ch *netlink.Handle, path string, id netnsutil.ID, r netlink.Route) (Route, error) {
 	devName := func(idx int) (string, error) {
 		l, err := ch.LinkByIndex(idx)
 		if err != nil {
@@ -105,7 +95,7 @@ func recordRoute(ch *netlink.Handle, path string, id nsIdentity, r netlink.Route
 		}
 		return l.Attrs().Name, nil
 	}
-	out := Route{Netns: path, NetnsDev: id.dev, NetnsIno: id.ino,
+	out := Route{Netns: path, NetnsDev: id.Dev, NetnsIno: id.Ino,
 		Gateway: addrOf(r.Gw), Src: addrOf(r.Src), Priority: r.Priority, Table: r.Table,
 		Protocol: int(r.Protocol), Scope: int(r.Scope), Type: r.Type, Tos: r.Tos, Flags: r.Flags,
 		MTU: r.MTU, AdvMSS: r.AdvMSS, Hoplimit: r.Hoplimit}
@@ -183,11 +173,11 @@ func restoreRoute(r Route) (skip string, err error) {
 		return "", fmt.Errorf("open container network namespace %s: %w", r.Netns, err)
 	}
 	defer ns.Close()
-	id, err := identityOf(ns)
+	id, err := netnsutil.IDOfHandle(ns)
 	if err != nil {
 		return "", err
 	}
-	if (r.NetnsDev != 0 || r.NetnsIno != 0) && id != (nsIdentity{r.NetnsDev, r.NetnsIno}) {
+	if (r.NetnsDev != 0 || r.NetnsIno != 0) && id != (netnsutil.ID{Dev: r.NetnsDev, Ino: r.NetnsIno}) {
 		return "another namespace is mounted on its path now", nil
 	}
 	ch, err := netlink.NewHandleAt(ns)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/netnsutil"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 	"github.com/vxnet/vxnet/metrics"
@@ -53,13 +54,7 @@ func (a *Agent) resolveNetns(arg string) (string, nsID, error) {
 	return path, id, nil
 }
 
-func statNS(path string) (nsID, error) {
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		return nsID{}, err
-	}
-	return nsID{Dev: uint64(st.Dev), Ino: st.Ino}, nil
-}
+func statNS(path string) (nsID, error) { return netnsutil.IDOf(path) }
 
 // Attach gives the namespace an interface on the network. It is all or
 // nothing: every step pushes its undo, and a failure runs them in reverse.

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/vxnet/vxnet/internal/atomicfile"
+	"github.com/vxnet/vxnet/internal/netnsutil"
 )
 
 // Phases of a local endpoint. The record is written before every step that
@@ -48,10 +49,7 @@ type localEndpoint struct {
 // runtime and not yet seen in its container.
 func (l *localEndpoint) pending() bool { return l.Handoff != "" && l.NetnsID == (nsID{}) }
 
-type nsID struct {
-	Dev uint64 `json:"dev"`
-	Ino uint64 `json:"ino"`
-}
+type nsID = netnsutil.ID
 
 func (l *localEndpoint) key() string { return l.Endpoint.Network + "/" + l.Endpoint.Name }
 

@@ -134,6 +134,25 @@ done
 for h in "${hosts[@]}"; do
   for _ in $(seq 100); do vxnet -H "unix://$work/$h/vxnet.sock" status >/dev/null 2>&1 && break; sleep 0.1; done
 done
+# ping_matrix PING: PING SRC ADDR pings from container SRC; the table of
+# net1c1..net2c2 against each other (ip[]: their addresses) must show
+# same-network pairs ok and the others blocked.
+ping_matrix() {
+  local ping=$1 ctrs=(net1c1 net1c2 net2c1 net2c2) bad=0 s d r same
+  printf '  %-8s' "from\\to"; for d in "${ctrs[@]}"; do printf '%-9s' "$d"; done; echo
+  for s in "${ctrs[@]}"; do
+    printf '  %-8s' "$s"
+    for d in "${ctrs[@]}"; do
+      if [ "$s" = "$d" ]; then printf '%-9s' "-"; continue; fi
+      if "$ping" "$s" "${ip[$d]}" >/dev/null 2>&1; then r=ok; else r=blocked; fi
+      printf '%-9s' "$r"
+      same=$([ "${s:0:4}" = "${d:0:4}" ] && echo ok || echo blocked)
+      [ "$r" = "$same" ] || bad=1
+    done
+    echo
+  done
+  [ "$bad" = 0 ] || { echo "UNEXPECTED ping matrix" >&2; exit 1; }
+}
 on() { local h=$1; shift; printf '\033[36m[%s]$ vxnet %s\033[0m\n' "$h" "$*"; vxnet -H "unix://$work/$h/vxnet.sock" "$@"; }
 
 if [ -n "$docker_mode" ]; then
@@ -186,21 +205,8 @@ echo "(not found: net2c1 is on net2)"
 
 bold "Ping matrix: same network across hosts works, across networks fails"
 declare -A ip=([net1c1]=10.0.0.2 [net1c2]=10.0.0.3 [net2c1]=10.0.1.2 [net2c2]=10.0.1.3)
-ctrs=(net1c1 net1c2 net2c1 net2c2)
-printf '  %-8s' "from\\to"; for d in "${ctrs[@]}"; do printf '%-9s' "$d"; done; echo
-bad=0
-for s in "${ctrs[@]}"; do
-  printf '  %-8s' "$s"
-  for d in "${ctrs[@]}"; do
-    if [ "$s" = "$d" ]; then printf '%-9s' "-"; continue; fi
-    if ip netns exec "$p-$s" ping -c 1 -W 1 "${ip[$d]}" >/dev/null 2>&1; then r=ok; else r=blocked; fi
-    printf '%-9s' "$r"
-    same=$([ "${s:0:4}" = "${d:0:4}" ] && echo ok || echo blocked)
-    [ "$r" = "$same" ] || bad=1
-  done
-  echo
-done
-[ "$bad" = 0 ] || { echo "UNEXPECTED ping matrix" >&2; exit 1; }
+ns_ping() { ip netns exec "$p-$1" ping -c 1 -W 1 "$2"; }
+ping_matrix ns_ping
 
 bold "Egress: net1c1's eth1 on h1's gateway bridge, default route, MASQUERADE"
 run ip netns exec "$p-net1c1" ip -4 addr show eth1

@@ -19,23 +19,29 @@ import (
 	"github.com/vxnet/vxnet/internal/netnsutil"
 )
 
-// outsideResolver is a resolver on the underlay (the switch's address)
-// for the names outside the overlay: it knows outside.example. only.
-func outsideResolver(t *testing.T, nsName, addr string) {
+// inNamedNS runs fn in the namespace of that name under /var/run/netns:
+// a socket it makes stays there.
+func inNamedNS(t *testing.T, name string, fn func() error) {
 	t.Helper()
-	h, err := netns.GetFromName(nsName)
+	h, err := netns.GetFromName(name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	var pc net.PacketConn
-	if err := netnsutil.WithNetNS(h, func() error {
-		var err error
-		pc, err = net.ListenPacket("udp4", net.JoinHostPort(addr, "53"))
-		return err
-	}); err != nil {
+	if err := netnsutil.WithNetNS(h, fn); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// outsideResolver is a resolver on the underlay (the switch's address)
+// for the names outside the overlay: it knows outside.example. only.
+func outsideResolver(t *testing.T, nsName, addr string) {
+	t.Helper()
+	var pc net.PacketConn
+	inNamedNS(t, nsName, func() (err error) {
+		pc, err = net.ListenPacket("udp4", net.JoinHostPort(addr, "53"))
+		return err
+	})
 	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
 		out := new(dns.Msg)
 		if strings.EqualFold(r.Question[0].Name, "slow.example.") {
@@ -223,19 +229,11 @@ type dnsPoller struct {
 
 func newDNSPoller(t *testing.T, nsName, server string) *dnsPoller {
 	t.Helper()
-	h, err := netns.GetFromName(nsName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
 	var c net.Conn
-	if err := netnsutil.WithNetNS(h, func() error {
-		var err error
+	inNamedNS(t, nsName, func() (err error) {
 		c, err = net.Dial("udp4", net.JoinHostPort(server, "53"))
 		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	})
 	t.Cleanup(func() { c.Close() })
 	return &dnsPoller{conn: &dns.Conn{Conn: c}}
 }

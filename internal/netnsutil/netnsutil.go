@@ -128,3 +128,29 @@ func PrivateMounts() (private bool, self, host string, err error) {
 	}
 	return self != host, self, host, nil
 }
+
+// ID is a namespace's device and inode: what tells two namespaces mounted
+// on one path apart (one deleted and made again is another), and a
+// namespace from the plain file it is mounted on before it exists.
+type ID struct {
+	Dev uint64 `json:"dev"`
+	Ino uint64 `json:"ino"`
+}
+
+// IDOf is the identity of what is at path.
+func IDOf(path string) (ID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return ID{}, err
+	}
+	return ID{Dev: st.Dev, Ino: st.Ino}, nil
+}
+
+// IDOfHandle is the identity of an open namespace.
+func IDOfHandle(ns netns.NsHandle) (ID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(ns), &st); err != nil {
+		return ID{}, fmt.Errorf("stat namespace: %w", err)
+	}
+	return ID{Dev: st.Dev, Ino: st.Ino}, nil
+}

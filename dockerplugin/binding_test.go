@@ -117,7 +117,7 @@ func (d *fakeDocker) Network(_ context.Context, id string) (*DockerNetwork, erro
 	}
 	return nil, ErrNoSuchNetwork
 }
-func (d *fakeDocker) EndpointNames(context.Context, string) ([]string, bool, error) {
+func (d *fakeDocker) EndpointNames(context.Context, string, string) ([]string, bool, error) {
 	return nil, false, nil
 }
 

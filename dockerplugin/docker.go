@@ -28,9 +28,9 @@ type DockerNetwork struct {
 type Docker interface {
 	Network(ctx context.Context, id string) (*DockerNetwork, error)
 	// EndpointNames are the DNS names Docker gives the container of an
-	// endpoint: its name and its aliases on the network; found is false
-	// until the container runs with the endpoint.
-	EndpointNames(ctx context.Context, endpointID string) (names []string, found bool, err error)
+	// endpoint of a network: its name and its aliases there; found is
+	// false until the container runs with the endpoint.
+	EndpointNames(ctx context.Context, networkID, endpointID string) (names []string, found bool, err error)
 }
 
 // ErrNoSuchNetwork: the daemon does not know the network (yet: it shows
@@ -89,8 +89,11 @@ func (d *dockerAPI) Network(ctx context.Context, id string) (*DockerNetwork, err
 	return n, nil
 }
 
-func (d *dockerAPI) EndpointNames(ctx context.Context, endpointID string) ([]string, bool, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker/containers/json", nil)
+func (d *dockerAPI) EndpointNames(ctx context.Context, networkID, endpointID string) ([]string, bool, error) {
+	// Only the network's containers: one is asked for per container
+	// start, every 100 ms until it runs.
+	filter := url.QueryEscape(`{"network":["` + networkID + `"]}`)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker/containers/json?filters="+filter, nil)
 	if err != nil {
 		return nil, false, err
 	}

@@ -694,7 +694,7 @@ func (p *Plugin) join(ctx context.Context, r *network.JoinRequest) (any, error) 
 	if err := p.agent.SetNetns(ctx, name, ep, r.SandboxKey); err != nil {
 		return nil, err
 	}
-	go p.learnNames(name, ep, r.EndpointID)
+	go p.learnNames(name, ep, r.NetworkID, r.EndpointID)
 	return &network.JoinResponse{
 		InterfaceName:         network.InterfaceName{SrcName: handoffName(ep), DstPrefix: "eth"},
 		DisableGatewayService: true,
@@ -703,11 +703,11 @@ func (p *Plugin) join(ctx context.Context, r *network.JoinRequest) (any, error) 
 
 // learnNames gives the endpoint its container's names in vxnet's DNS,
 // once the container runs: Docker shows them only then.
-func (p *Plugin) learnNames(network, ep, endpointID string) {
+func (p *Plugin) learnNames(network, ep, networkID, endpointID string) {
 	ctx, cancel := context.WithTimeout(p.life, bindTimeout)
 	defer cancel()
 	for {
-		names, found, err := p.docker.EndpointNames(ctx, endpointID)
+		names, found, err := p.docker.EndpointNames(ctx, networkID, endpointID)
 		if found {
 			// Docker's names are vxnet's kind (letters, digits, '_',
 			// '.', '-'), but for its legacy links' "container/alias"

@@ -108,9 +108,7 @@ func prepare(t testing.TB, opts ...Option) *Server {
 	}
 	s.dataDir = filepath.Join(dir, "data")
 	s.logPath = filepath.Join(dir, "consul.log")
-	for _, name := range []string{"http", "https", "serf_lan", "serf_wan", "server"} {
-		s.ports[name] = freePort(t)
-	}
+	s.pickPorts()
 	t.Cleanup(func() {
 		s.Stop()
 		if t.Failed() {
@@ -192,22 +190,59 @@ func (s *Server) Leader() string {
 // RPCAddr is this server's address as the leader is reported.
 func (s *Server) RPCAddr() string { return net.JoinHostPort(s.addr, fmt.Sprint(s.ports["server"])) }
 
-// freePort asks the kernel for a free TCP port on loopback. Ports are only
-// unique per namespace, so the same number is free in a test's own
-// namespace too.
-func freePort(t testing.TB) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// portNames are the ports a server listens on.
+var portNames = []string{"http", "https", "serf_lan", "serf_wan", "server"}
+
+// pickPorts asks the kernel for free ports on loopback, TCP and UDP (serf
+// uses both), holding each until all are chosen: a port closed at once can
+// come back from the next ask, and two of one server's ports the same
+// fails its start. Ports are only unique per namespace, so the same
+// numbers are free in a test's own namespace too.
+func (s *Server) pickPorts() {
+	s.t.Helper()
+	var held []io.Closer
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for _, name := range portNames {
+		for {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				s.t.Fatal(err)
+			}
+			held = append(held, l)
+			port := l.Addr().(*net.TCPAddr).Port
+			u, err := net.ListenPacket("udp", net.JoinHostPort("127.0.0.1", fmt.Sprint(port)))
+			if err != nil {
+				continue // taken for UDP: keep the TCP one held, ask again
+			}
+			held = append(held, u)
+			s.ports[name] = port
+			break
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func (s *Server) start() {
 	s.t.Helper()
-	s.launch()
-	if err := s.WaitLeader(30 * time.Second); err != nil {
+	for try := 1; ; try++ {
+		s.launch()
+		err := s.WaitLeader(30 * time.Second)
+		if err == nil {
+			return
+		}
+		// Another program may take a port between our ask and Consul's
+		// bind; a lone server can move to other ports (a cluster's are
+		// known to its peers, so StartCluster does not).
+		if try < 3 && strings.Contains(s.logTail(), "address already in use") {
+			s.t.Logf("consul: a port was taken, trying others")
+			s.Stop()
+			os.Remove(s.logPath)
+			s.pickPorts()
+			continue
+		}
 		s.t.Fatalf("consul: %v\n%s", err, s.logTail())
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	nlsock "github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -109,7 +110,7 @@ func openContainer(path string) (*container, error) {
 		ns.Close()
 		return nil, fmt.Errorf("container network namespace %s: %w", path, err)
 	}
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netnsutil.Handle(ns)
 	if err != nil {
 		ns.Close()
 		return nil, fmt.Errorf("netlink handle in container namespace %s: %w", path, err)
@@ -321,11 +322,11 @@ func (m *Manager) repairHost(br, host netlink.Link) ([]string, error) {
 	// bridge itself: icc=false enforced at layer 2, with or without
 	// br_netfilter. Re-read protinfo since enslaving may just have
 	// happened.
-	pi, err := retryDump(func() (netlink.Protinfo, error) { return m.nl.LinkGetProtinfo(host) })
+	isolated, err := m.portIsolated(host)
 	if err != nil {
 		return changes, fmt.Errorf("read bridge port flags of %s: %w", name, err)
 	}
-	if !pi.Isolated {
+	if !isolated {
 		if err := m.nl.LinkSetIsolated(host, true); err != nil {
 			return changes, fmt.Errorf("isolate bridge port %s: %w", name, err)
 		}
@@ -338,6 +339,52 @@ func (m *Manager) repairHost(br, host netlink.Link) ([]string, error) {
 		changes = append(changes, fmt.Sprintf("set %s up", name))
 	}
 	return changes, nil
+}
+
+// portIsolated reads a bridge port's isolated flag from the port's own
+// link message (the bridge's slave data in IFLA_LINKINFO): one request,
+// where the library's LinkGetProtinfo dumps every port of every bridge to
+// find one, which made a full pass over n gateways cost n².
+func (m *Manager) portIsolated(port netlink.Link) (bool, error) {
+	req := nlsock.NewNetlinkRequest(unix.RTM_GETLINK, unix.NLM_F_ACK)
+	msg := nlsock.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = int32(port.Attrs().Index)
+	req.AddData(msg)
+	req.Sockets = m.route
+	msgs, err := req.Execute(unix.NETLINK_ROUTE, unix.RTM_NEWLINK)
+	if err != nil {
+		return false, err
+	}
+	for _, raw := range msgs {
+		attrs, err := nlsock.ParseRouteAttr(raw[unix.SizeofIfInfomsg:])
+		if err != nil {
+			return false, err
+		}
+		for _, a := range attrs {
+			if a.Attr.Type&^unix.NLA_F_NESTED != unix.IFLA_LINKINFO {
+				continue
+			}
+			infos, err := nlsock.ParseRouteAttr(a.Value)
+			if err != nil {
+				return false, err
+			}
+			for _, info := range infos {
+				if info.Attr.Type&^unix.NLA_F_NESTED != unix.IFLA_INFO_SLAVE_DATA {
+					continue
+				}
+				port, err := nlsock.ParseRouteAttr(info.Value)
+				if err != nil {
+					return false, err
+				}
+				for _, p := range port {
+					if p.Attr.Type == unix.IFLA_BRPORT_ISOLATED && len(p.Value) > 0 {
+						return p.Value[0] != 0, nil
+					}
+				}
+			}
+		}
+	}
+	return false, fmt.Errorf("ifindex %d: no bridge port flags in its link message", port.Attrs().Index)
 }
 
 func (m *Manager) repairContainer(c *container, peer netlink.Link, s GatewaySpec, replace bool) ([]string, []Route, error) {

@@ -1,6 +1,7 @@
 package nat
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -16,7 +17,10 @@ import (
 
 	"github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
+	nlsock "github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
+	"github.com/vxnet/vxnet/internal/netnsutil"
+	"golang.org/x/sys/unix"
 )
 
 // ipForwardPath is resolved by the kernel against the network namespace of
@@ -33,7 +37,12 @@ type Manager struct {
 	log *slog.Logger
 	ns  netns.NsHandle  // the manager's namespace, held open for its lifetime
 	nl  *netlink.Handle // netlink sockets bound to ns
-	ipt *iptables.IPTables
+	// route is an rtnetlink socket bound to ns for the requests the
+	// library has no call for (see portIsolated).
+	route map[int]*nlsock.SocketHandle
+	ipt   *iptables.IPTables
+	// iptPath is the binary ipt runs, for the listing it has no call for.
+	iptPath string
 
 	mu sync.Mutex
 	// applied remembers each chain's listing right after we filled it, so a
@@ -81,18 +90,19 @@ func (m *Manager) SyncPublished(ctx context.Context) ([]string, error) {
 	rules := m.cfg.PublishRules(m.published)
 	var changes []string
 	err := m.inNS(func() error {
-		for _, ch := range []Chain{{"nat", m.cfg.dnatChain()}, {"filter", m.cfg.publishChain()}} {
-			ok, err := m.ipt.ChainExists(ch.Table, ch.Name)
-			if err != nil {
-				return fmt.Errorf("check chain %s/%s: %w", ch.Table, ch.Name, err)
-			}
-			if !ok {
+		chains := []Chain{{"nat", m.cfg.dnatChain()}, {"filter", m.cfg.publishChain()}}
+		t, err := m.readTables(chains)
+		if err != nil {
+			return err
+		}
+		for _, ch := range chains {
+			if !t.has(ch) {
 				if len(rulesOf(rules, ch)) > 0 {
 					return fmt.Errorf("chain %s/%s is missing", ch.Table, ch.Name)
 				}
 				continue
 			}
-			c, err := m.syncChain(ch, rulesOf(rules, ch))
+			c, err := m.syncChain(ch, rulesOf(rules, ch), t.rules[ch])
 			changes = append(changes, c...)
 			if err != nil {
 				return err
@@ -127,21 +137,25 @@ func New(cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nat: open network namespace %q: %w", cfg.NetNS, err)
 	}
-	nl, err := netlink.NewHandleAt(ns)
+	nl, err := netnsutil.Handle(ns)
 	if err != nil {
 		ns.Close()
 		return nil, fmt.Errorf("nat: netlink handle in namespace %q: %w", cfg.NetNS, err)
 	}
+	route, err := nlsock.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		nl.Close()
+		ns.Close()
+		return nil, fmt.Errorf("nat: rtnetlink socket in namespace %q: %w", cfg.NetNS, err)
+	}
+	// go-iptables looks up "iptables" on PATH by default, as this does.
 	var ipt *iptables.IPTables
-	if cfg.IPTables == "" {
-		ipt, err = iptables.New()
-	} else {
-		var path string
-		if path, err = exec.LookPath(cfg.IPTables); err == nil {
-			ipt, err = iptables.New(iptables.Path(path))
-		}
+	path, err := exec.LookPath(cmp.Or(cfg.IPTables, "iptables"))
+	if err == nil {
+		ipt, err = iptables.New(iptables.Path(path))
 	}
 	if err != nil {
+		route.Close()
 		nl.Close()
 		ns.Close()
 		return nil, fmt.Errorf("nat: find iptables: %w", err)
@@ -151,7 +165,9 @@ func New(cfg Config) (*Manager, error) {
 		log:     cfg.Logger.With("component", "nat", "bridge", cfg.Bridge),
 		ns:      ns,
 		nl:      nl,
+		route:   map[int]*nlsock.SocketHandle{unix.NETLINK_ROUTE: {Socket: route}},
 		ipt:     ipt,
+		iptPath: path,
 		applied: map[Chain]appliedChain{},
 		// Forwards a previous run left may be stale: write them once.
 		publishedDirty: true,
@@ -162,6 +178,7 @@ func New(cfg Config) (*Manager, error) {
 // the kernel: the bridge and rules outlive the process on purpose so that
 // container egress survives an agent restart.
 func (m *Manager) Close() error {
+	m.route[unix.NETLINK_ROUTE].Close()
 	m.nl.Close()
 	return m.ns.Close()
 }
@@ -309,14 +326,16 @@ func (m *Manager) ensureIPTables() ([]string, error) {
 	rules := append(m.cfg.Rules(), m.cfg.PublishRules(m.published)...)
 	err := m.inNS(func() error {
 		chains := m.cfg.Chains()
+		// One listing per table for every chain and jump: each iptables
+		// run costs milliseconds, and this is every full pass.
+		t, err := m.readTables(chains)
+		if err != nil {
+			return err
+		}
 		// Create every chain before filling any: FORWARD's rules jump to
 		// ISOLATION, and iptables refuses a jump to a missing chain.
 		for _, ch := range chains {
-			ok, err := m.ipt.ChainExists(ch.Table, ch.Name)
-			if err != nil {
-				return fmt.Errorf("check chain %s/%s: %w", ch.Table, ch.Name, err)
-			}
-			if ok {
+			if t.has(ch) {
 				continue
 			}
 			if err := m.ipt.NewChain(ch.Table, ch.Name); err != nil {
@@ -325,7 +344,7 @@ func (m *Manager) ensureIPTables() ([]string, error) {
 			changes = append(changes, fmt.Sprintf("created chain %s/%s", ch.Table, ch.Name))
 		}
 		for _, ch := range chains {
-			c, err := m.syncChain(ch, rulesOf(rules, ch))
+			c, err := m.syncChain(ch, rulesOf(rules, ch), t.rules[ch])
 			changes = append(changes, c...)
 			if err != nil {
 				return err
@@ -333,7 +352,7 @@ func (m *Manager) ensureIPTables() ([]string, error) {
 		}
 		// Jumps last, so traffic is only steered into complete chains.
 		for _, j := range m.cfg.Jumps() {
-			c, err := m.syncJump(j)
+			c, err := m.syncJump(j, t.rules[Chain{j.Table, j.Chain}])
 			changes = append(changes, c...)
 			if err != nil {
 				return err
@@ -347,11 +366,12 @@ func (m *Manager) ensureIPTables() ([]string, error) {
 	return changes, err
 }
 
-// syncChain makes ch contain exactly want, rewriting it only when it differs.
-func (m *Manager) syncChain(ch Chain, want []Rule) ([]string, error) {
-	wantS, missing, extra, same, err := m.chainDiff(ch, want)
-	if err != nil || same {
-		return nil, err
+// syncChain makes ch, which holds have, contain exactly want, rewriting
+// it only when it differs.
+func (m *Manager) syncChain(ch Chain, want []Rule, have []string) ([]string, error) {
+	wantS, missing, extra, same := m.chainDiff(ch, want, have)
+	if same {
+		return nil, nil
 	}
 	// Flush and refill rather than patching: the chains are ours alone and
 	// small, and order matters (isolation first, RETURN last).
@@ -385,13 +405,10 @@ func (m *Manager) syncChain(ch Chain, want []Rule) ([]string, error) {
 	return []string{desc}, nil
 }
 
-// chainDiff compares a chain with the rules it should hold: the rules as
-// strings, those missing and those unexpected, and whether it holds them.
-func (m *Manager) chainDiff(ch Chain, want []Rule) (wantS, missing, extra []string, same bool, err error) {
-	have, err := m.listRules(ch.Table, ch.Name)
-	if err != nil {
-		return nil, nil, nil, false, err
-	}
+// chainDiff compares a chain's rules, have, with the rules it should
+// hold: the rules as strings, those missing and those unexpected, and
+// whether it holds them.
+func (m *Manager) chainDiff(ch Chain, want []Rule, have []string) (wantS, missing, extra []string, same bool) {
 	wantS = make([]string, len(want))
 	for i, r := range want {
 		wantS[i] = r.String()
@@ -399,20 +416,16 @@ func (m *Manager) chainDiff(ch Chain, want []Rule) (wantS, missing, extra []stri
 	// The listing shortcut holds only for the rules it was taken of: the
 	// DNAT and PUBLISH chains change with the published ports.
 	if prev, ok := m.applied[ch]; slices.Equal(have, wantS) || (ok && slices.Equal(prev.want, wantS) && slices.Equal(have, prev.listing)) {
-		return wantS, nil, nil, true, nil
+		return wantS, nil, nil, true
 	}
 	missing, extra = diff(wantS, have)
-	return wantS, missing, extra, false, nil
+	return wantS, missing, extra, false
 }
 
-// syncJump makes the built-in chain jump to ours exactly once. A missing
-// jump goes to position 1; an existing one is left where it is (see the
-// package documentation).
-func (m *Manager) syncJump(j Rule) ([]string, error) {
-	have, err := m.listRules(j.Table, j.Chain)
-	if err != nil {
-		return nil, err
-	}
+// syncJump makes the built-in chain, which holds have, jump to ours
+// exactly once. A missing jump goes to position 1; an existing one is left
+// where it is (see the package documentation).
+func (m *Manager) syncJump(j Rule, have []string) ([]string, error) {
 	n := 0
 	for _, r := range have {
 		if r == j.String() {
@@ -450,13 +463,65 @@ func (m *Manager) listRules(table, chain string) ([]string, error) {
 	}
 	var out []string
 	for _, l := range lines {
-		if !strings.HasPrefix(l, "-A ") {
-			continue
+		if r, ok := ruleLine(l); ok {
+			out = append(out, r)
 		}
-		l = counterSuffix.ReplaceAllString(l, "")
-		out = append(out, strings.Join(strings.Fields(l), " "))
 	}
 	return out, nil
+}
+
+// ruleLine is a "-A" line of a -S listing, normalised for comparison.
+func ruleLine(l string) (string, bool) {
+	if !strings.HasPrefix(l, "-A ") {
+		return "", false
+	}
+	l = counterSuffix.ReplaceAllString(l, "")
+	return strings.Join(strings.Fields(l), " "), true
+}
+
+// tableListing is what a -S listing of whole tables showed: which chains
+// exist, and the normalised rules of each.
+type tableListing struct {
+	chains map[Chain]bool
+	rules  map[Chain][]string
+}
+
+func (t *tableListing) has(ch Chain) bool { return t.chains[ch] }
+
+// readTables lists the tables that chains are in, one iptables run each.
+// go-iptables lists a chain, or a table's chain names without their
+// rules, but not a table's rules, so this runs the binary it found. Call
+// inside the manager's namespace.
+func (m *Manager) readTables(chains []Chain) (*tableListing, error) {
+	t := &tableListing{chains: map[Chain]bool{}, rules: map[Chain][]string{}}
+	var tables []string
+	for _, ch := range chains {
+		if !slices.Contains(tables, ch.Table) {
+			tables = append(tables, ch.Table)
+		}
+	}
+	for _, table := range tables {
+		var stdout, stderr strings.Builder
+		cmd := exec.Command(m.iptPath, "-t", table, "-S", "--wait")
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err != nil {
+			return nil, fmt.Errorf("list table %s: %w: %s", table, err, strings.TrimSpace(stderr.String()))
+		}
+		for _, l := range strings.Split(stdout.String(), "\n") {
+			f := strings.Fields(l)
+			switch {
+			case len(f) < 2:
+			case f[0] == "-P" || f[0] == "-N":
+				t.chains[Chain{table, f[1]}] = true
+			case f[0] == "-A":
+				if r, ok := ruleLine(l); ok {
+					ch := Chain{table, f[1]}
+					t.rules[ch] = append(t.rules[ch], r)
+				}
+			}
+		}
+	}
+	return t, nil
 }
 
 // diff returns the elements of want missing from have and those of have not
@@ -625,19 +690,17 @@ func (m *Manager) CheckRules(ctx context.Context) ([]string, error) {
 	var findings []string
 	rules := append(m.cfg.Rules(), m.cfg.PublishRules(m.published)...)
 	err := m.inNS(func() error {
+		t, err := m.readTables(m.cfg.Chains())
+		if err != nil {
+			return err
+		}
 		for _, ch := range m.cfg.Chains() {
-			ok, err := m.ipt.ChainExists(ch.Table, ch.Name)
-			if err != nil {
-				return fmt.Errorf("check chain %s/%s: %w", ch.Table, ch.Name, err)
-			}
-			if !ok {
+			if !t.has(ch) {
 				findings = append(findings, fmt.Sprintf("chain %s/%s is missing", ch.Table, ch.Name))
 				continue
 			}
-			_, missing, extra, same, err := m.chainDiff(ch, rulesOf(rules, ch))
+			_, missing, extra, same := m.chainDiff(ch, rulesOf(rules, ch), t.rules[ch])
 			switch {
-			case err != nil:
-				return err
 			case same:
 			case len(missing)+len(extra) == 0:
 				findings = append(findings, fmt.Sprintf("chain %s/%s: rules out of order", ch.Table, ch.Name))
@@ -651,10 +714,7 @@ func (m *Manager) CheckRules(ctx context.Context) ([]string, error) {
 			}
 		}
 		for _, j := range m.cfg.Jumps() {
-			have, err := m.listRules(j.Table, j.Chain)
-			if err != nil {
-				return err
-			}
+			have := t.rules[Chain{j.Table, j.Chain}]
 			if n := strings.Count(strings.Join(have, "\n")+"\n", j.String()+"\n"); n != 1 {
 				findings = append(findings, fmt.Sprintf("%s/%s has %d jumps %q, want 1", j.Table, j.Chain, n, j.String()))
 			}

@@ -180,7 +180,7 @@ func restoreRoute(r Route) (skip string, err error) {
 	if (r.NetnsDev != 0 || r.NetnsIno != 0) && id != (netnsutil.ID{Dev: r.NetnsDev, Ino: r.NetnsIno}) {
 		return "another namespace is mounted on its path now", nil
 	}
-	ch, err := netlink.NewHandleAt(ns)
+	ch, err := netnsutil.Handle(ns)
 	if err != nil {
 		return "", fmt.Errorf("netlink handle in container namespace %s: %w", r.Netns, err)
 	}

@@ -85,7 +85,7 @@ func (e *endpointCtx) openContainer(path string) error {
 	if err != nil {
 		return fmt.Errorf("open container netns %s: %w", path, err)
 	}
-	ch, err := netlink.NewHandleAt(cns)
+	ch, err := netnsutil.Handle(cns)
 	if err != nil {
 		cns.Close()
 		return fmt.Errorf("netlink handle in container netns %s: %w", path, err)

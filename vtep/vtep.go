@@ -96,7 +96,7 @@ func New(cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("vtep: host netns: %w", err)
 	}
-	h, err := netlink.NewHandleAt(host)
+	h, err := netnsutil.Handle(host)
 	if err != nil {
 		host.Close()
 		return nil, fmt.Errorf("vtep: netlink handle on host netns: %w", err)
@@ -165,7 +165,7 @@ func (m *Manager) nsHandle(name string) (*netlink.Handle, netns.NsHandle, error)
 	if err != nil {
 		return nil, 0, fmt.Errorf("open netns %s: %w", path, err)
 	}
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netnsutil.Handle(ns)
 	if err != nil {
 		ns.Close()
 		return nil, 0, fmt.Errorf("netlink handle in %s: %w", path, err)

@@ -24,6 +24,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/netnsutil"
 )
 
 // conf is the plugin's network configuration.
@@ -247,7 +248,7 @@ func checkInterface(nsPath, ifName, ip string) error {
 		return types.NewError(types.ErrInvalidEnvironmentVariables, "vxnet-cni: netns "+nsPath, err.Error())
 	}
 	defer h.Close()
-	nl, err := netlink.NewHandleAt(h)
+	nl, err := netnsutil.Handle(h)
 	if err != nil {
 		return types.NewError(types.ErrInternal, "vxnet-cni: netlink in "+nsPath, err.Error())
 	}

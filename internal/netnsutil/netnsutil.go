@@ -154,3 +154,11 @@ func IDOfHandle(ns netns.NsHandle) (ID, error) {
 	}
 	return ID{Dev: st.Dev, Ino: st.Ino}, nil
 }
+
+// Handle opens a netlink handle in ns for rtnetlink alone, the only
+// family the agent speaks: netlink.NewHandleAt with no family opens a
+// socket for each of three, each with two setns of the thread, which on a
+// full pass over many endpoints is most of the pass's time.
+func Handle(ns netns.NsHandle) (*netlink.Handle, error) {
+	return netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+}

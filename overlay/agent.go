@@ -396,14 +396,21 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 	// pass with a complete view is a full one, whether or not the ready
 	// timer fired first.
 	fullSynced := false
+	runStart := time.Now()
+	var viewTimer *time.Timer
 	for {
 		full := false
+		var viewWaited <-chan time.Time
+		if viewTimer != nil {
+			viewWaited = viewTimer.C
+		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case err := <-a.fatal:
 			return err
 		case <-a.kick:
+		case <-viewWaited:
 		case <-ticker.C:
 			full = true
 		case <-readyTimer.C:
@@ -415,6 +422,17 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 		}
 		synced := a.synced()
 		if synced && !fullSynced {
+			if wait := viewWait - time.Since(runStart); wait > 0 && a.viewsPending() {
+				// The first full pass takes the peers with it: a light
+				// one until the local networks' views have their first
+				// answer, for at most viewWait.
+				if viewTimer == nil {
+					viewTimer = time.NewTimer(wait)
+					defer viewTimer.Stop()
+				}
+				a.reconcile(ctx, false)
+				continue
+			}
 			full, fullSynced = true, true
 		}
 		a.reconcile(ctx, full)
@@ -422,6 +440,23 @@ func (a *Agent) Run(ctx context.Context, ready func()) error {
 			notify()
 		}
 	}
+}
+
+// viewWait bounds how long the first full pass waits for the local
+// networks' peer views (see Run): one store round trip, normally.
+const viewWait = 2 * time.Second
+
+// viewsPending reports whether a local network's peer view has not had its
+// first answer from the store yet.
+func (a *Agent) viewsPending() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, v := range a.views {
+		if _, _, synced := v.own(); !synced {
+			return true
+		}
+	}
+	return false
 }
 
 func (a *Agent) trigger() {

@@ -223,10 +223,11 @@ func (a *Agent) reconcileEgress(ctx context.Context) {
 	}
 	wantVeth := map[string]bool{}
 	owners := map[string]bool{}
+	book := a.gwAddrs.Owners()
 	for id, l := range want {
 		wantVeth[gatewayVeth(id)] = true
 		owners[gatewayOwner(id)] = true
-		ip, ok := a.gwAddrs.Owners()[gatewayOwner(id)]
+		ip, ok := book[gatewayOwner(id)]
 		if !ok {
 			if _, _, err := a.addGateway(ctx, l); err != nil {
 				a.log.Error("gateway interface", "endpoint", l.Endpoint.Name, "err", err)

@@ -39,6 +39,7 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	synced := a.synced()
 	storeUp := !a.storeDown()
 	interrupted := a.reconcileKernel(ctx, full, synced && storeUp)
+	kernelDone := time.Now()
 	if ctx.Err() != nil {
 		return // cut short: not a complete pass
 	}
@@ -60,6 +61,8 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 	if ctx.Err() != nil {
 		return
 	}
+	a.log.Debug("pass done", "kind", kind, "synced", synced, "kernel", kernelDone.Sub(start).Round(time.Microsecond),
+		"store", time.Since(kernelDone).Round(time.Microsecond))
 	a.cmu.Lock()
 	a.lastReconcile = time.Now()
 	a.ready = a.ready || synced
@@ -103,18 +106,29 @@ func (a *Agent) reconcileKernel(ctx context.Context, full, withStore bool) []*lo
 	}
 	peers, viewsSynced := a.viewPeers(only)
 	plans := desiredState(peers, a.locals, a.localMTU(), only)
+	// Peers first, the check of every endpoint after: on a host with many
+	// endpoints the checks are most of a full pass, and the entries (what
+	// a host that lost its tables needs first) land before them, not a
+	// whole pass later.
+	var usable []*netPlan
 	for _, p := range plans {
 		if ctx.Err() != nil {
 			return nil
 		}
-		if full {
-			a.ensurePlan(ctx, p, withStore)
+		if full && a.ensureNetwork(ctx, p) {
+			usable = append(usable, p)
 		}
 		if viewsSynced[p.Net.ID] {
 			a.syncPeers(ctx, p, full)
 		}
 	}
 	if full {
+		for _, p := range usable {
+			if ctx.Err() != nil {
+				return nil
+			}
+			a.ensureEndpoints(ctx, p, withStore)
+		}
 		a.reconcileEgress(ctx)
 	}
 	if have, err := a.dp.Networks(); err != nil {
@@ -337,9 +351,9 @@ func (a *Agent) syncPeers(ctx context.Context, p *netPlan, full bool) {
 	}
 }
 
-// ensurePlan creates or repairs the network's namespace and its local
-// endpoints, and removes interfaces that belong to no local endpoint.
-func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
+// ensureNetwork creates or repairs the network's namespace, bridge and
+// VTEP, and its DNS server; it reports whether the namespace is usable.
+func (a *Agent) ensureNetwork(ctx context.Context, p *netPlan) bool {
 	changes, err := a.dp.EnsureNetwork(ctx, p.Spec)
 	if len(changes) > 0 {
 		a.log.Warn("network datapath repaired", "network", p.Net.Name, "changes", changes)
@@ -348,9 +362,15 @@ func (a *Agent) ensurePlan(ctx context.Context, p *netPlan, synced bool) {
 	}
 	if err != nil {
 		a.log.Error("ensure network", "network", p.Net.Name, "err", err)
-		return
+		return false
 	}
 	a.ensureDNS(&p.Net)
+	return true
+}
+
+// ensureEndpoints repairs the network's local endpoints, and removes
+// interfaces that belong to no local endpoint.
+func (a *Agent) ensureEndpoints(ctx context.Context, p *netPlan, synced bool) {
 	want := map[string]bool{}
 	for _, l := range a.locals {
 		if l.Net.NamespaceName() == p.Spec.Name {

@@ -19,7 +19,7 @@ type datapath interface {
 	DeleteNetwork(ctx context.Context, name string) error
 	RemoveStrays(ctx context.Context) ([]string, error)
 	AddEndpoint(ctx context.Context, s vtep.EndpointSpec) (string, error)
-	CheckEndpoint(ctx context.Context, s vtep.EndpointSpec) ([]string, error)
+	CheckEndpoints(ctx context.Context, network string, specs []vtep.EndpointSpec) []vtep.EndpointCheck
 	FindPeer(ctx context.Context, network, hostVeth, containerNS string, addr netip.Prefix) (name string, hasAddr, found bool, err error)
 	RemoveEndpoint(ctx context.Context, network, hostVeth string) error
 	Endpoints(ctx context.Context, network string) ([]string, error)

@@ -85,13 +85,16 @@ func (f *fakeDatapath) AddEndpoint(_ context.Context, s vtep.EndpointSpec) (stri
 	eps[s.HostVeth] = s
 	return s.IfName, nil
 }
-func (f *fakeDatapath) CheckEndpoint(_ context.Context, s vtep.EndpointSpec) ([]string, error) {
+func (f *fakeDatapath) CheckEndpoints(_ context.Context, network string, specs []vtep.EndpointSpec) []vtep.EndpointCheck {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if _, ok := f.eps[s.Network][s.HostVeth]; !ok {
-		return nil, vtep.ErrEndpointGone
+	out := make([]vtep.EndpointCheck, len(specs))
+	for i, s := range specs {
+		if _, ok := f.eps[network][s.HostVeth]; !ok {
+			out[i].Err = vtep.ErrEndpointGone
+		}
 	}
-	return nil, nil
+	return out
 }
 func (f *fakeDatapath) FindPeer(_ context.Context, network, veth, _ string, _ netip.Prefix) (string, bool, bool, error) {
 	f.mu.Lock()

@@ -389,6 +389,8 @@ func (a *Agent) ensureEndpoints(ctx context.Context, p *netPlan, synced bool) {
 		}
 		a.trigger()
 	}
+	var check []*localEndpoint
+	var specs []vtep.EndpointSpec
 	for _, l := range p.Locals {
 		if l.pending() && abandonedHandoff(l, time.Now()) {
 			if synced {
@@ -399,8 +401,10 @@ func (a *Agent) ensureEndpoints(ctx context.Context, p *netPlan, synced bool) {
 		if l.pending() && l.Netns != "" {
 			a.startBindLocked(l.key()) // after a restart, or a long wait
 		}
-		spec := a.endpointSpec(l)
-		changes, err := a.dp.CheckEndpoint(ctx, spec)
+		check, specs = append(check, l), append(specs, a.endpointSpec(l))
+	}
+	for i, res := range a.dp.CheckEndpoints(ctx, p.Spec.Name, specs) {
+		l, spec, changes, err := check[i], specs[i], res.Changes, res.Err
 		switch {
 		case errors.Is(err, vtep.ErrEndpointGone) && !l.pending() && !localExists(l):
 			if !synced {

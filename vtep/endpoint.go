@@ -69,12 +69,18 @@ type endpointCtx struct {
 }
 
 func (e *endpointCtx) close() {
+	e.closeContainer()
+	e.h.Close()
+	e.ns.Close()
+}
+
+// closeContainer closes the container handle, if open.
+func (e *endpointCtx) closeContainer() {
 	if e.ch != nil {
 		e.ch.Close()
 		e.cns.Close()
+		e.ch = nil
 	}
-	e.h.Close()
-	e.ns.Close()
 }
 
 // openContainer opens the container's namespace, refusing anything that
@@ -445,10 +451,7 @@ func (m *Manager) CheckEndpoint(ctx context.Context, s EndpointSpec) ([]string, 
 	}
 	e, err := m.openNetwork(s.Network)
 	if err != nil {
-		if isAbsentNetNS(err) {
-			err = fmt.Errorf("%w (%w)", ErrEndpointGone, err)
-		}
-		return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
+		return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, goneIfAbsent(err))
 	}
 	defer e.close()
 	l, err := e.h.LinkByName(s.HostVeth)
@@ -458,20 +461,87 @@ func (m *Manager) CheckEndpoint(ctx context.Context, s EndpointSpec) ([]string, 
 	if err != nil {
 		return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
 	}
+	return m.checkLink(ctx, e, l, s)
+}
+
+// EndpointCheck is what CheckEndpoints found of one endpoint, as
+// CheckEndpoint returns it.
+type EndpointCheck struct {
+	Changes []string
+	Err     error
+}
+
+// CheckEndpoints is CheckEndpoint for endpoints of one network, by index
+// of specs: the network's namespace is opened and its links listed once,
+// not once per endpoint, for a full pass over a network's endpoints.
+func (m *Manager) CheckEndpoints(ctx context.Context, network string, specs []EndpointSpec) []EndpointCheck {
+	out := make([]EndpointCheck, len(specs))
+	fail := func(err error) []EndpointCheck {
+		for i, s := range specs {
+			out[i].Err = fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
+		}
+		return out
+	}
+	defer m.nets.lock(network)()
+	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+	e, err := m.openNetwork(network)
+	if err != nil {
+		return fail(goneIfAbsent(err))
+	}
+	defer e.close()
+	links, err := dump(e.h.LinkList)
+	if err != nil {
+		return fail(fmt.Errorf("list links of %s: %w", network, err))
+	}
+	byName := make(map[string]netlink.Link, len(links))
+	for _, l := range links {
+		byName[l.Attrs().Name] = l
+	}
+	for i, s := range specs {
+		if s.Network != network {
+			out[i].Err = fmt.Errorf("check endpoint %s: of network %s, not %s", s.HostVeth, s.Network, network)
+			continue
+		}
+		l, ok := byName[s.HostVeth]
+		if !ok {
+			out[i].Err = fmt.Errorf("check endpoint %s: %w", s.HostVeth, ErrEndpointGone)
+			continue
+		}
+		out[i].Changes, out[i].Err = m.checkLink(ctx, e, l, s)
+	}
+	return out
+}
+
+// goneIfAbsent marks a network namespace that does not exist as an
+// endpoint that is gone.
+func goneIfAbsent(err error) error {
+	if isAbsentNetNS(err) {
+		return fmt.Errorf("%w (%w)", ErrEndpointGone, err)
+	}
+	return err
+}
+
+// checkLink checks and repairs one endpoint whose host side is l, in the
+// network e is open on; the container side is looked up, and closed
+// again, here.
+func (m *Manager) checkLink(ctx context.Context, e *endpointCtx, l netlink.Link, s EndpointSpec) ([]string, error) {
 	var peer netlink.Link
 	if s.ContainerNS != "" {
-		if err := e.openContainer(s.ContainerNS); err != nil {
-			if isAbsentNetNS(err) {
-				err = fmt.Errorf("%w (%w)", ErrEndpointGone, err)
-			}
-			return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
+		c := &endpointCtx{h: e.h, ns: e.ns, br: e.br}
+		if err := c.openContainer(s.ContainerNS); err != nil {
+			return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, goneIfAbsent(err))
 		}
-		if peer, err = peerOf(e, l, s.ContainerNS); err != nil {
+		defer c.closeContainer()
+		var err error
+		if peer, err = peerOf(c, l, s.ContainerNS); err != nil {
 			if errors.Is(err, errPeerElsewhere) {
 				err = fmt.Errorf("%w (%w)", ErrEndpointGone, err)
 			}
 			return nil, fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
 		}
+		e = c
 	} else if _, ok := l.(*netlink.Veth); !ok {
 		return nil, fmt.Errorf("check endpoint %s: is a %s, not a veth", s.HostVeth, l.Type())
 	}

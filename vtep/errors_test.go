@@ -93,19 +93,21 @@ func TestEMFILEIsNotAbsence(t *testing.T) {
 	for free := 0; free <= maxFree; free++ {
 		var ensureErr, checkErr error
 		var ensureChanges, checkChanges []string
+		var batch []EndpointCheck
 		testnet.WithFDLimit(t, free, func() {
 			ensureChanges, ensureErr = m.EnsureNetwork(ctx, spec)
 			checkChanges, checkErr = m.CheckEndpoint(ctx, ep)
+			batch = m.CheckEndpoints(ctx, spec.Name, []EndpointSpec{ep})
 		})
-		t.Logf("free %d: EnsureNetwork %q %v; CheckEndpoint %q %v", free, ensureChanges, ensureErr, checkChanges, checkErr)
-		if free == 0 && (ensureErr == nil || checkErr == nil) {
-			t.Errorf("no descriptor left: EnsureNetwork %v, CheckEndpoint %v; want errors", ensureErr, checkErr)
+		t.Logf("free %d: EnsureNetwork %q %v; CheckEndpoint %q %v; CheckEndpoints %+v", free, ensureChanges, ensureErr, checkChanges, checkErr, batch)
+		if free == 0 && (ensureErr == nil || checkErr == nil || batch[0].Err == nil) {
+			t.Errorf("no descriptor left: EnsureNetwork %v, CheckEndpoint %v, CheckEndpoints %v; want errors", ensureErr, checkErr, batch[0].Err)
 		}
-		if errors.Is(checkErr, ErrEndpointGone) {
-			t.Errorf("free %d: CheckEndpoint took a failed syscall for a gone endpoint: %v", free, checkErr)
+		if errors.Is(checkErr, ErrEndpointGone) || errors.Is(batch[0].Err, ErrEndpointGone) {
+			t.Errorf("free %d: a failed syscall taken for a gone endpoint: CheckEndpoint %v, CheckEndpoints %v", free, checkErr, batch[0].Err)
 		}
-		if len(ensureChanges)+len(checkChanges) > 0 {
-			t.Errorf("free %d: changes on an intact datapath: %q %q", free, ensureChanges, checkChanges)
+		if len(ensureChanges)+len(checkChanges)+len(batch[0].Changes) > 0 {
+			t.Errorf("free %d: changes on an intact datapath: %q %q %q", free, ensureChanges, checkChanges, batch[0].Changes)
 		}
 		if ino := nsInode(t, nsPath); ino != before.nsIno {
 			t.Fatalf("free %d: the network namespace mount was replaced (inode %d, was %d)", free, ino, before.nsIno)

@@ -289,6 +289,18 @@ func TestAddEndpointFailuresLeaveNothing(t *testing.T) {
 	if _, err := m.CheckEndpoint(ctx, EndpointSpec{Network: "1-missing", HostVeth: "vethaaaaaaa"}); !errors.Is(err, ErrEndpointGone) {
 		t.Errorf("CheckEndpoint in a missing network: %v", err)
 	}
+	// The same answers from one batch, each by its index, and a repair
+	// in it made as CheckEndpoint makes it.
+	run(t, c, "ip", "link", "set", "eth0", "down")
+	missing := EndpointSpec{Network: spec.Name, HostVeth: "vethfffffff"}
+	res := m.CheckEndpoints(ctx, spec.Name, []EndpointSpec{gone, good, otherNS, missing})
+	if len(res) != 4 || !errors.Is(res[0].Err, ErrEndpointGone) || res[1].Err != nil || joined(res[1].Changes) != "eth0 set up in the container" ||
+		!errors.Is(res[2].Err, ErrEndpointGone) || !errors.Is(res[3].Err, ErrEndpointGone) {
+		t.Errorf("CheckEndpoints: %+v", res)
+	}
+	if res := m.CheckEndpoints(ctx, "1-missing", []EndpointSpec{{Network: "1-missing", HostVeth: "vethaaaaaaa"}}); !errors.Is(res[0].Err, ErrEndpointGone) {
+		t.Errorf("CheckEndpoints in a missing network: %+v", res)
+	}
 	if err := m.RemoveEndpoint(ctx, "1-missing", "vethaaaaaaa"); err != nil {
 		t.Errorf("RemoveEndpoint in a missing network: %v", err)
 	}

@@ -140,6 +140,18 @@ func (e *UnknownOutcomeError) Error() string {
 
 func (e *UnknownOutcomeError) Unwrap() error { return e.Err }
 
+// ErrAgentUnavailable is matched (errors.Is) by the error of a request
+// the agent did not answer and that changed nothing: the agent could not
+// be reached, or a read broke off. A change whose answer was lost is an
+// UnknownOutcomeError instead.
+var ErrAgentUnavailable = errors.New("agent unavailable")
+
+// unavailable marks err as ErrAgentUnavailable, keeping its text.
+type unavailable struct{ error }
+
+func (e unavailable) Unwrap() error      { return e.error }
+func (unavailable) Is(target error) bool { return target == ErrAgentUnavailable }
+
 // explain turns a failed round trip to the agent at socket into an error a
 // user can act on. sent says whether the whole request had been written.
 func explain(socket, method, path string, sent bool, err error) error {
@@ -152,13 +164,13 @@ func explain(socket, method, path string, sent bool, err error) error {
 	if !sent {
 		switch {
 		case errors.Is(err, syscall.ENOENT):
-			return fmt.Errorf("cannot reach vxnetd: no socket %s: is vxnetd running? (-H or VXNET_HOST name another socket)", socket)
+			return unavailable{fmt.Errorf("cannot reach vxnetd: no socket %s: is vxnetd running? (-H or VXNET_HOST name another socket)", socket)}
 		case errors.Is(err, syscall.ECONNREFUSED):
-			return fmt.Errorf("cannot reach vxnetd: connection refused on %s: is vxnetd running? (the socket file is left from one that stopped)", socket)
+			return unavailable{fmt.Errorf("cannot reach vxnetd: connection refused on %s: is vxnetd running? (the socket file is left from one that stopped)", socket)}
 		case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
 			return fmt.Errorf("permission denied on %s: run as root, or as a member of the group given to vxnetd --socket-group", socket)
 		}
-		return fmt.Errorf("cannot reach vxnetd at %s: %w", socket, err)
+		return unavailable{fmt.Errorf("cannot reach vxnetd at %s: %w", socket, err)}
 	}
 	var reason string
 	var ne net.Error
@@ -175,7 +187,7 @@ func explain(socket, method, path string, sent bool, err error) error {
 		reason = fmt.Sprintf("the connection to the agent broke before it answered (%v)", err)
 	}
 	if method == http.MethodGet {
-		return fmt.Errorf("vxnetd at %s: %s; it may have stopped or be restarting", socket, reason)
+		return unavailable{fmt.Errorf("vxnetd at %s: %s; it may have stopped or be restarting", socket, reason)}
 	}
 	return &UnknownOutcomeError{Method: method, Path: path, Reason: reason, Err: err}
 }

@@ -211,6 +211,9 @@ const (
 	CodeConflict    = "conflict"
 	CodeUnavailable = "store_unavailable"
 	CodeInternal    = "internal"
+	// The CLI's own codes, for errors that are not the agent's answer.
+	CodeAgentUnavailable = "agent_unavailable" // the agent did not answer; nothing changed
+	CodeUnknownOutcome   = "unknown_outcome"   // a change was sent and its answer lost
 )
 
 func (e *Error) Error() string { return e.Message }

@@ -33,17 +33,53 @@ func main() {
 	if err := root.Execute(); err != nil {
 		if f := root.PersistentFlags().Lookup("output"); f != nil && f.Value.String() == "json" {
 			// With -o json, errors are JSON too, as the API sends them.
-			e := api.Error{Message: err.Error(), Code: api.CodeInternal}
-			var ae *api.Error
-			if errors.As(err, &ae) {
-				e.Code = ae.Code
-			}
-			data, _ := json.Marshal(e)
+			data, _ := json.Marshal(api.Error{Message: err.Error(), Code: errorCode(err)})
 			fmt.Fprintln(os.Stderr, string(data))
 		} else {
 			fmt.Fprintln(os.Stderr, "Error:", err)
 		}
 		os.Exit(1)
+	}
+}
+
+// usageError is the CLI refusing its own input: a flag or an argument.
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+// errorCode is the code of err in -o json: the agent's own, or the CLI's
+// for what the agent did not answer.
+func errorCode(err error) string {
+	var ae *api.Error
+	var uo *api.UnknownOutcomeError
+	var ue usageError
+	switch {
+	case errors.As(err, &ae):
+		return ae.Code
+	case errors.As(err, &uo):
+		return api.CodeUnknownOutcome
+	case errors.Is(err, api.ErrAgentUnavailable):
+		return api.CodeAgentUnavailable
+	case errors.As(err, &ue):
+		return api.CodeInvalid
+	}
+	return api.CodeInternal
+}
+
+// markUsage makes the errors of cmd's and its subcommands' flag and
+// argument checks usage errors.
+func markUsage(cmd *cobra.Command) {
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	if check := cmd.Args; check != nil {
+		cmd.Args = func(c *cobra.Command, args []string) error {
+			if err := check(c, args); err != nil {
+				return usageError{err}
+			}
+			return nil
+		}
+	}
+	for _, sub := range cmd.Commands() {
+		markUsage(sub)
 	}
 }
 
@@ -59,7 +95,7 @@ func newRoot(out io.Writer) *cobra.Command {
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
 			if c.output != "table" && c.output != "json" {
-				return fmt.Errorf("--output %q: use table or json", c.output)
+				return usageError{fmt.Errorf("--output %q: use table or json", c.output)}
 			}
 			return nil
 		},
@@ -79,6 +115,7 @@ func newRoot(out io.Writer) *cobra.Command {
 	node := &cobra.Command{Use: "node", Short: "Show nodes"}
 	node.AddCommand(c.nodeList(), c.nodeRemove())
 	root.AddCommand(network, endpoint, node, c.attach(), c.detach(), c.status(), c.events(), c.doctor(), c.version())
+	markUsage(root)
 	return root
 }
 
@@ -135,9 +172,18 @@ func (c *cli) explain(cmd *cobra.Command, args []string, err error) error {
 	} else {
 		check += oc.check
 	}
-	return fmt.Errorf("%s %s: %s: %s may or may not have happened; check with %q once the agent is back",
-		name, strings.Join(args, " "), uo.Reason, oc.what, check)
+	return &outcomeError{fmt.Sprintf("%s %s: %s: %s may or may not have happened; check with %q once the agent is back",
+		name, strings.Join(args, " "), uo.Reason, oc.what, check), uo}
 }
+
+// outcomeError is an unknown outcome told in the CLI's words.
+type outcomeError struct {
+	msg string
+	err *api.UnknownOutcomeError
+}
+
+func (e *outcomeError) Error() string { return e.msg }
+func (e *outcomeError) Unwrap() error { return e.err }
 
 func (c *cli) json(v any) error {
 	enc := json.NewEncoder(c.out)

@@ -122,6 +122,32 @@ func TestErrorsToStderr(t *testing.T) {
 	}
 }
 
+// With -o json an error is the API's shape, its code saying whose error it
+// is: the agent's answer, or the CLI's for what the agent did not answer.
+func TestJSONErrorCodes(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "vxnet.sock")
+	for _, tc := range []struct {
+		args []string
+		code string
+	}{
+		{[]string{"-H", missing, "status"}, api.CodeAgentUnavailable},
+		{[]string{"-H", killedAgent(t), "network", "ls"}, api.CodeAgentUnavailable},
+		{[]string{"-H", killedAgent(t), "attach", "net1", "c1"}, api.CodeUnknownOutcome},
+		{[]string{"-H", missing, "attach", "--bogus", "net1", "c1"}, api.CodeInvalid},
+		{[]string{"-H", missing, "attach", "net1"}, api.CodeInvalid},
+	} {
+		_, stderr, code := runMain(t, append([]string{"-o", "json"}, tc.args...)...)
+		var e api.Error
+		if err := json.Unmarshal([]byte(stderr), &e); err != nil {
+			t.Errorf("%v: exit %d, stderr %q is no JSON error: %v", tc.args, code, stderr, err)
+			continue
+		}
+		if code != 1 || e.Code != tc.code || e.Message == "" {
+			t.Errorf("%v: exit %d, error %+v; want code %s", tc.args, code, e, tc.code)
+		}
+	}
+}
+
 // A relative netns path is the user's, so it is sent absolute; a bare name
 // (under /var/run/netns) and absolute paths go as given.
 func TestAttachRelativeNetns(t *testing.T) {

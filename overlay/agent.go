@@ -114,8 +114,11 @@ type Agent struct {
 	// wrote, so that the next one need only write the difference.
 	applied map[string]peerSet
 
-	cmu           sync.RWMutex
-	networks      map[string]*Network // store view, by name
+	cmu      sync.RWMutex
+	networks map[string]*Network // store view, by name
+	// netNames are the networks' names in lower case, for the DNS
+	// servers, which test every name they would forward against them.
+	netNames      map[string]bool
 	netSynced     bool
 	storeErr      error
 	downSince     time.Time
@@ -235,6 +238,7 @@ func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, 
 		inflight: map[string]bool{},
 		binding:  map[string]bool{},
 		networks: map[string]*Network{},
+		netNames: map[string]bool{},
 		views:    map[string]*peerView{},
 		life:     context.Background(),
 		kick:     make(chan struct{}, 1),
@@ -529,8 +533,12 @@ func (a *Agent) applyNetworks(_ context.Context, pairs []*kvstore.KV) {
 		}
 		m[n.Name] = &n
 	}
+	names := make(map[string]bool, len(m))
+	for n := range m {
+		names[strings.ToLower(n)] = true
+	}
 	a.cmu.Lock()
-	a.networks, a.netSynced = m, true
+	a.networks, a.netNames, a.netSynced = m, names, true
 	a.cmu.Unlock()
 }
 
@@ -1126,12 +1134,7 @@ func (a *Agent) probeStore(ctx context.Context) (time.Duration, error) {
 func (a *Agent) isNetwork(name string) bool {
 	a.cmu.RLock()
 	defer a.cmu.RUnlock()
-	for n := range a.networks {
-		if strings.EqualFold(n, name) {
-			return true
-		}
-	}
-	return false
+	return a.netNames[strings.ToLower(name)]
 }
 
 // isOverlayAddr reports whether ip is in an overlay network's subnet.

@@ -789,6 +789,7 @@ func (a *Agent) restoreNetwork(ctx context.Context, n *Network) networkFate {
 	a.cmu.Lock()
 	if cur := a.networks[n.Name]; cur == nil {
 		a.networks[n.Name] = n
+		a.netNames[strings.ToLower(n.Name)] = true
 	}
 	a.cmu.Unlock()
 	return fatePresent

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	nlsock "github.com/vishvananda/netlink/nl"
@@ -356,35 +357,35 @@ func (m *Manager) portIsolated(port netlink.Link) (bool, error) {
 		return false, err
 	}
 	for _, raw := range msgs {
-		attrs, err := nlsock.ParseRouteAttr(raw[unix.SizeofIfInfomsg:])
+		if len(raw) < unix.SizeofIfInfomsg {
+			continue
+		}
+		v, err := nestedAttr(raw[unix.SizeofIfInfomsg:], unix.IFLA_LINKINFO, unix.IFLA_INFO_SLAVE_DATA, unix.IFLA_BRPORT_ISOLATED)
 		if err != nil {
 			return false, err
 		}
-		for _, a := range attrs {
-			if a.Attr.Type&^unix.NLA_F_NESTED != unix.IFLA_LINKINFO {
-				continue
-			}
-			infos, err := nlsock.ParseRouteAttr(a.Value)
-			if err != nil {
-				return false, err
-			}
-			for _, info := range infos {
-				if info.Attr.Type&^unix.NLA_F_NESTED != unix.IFLA_INFO_SLAVE_DATA {
-					continue
-				}
-				port, err := nlsock.ParseRouteAttr(info.Value)
-				if err != nil {
-					return false, err
-				}
-				for _, p := range port {
-					if p.Attr.Type == unix.IFLA_BRPORT_ISOLATED && len(p.Value) > 0 {
-						return p.Value[0] != 0, nil
-					}
-				}
-			}
+		if len(v) > 0 {
+			return v[0] != 0, nil
 		}
 	}
 	return false, fmt.Errorf("ifindex %d: no bridge port flags in its link message", port.Attrs().Index)
+}
+
+// nestedAttr follows path through nested netlink attributes in b and
+// returns the value of the last; nil when one on the way is absent.
+func nestedAttr(b []byte, path ...uint16) ([]byte, error) {
+	for _, typ := range path {
+		attrs, err := nlsock.ParseRouteAttr(b)
+		if err != nil {
+			return nil, err
+		}
+		i := slices.IndexFunc(attrs, func(a syscall.NetlinkRouteAttr) bool { return a.Attr.Type&^unix.NLA_F_NESTED == typ })
+		if i < 0 {
+			return nil, nil
+		}
+		b = attrs[i].Value
+	}
+	return b, nil
 }
 
 func (m *Manager) repairContainer(c *container, peer netlink.Link, s GatewaySpec, replace bool) ([]string, []Route, error) {

@@ -139,3 +139,39 @@ func TestLastAddr(t *testing.T) {
 		}
 	}
 }
+
+// A whole table's -S listing gives which chains exist and each one's
+// rules as a chain's listing would: counters dropped wherever iptables
+// puts them (after the rule with -v, before it in 1.8.0 with nft).
+func TestTableListing(t *testing.T) {
+	tl := &tableListing{chains: map[Chain]bool{}, rules: map[Chain][]string{}}
+	tl.add("filter", `-P INPUT ACCEPT
+-P FORWARD DROP
+-N VXNET-FORWARD
+-N EMPTY
+-A FORWARD -j VXNET-FORWARD
+[0:0] -A FORWARD -s 10.99.0.0/16  -j ACCEPT
+-A VXNET-FORWARD -i br -o br -j DROP -c 5 420
+`)
+	for _, ch := range []string{"INPUT", "FORWARD", "VXNET-FORWARD", "EMPTY"} {
+		if !tl.has(Chain{"filter", ch}) {
+			t.Errorf("chain %s missing", ch)
+		}
+	}
+	if tl.has(Chain{"nat", "FORWARD"}) || tl.has(Chain{"filter", "OUTPUT"}) {
+		t.Error("a chain of no listing")
+	}
+	want := map[string][]string{
+		"FORWARD":       {"-A FORWARD -j VXNET-FORWARD", "-A FORWARD -s 10.99.0.0/16 -j ACCEPT"},
+		"VXNET-FORWARD": {"-A VXNET-FORWARD -i br -o br -j DROP"},
+		"EMPTY":         nil,
+	}
+	for ch, w := range want {
+		if got := tl.rules[Chain{"filter", ch}]; !slices.Equal(got, w) {
+			t.Errorf("%s: %q, want %q", ch, got, w)
+		}
+	}
+	if !waitSupported(1, 4, 20) || !waitSupported(1, 8, 9) || waitSupported(1, 4, 19) {
+		t.Error("waitSupported")
+	}
+}

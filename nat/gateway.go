@@ -321,8 +321,8 @@ func (m *Manager) repairHost(br, host netlink.Link) ([]string, error) {
 	}
 	// Isolated ports cannot exchange frames with each other, only with the
 	// bridge itself: icc=false enforced at layer 2, with or without
-	// br_netfilter. Re-read protinfo since enslaving may just have
-	// happened.
+	// br_netfilter. Read from the kernel, not from host, since enslaving
+	// may just have happened.
 	isolated, err := m.portIsolated(host)
 	if err != nil {
 		return changes, fmt.Errorf("read bridge port flags of %s: %w", name, err)

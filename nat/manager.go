@@ -41,8 +41,10 @@ type Manager struct {
 	// library has no call for (see portIsolated).
 	route map[int]*nlsock.SocketHandle
 	ipt   *iptables.IPTables
-	// iptPath is the binary ipt runs, for the listing it has no call for.
+	// iptPath is the binary ipt runs, for the listing it has no call
+	// for; iptWait says whether it takes --wait (1.4.20 and later).
 	iptPath string
+	iptWait bool
 
 	mu sync.Mutex
 	// applied remembers each chain's listing right after we filled it, so a
@@ -168,6 +170,7 @@ func New(cfg Config) (*Manager, error) {
 		route:   map[int]*nlsock.SocketHandle{unix.NETLINK_ROUTE: {Socket: route}},
 		ipt:     ipt,
 		iptPath: path,
+		iptWait: waitSupported(ipt.GetIptablesVersion()),
 		applied: map[Chain]appliedChain{},
 		// Forwards a previous run left may be stale: write them once.
 		publishedDirty: true,
@@ -328,7 +331,7 @@ func (m *Manager) ensureIPTables() ([]string, error) {
 		chains := m.cfg.Chains()
 		// One listing per table for every chain and jump: each iptables
 		// run costs milliseconds, and this is every full pass.
-		t, err := m.readTables(chains)
+		t, err := m.readTables(tablesOf(chains, m.cfg.Jumps()))
 		if err != nil {
 			return err
 		}
@@ -501,27 +504,58 @@ func (m *Manager) readTables(chains []Chain) (*tableListing, error) {
 		}
 	}
 	for _, table := range tables {
+		args := []string{"-t", table, "-S"}
+		if m.iptWait {
+			args = append(args, "--wait") // as go-iptables runs it
+		}
 		var stdout, stderr strings.Builder
-		cmd := exec.Command(m.iptPath, "-t", table, "-S", "--wait")
+		cmd := exec.Command(m.iptPath, args...)
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr
 		if err := cmd.Run(); err != nil {
 			return nil, fmt.Errorf("list table %s: %w: %s", table, err, strings.TrimSpace(stderr.String()))
 		}
-		for _, l := range strings.Split(stdout.String(), "\n") {
-			f := strings.Fields(l)
-			switch {
-			case len(f) < 2:
-			case f[0] == "-P" || f[0] == "-N":
-				t.chains[Chain{table, f[1]}] = true
-			case f[0] == "-A":
-				if r, ok := ruleLine(l); ok {
-					ch := Chain{table, f[1]}
-					t.rules[ch] = append(t.rules[ch], r)
-				}
+		t.add(table, stdout.String())
+	}
+	return t, nil
+}
+
+// add takes in a -S listing of table.
+func (t *tableListing) add(table, listing string) {
+	for _, l := range strings.Split(listing, "\n") {
+		// iptables 1.8.0 with nft prints counters first, as
+		// iptables-save does.
+		l = counterPrefix.ReplaceAllString(l, "")
+		f := strings.Fields(l)
+		switch {
+		case len(f) < 2:
+		case f[0] == "-P" || f[0] == "-N":
+			t.chains[Chain{table, f[1]}] = true
+		case f[0] == "-A":
+			if r, ok := ruleLine(l); ok {
+				ch := Chain{table, f[1]}
+				t.rules[ch] = append(t.rules[ch], r)
 			}
 		}
 	}
-	return t, nil
+}
+
+// counterPrefix is how iptables 1.8.0 with nft starts a rule in a -S
+// listing (go-iptables moves it to the end, where counterSuffix finds it).
+var counterPrefix = regexp.MustCompile(`^\[\d+:\d+\] `)
+
+// waitSupported says whether an iptables of this version takes --wait.
+func waitSupported(v1, v2, v3 int) bool {
+	return v1 > 1 || (v1 == 1 && (v2 > 4 || (v2 == 4 && v3 >= 20)))
+}
+
+// tablesOf is chains and the built-in chains of jumps: every chain a
+// listing for ensuring or checking them must show.
+func tablesOf(chains []Chain, jumps []Rule) []Chain {
+	out := slices.Clone(chains)
+	for _, j := range jumps {
+		out = append(out, Chain{j.Table, j.Chain})
+	}
+	return out
 }
 
 // diff returns the elements of want missing from have and those of have not
@@ -690,7 +724,7 @@ func (m *Manager) CheckRules(ctx context.Context) ([]string, error) {
 	var findings []string
 	rules := append(m.cfg.Rules(), m.cfg.PublishRules(m.published)...)
 	err := m.inNS(func() error {
-		t, err := m.readTables(m.cfg.Chains())
+		t, err := m.readTables(tablesOf(m.cfg.Chains(), m.cfg.Jumps()))
 		if err != nil {
 			return err
 		}

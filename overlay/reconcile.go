@@ -65,7 +65,9 @@ func (a *Agent) reconcile(ctx context.Context, full bool) {
 		"store", time.Since(kernelDone).Round(time.Microsecond))
 	a.cmu.Lock()
 	a.lastReconcile = time.Now()
-	a.ready = a.ready || synced
+	// Ready means a full pass with the store's view has run: the light
+	// ones while the first waits for its peers (see Run) do not count.
+	a.ready = a.ready || (synced && full)
 	a.cmu.Unlock()
 }
 

@@ -500,6 +500,10 @@ func (m *Manager) CheckEndpoints(ctx context.Context, network string, specs []En
 		byName[l.Attrs().Name] = l
 	}
 	for i, s := range specs {
+		if err := ctx.Err(); err != nil {
+			out[i].Err = fmt.Errorf("check endpoint %s: %w", s.HostVeth, err)
+			continue
+		}
 		if s.Network != network {
 			out[i].Err = fmt.Errorf("check endpoint %s: of network %s, not %s", s.HostVeth, s.Network, network)
 			continue

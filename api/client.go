@@ -146,11 +146,20 @@ func (e *UnknownOutcomeError) Unwrap() error { return e.Err }
 // UnknownOutcomeError instead.
 var ErrAgentUnavailable = errors.New("agent unavailable")
 
-// unavailable marks err as ErrAgentUnavailable, keeping its text.
-type unavailable struct{ error }
+// ErrPermissionDenied is matched by the error of a request this user may
+// not make: the agent's socket refused the connection.
+var ErrPermissionDenied = errors.New("permission denied")
 
-func (e unavailable) Unwrap() error      { return e.error }
-func (unavailable) Is(target error) bool { return target == ErrAgentUnavailable }
+// marked is err that also matches the sentinel as, keeping err's text.
+type marked struct {
+	error
+	as error
+}
+
+func (e marked) Unwrap() error         { return e.error }
+func (e marked) Is(target error) bool  { return target == e.as }
+func unavailable(err error) error      { return marked{err, ErrAgentUnavailable} }
+func permissionDenied(err error) error { return marked{err, ErrPermissionDenied} }
 
 // explain turns a failed round trip to the agent at socket into an error a
 // user can act on. sent says whether the whole request had been written.
@@ -164,13 +173,13 @@ func explain(socket, method, path string, sent bool, err error) error {
 	if !sent {
 		switch {
 		case errors.Is(err, syscall.ENOENT):
-			return unavailable{fmt.Errorf("cannot reach vxnetd: no socket %s: is vxnetd running? (-H or VXNET_HOST name another socket)", socket)}
+			return unavailable(fmt.Errorf("cannot reach vxnetd: no socket %s: is vxnetd running? (-H or VXNET_HOST name another socket)", socket))
 		case errors.Is(err, syscall.ECONNREFUSED):
-			return unavailable{fmt.Errorf("cannot reach vxnetd: connection refused on %s: is vxnetd running? (the socket file is left from one that stopped)", socket)}
+			return unavailable(fmt.Errorf("cannot reach vxnetd: connection refused on %s: is vxnetd running? (the socket file is left from one that stopped)", socket))
 		case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
-			return fmt.Errorf("permission denied on %s: run as root, or as a member of the group given to vxnetd --socket-group", socket)
+			return permissionDenied(fmt.Errorf("permission denied on %s: run as root, or as a member of the group given to vxnetd --socket-group", socket))
 		}
-		return unavailable{fmt.Errorf("cannot reach vxnetd at %s: %w", socket, err)}
+		return unavailable(fmt.Errorf("cannot reach vxnetd at %s: %w", socket, err))
 	}
 	var reason string
 	var ne net.Error
@@ -187,7 +196,7 @@ func explain(socket, method, path string, sent bool, err error) error {
 		reason = fmt.Sprintf("the connection to the agent broke before it answered (%v)", err)
 	}
 	if method == http.MethodGet {
-		return unavailable{fmt.Errorf("vxnetd at %s: %s; it may have stopped or be restarting", socket, reason)}
+		return unavailable(fmt.Errorf("vxnetd at %s: %s; it may have stopped or be restarting", socket, reason))
 	}
 	return &UnknownOutcomeError{Method: method, Path: path, Reason: reason, Err: err}
 }

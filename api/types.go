@@ -214,6 +214,7 @@ const (
 	// The CLI's own codes, for errors that are not the agent's answer.
 	CodeAgentUnavailable = "agent_unavailable" // the agent did not answer; nothing changed
 	CodeUnknownOutcome   = "unknown_outcome"   // a change was sent and its answer lost
+	CodePermissionDenied = "permission_denied" // the agent's socket refused this user
 )
 
 func (e *Error) Error() string { return e.Message }

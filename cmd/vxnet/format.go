@@ -42,10 +42,10 @@ func (o *listOpts) parse() (map[string][]string, error) {
 	for _, f := range o.filters {
 		k, v, ok := strings.Cut(f, "=")
 		if !ok || v == "" {
-			return nil, fmt.Errorf("--filter %q: give KEY=VALUE", f)
+			return nil, usageError{fmt.Errorf("--filter %q: give KEY=VALUE", f)}
 		}
 		if !slices.Contains(o.keys, k) {
-			return nil, fmt.Errorf("--filter %q: unknown key %q (known: %s)", f, k, strings.Join(o.keys, ", "))
+			return nil, usageError{fmt.Errorf("--filter %q: unknown key %q (known: %s)", f, k, strings.Join(o.keys, ", "))}
 		}
 		out[k] = append(out[k], v)
 	}
@@ -87,11 +87,11 @@ func emit[T any](c *cli, o *listOpts, items []T, quiet func(T) string, table fun
 	case o.format != "":
 		tmpl, err := template.New("format").Funcs(template.FuncMap{"join": strings.Join}).Parse(o.format)
 		if err != nil {
-			return fmt.Errorf("--format: %w", err)
+			return usageError{fmt.Errorf("--format: %w", err)}
 		}
 		for _, it := range items {
 			if err := tmpl.Execute(c.out, it); err != nil {
-				return fmt.Errorf("--format: %w", err)
+				return usageError{fmt.Errorf("--format: %w", err)}
 			}
 			fmt.Fprintln(c.out)
 		}
@@ -125,7 +125,7 @@ func resolveNetwork(ctx context.Context, cl *api.Client, arg string) (string, er
 	case 1:
 		return hits[0], nil
 	}
-	return "", fmt.Errorf("network id prefix %q is ambiguous: %s", arg, strings.Join(hits, ", "))
+	return "", usageError{fmt.Errorf("network id prefix %q is ambiguous: %s", arg, strings.Join(hits, ", "))}
 }
 
 // notFound reports whether the agent said the thing does not exist.

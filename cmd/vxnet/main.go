@@ -60,6 +60,8 @@ func errorCode(err error) string {
 		return api.CodeUnknownOutcome
 	case errors.Is(err, api.ErrAgentUnavailable):
 		return api.CodeAgentUnavailable
+	case errors.Is(err, api.ErrPermissionDenied):
+		return api.CodePermissionDenied
 	case errors.As(err, &ue):
 		return api.CodeInvalid
 	}

@@ -135,6 +135,7 @@ func TestJSONErrorCodes(t *testing.T) {
 		{[]string{"-H", killedAgent(t), "attach", "net1", "c1"}, api.CodeUnknownOutcome},
 		{[]string{"-H", missing, "attach", "--bogus", "net1", "c1"}, api.CodeInvalid},
 		{[]string{"-H", missing, "attach", "net1"}, api.CodeInvalid},
+		{[]string{"-H", missing, "network", "ls", "--filter", "nokey"}, api.CodeInvalid},
 	} {
 		_, stderr, code := runMain(t, append([]string{"-o", "json"}, tc.args...)...)
 		var e api.Error

@@ -260,6 +260,10 @@ func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, 
 			return nil, fmt.Errorf("egress: %w", err)
 		}
 	}
+	a.resv.path = filepath.Join(cfg.StateDir, "reservations.json")
+	if err := a.resv.load(); err != nil {
+		a.log.Error("reservations of an earlier run are lost: addresses reserved for endpoints that never came stay taken", "err", err)
+	}
 	locals, errs, gaps := a.state.load()
 	for _, err := range errs {
 		a.log.Error("unreadable endpoint journal: nothing of its network that this host cannot account for is removed until it is fixed and the agent restarted", "err", err)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vxnet/vxnet/api"
+	"github.com/vxnet/vxnet/internal/atomicfile"
 	"github.com/vxnet/vxnet/ipam"
 	"github.com/vxnet/vxnet/kvstore"
 )
@@ -65,18 +67,27 @@ func (a *Agent) Reserve(ctx context.Context, network, want string) (*api.Reserva
 	if err != nil {
 		return nil, fmt.Errorf("reserve an address of %s: %w", network, err)
 	}
-	a.resv.add(n.ID, got, owner)
+	if err := a.resv.add(n.ID, got, owner); err != nil {
+		// Unkept, a restart would forget it and leave the address
+		// taken: not reserved at all, then.
+		a.resv.forget(n.ID, got)
+		if rerr := a.ipam.ReleaseAddr(ctx, n.ID, got, owner); rerr != nil {
+			a.log.Warn("release an address whose reservation could not be kept; the next full pass does", "ip", got, "err", rerr)
+		}
+		return nil, fmt.Errorf("reserve an address of %s: %w", network, err)
+	}
 	return &api.Reservation{IP: got.String()}, nil
 }
 
 // reservations are the addresses this agent reserved, so that full passes
 // release those no endpoint took over on any network, also one with no
-// endpoint here (whose addresses those passes do not list). A restart
-// forgets them: on networks with endpoints here, the passes' own check
-// finds them.
+// endpoint here (whose addresses those passes do not list). They are kept
+// in the state dir too: a restart would otherwise forget those of
+// networks without endpoints here, and their addresses would stay taken.
 type reservations struct {
-	mu sync.Mutex
-	m  map[reservation]time.Time
+	mu   sync.Mutex
+	path string // "" keeps them in memory only
+	m    map[reservation]time.Time
 }
 
 type reservation struct {
@@ -85,23 +96,83 @@ type reservation struct {
 	owner ipam.AddrOwner
 }
 
-func (r *reservations) add(netID string, ip netip.Addr, owner ipam.AddrOwner) {
+// reservationRecord is a reservation as the state dir keeps it.
+type reservationRecord struct {
+	Network string         `json:"network"` // id
+	IP      netip.Addr     `json:"ip"`
+	Owner   ipam.AddrOwner `json:"owner"`
+	At      time.Time      `json:"at"`
+}
+
+// load reads the reservations a previous run kept. A file that cannot be
+// read loses only the release of what it held: the addresses stay taken.
+func (r *reservations) load() error {
+	data, err := os.ReadFile(r.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read reservations: %w", err)
+	}
+	var recs []reservationRecord
+	if err := json.Unmarshal(data, &recs); err != nil {
+		return fmt.Errorf("read reservations %s: %w", r.path, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.m = make(map[reservation]time.Time, len(recs))
+	for _, rec := range recs {
+		r.m[reservation{rec.Network, rec.IP, rec.Owner}] = rec.At
+	}
+	return nil
+}
+
+// saveLocked writes the reservations; called with mu held.
+func (r *reservations) saveLocked() error {
+	if r.path == "" {
+		return nil
+	}
+	recs := make([]reservationRecord, 0, len(r.m))
+	for k, at := range r.m {
+		recs = append(recs, reservationRecord{k.netID, k.ip, k.owner, at})
+	}
+	slices.SortFunc(recs, func(a, b reservationRecord) int { return a.At.Compare(b.At) })
+	data, err := json.Marshal(recs)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(r.path), 0o700); err != nil {
+		return fmt.Errorf("keep reservations: %w", err)
+	}
+	if err := atomicfile.Write(r.path, data, 0o600); err != nil {
+		return fmt.Errorf("keep reservations: %w", err)
+	}
+	return nil
+}
+
+func (r *reservations) add(netID string, ip netip.Addr, owner ipam.AddrOwner) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.m == nil {
 		r.m = map[reservation]time.Time{}
 	}
 	r.m[reservation{netID, ip, owner}] = time.Now()
+	return r.saveLocked()
 }
 
-func (r *reservations) forget(netID string, ip netip.Addr) {
+func (r *reservations) forget(netID string, ip netip.Addr) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	n := len(r.m)
 	for k := range r.m {
 		if k.netID == netID && k.ip == ip {
 			delete(r.m, k)
 		}
 	}
+	if len(r.m) == n {
+		return nil
+	}
+	return r.saveLocked()
 }
 
 // sweep releases the reservations older than reservationTTL that are
@@ -124,7 +195,9 @@ func (r *reservations) sweep(ctx context.Context, a *Agent) {
 			a.log.Warn("released an address reserved for an endpoint that never came", "ip", k.ip)
 			a.leakRemoved("address", a.networkName(k.netID), k.ip.String(), 1)
 		}
-		r.forget(k.netID, k.ip)
+		if err := r.forget(k.netID, k.ip); err != nil {
+			a.log.Warn("forget a released reservation", "ip", k.ip, "err", err)
+		}
 	}
 }
 
@@ -143,7 +216,10 @@ func (a *Agent) ReleaseReservation(ctx context.Context, network, addr string) er
 	if err := a.ipam.ReleaseReservation(ctx, n.ID, ip, a.cfg.Node); err != nil {
 		return fmt.Errorf("release %s of %s: %w", ip, network, err)
 	}
-	a.resv.forget(n.ID, ip)
+	if err := a.resv.forget(n.ID, ip); err != nil {
+		// Released: a later sweep finds nothing to release.
+		a.log.Warn("forget a released reservation", "ip", ip, "err", err)
+	}
 	return nil
 }
 

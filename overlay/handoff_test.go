@@ -121,3 +121,49 @@ func TestStaleReservation(t *testing.T) {
 		t.Error("an endpoint's address is kept")
 	}
 }
+
+// A reservation on a network with no endpoint here outlives a restart:
+// the restarted agent still releases it once it is old, where it used to
+// forget it and leave the address taken for good.
+func TestReservationSurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	st := testBolt(t, dir)
+	a := startInProcessAt(t, "h1", st, dir, time.Second)
+	ctx := context.Background()
+	n, err := a.CreateNetwork(ctx, api.CreateNetworkRequest{Name: "n", Subnet: "10.1.0.0/24"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := a.Reserve(ctx, "n", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := netip.MustParseAddr(r.IP)
+	a.stop()
+
+	b := startInProcessAt(t, "h1", st, dir, time.Second)
+	b.resv.mu.Lock()
+	found := false
+	for k := range b.resv.m {
+		if k.netID == n.ID && k.ip == ip {
+			b.resv.m[k] = time.Now().Add(-reservationTTL - time.Minute) // aged
+			found = true
+		}
+	}
+	b.resv.mu.Unlock()
+	if !found {
+		t.Fatalf("reservation of %s forgotten by the restart: %v", ip, b.resv.m)
+	}
+	b.resv.sweep(ctx, b.Agent)
+	owners, err := b.ipam.Addrs(ctx, n.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o, held := owners[ip]; held {
+		t.Errorf("%s still held by %v after the sweep", ip, o)
+	}
+	c := &reservations{path: b.resv.path}
+	if err := c.load(); err != nil || len(c.m) != 0 {
+		t.Errorf("kept reservations after the sweep: %v %v", c.m, err)
+	}
+}

@@ -377,8 +377,9 @@ func (a *Agent) applyPeers(ctx context.Context, v *peerView, pairs []*kvstore.KV
 				newHolds = append(newHolds, h)
 			}
 		} else {
-			for _, node := range vanished {
-				d, why := a.holdFor(ctx, node, prevSess[node])
+			holds := a.holdsFor(ctx, vanished, prevSess)
+			for i, node := range vanished {
+				d, why := holds[i].d, holds[i].why
 				detail := why
 				if d > 0 {
 					detail += fmt.Sprintf("; entries kept up to %s", d)
@@ -523,6 +524,34 @@ func (v *peerView) takeOwnLost() bool {
 // removal event, nothing per attach. A snapshot whose index went
 // backwards (reset) may be an older one restored, which keeps the
 // identity: what vanished with it is held too.
+// holdLookups bounds the hosts whose fate holdsFor asks the store about
+// at once.
+const holdLookups = 16
+
+type hold struct {
+	d   time.Duration
+	why string
+}
+
+// holdsFor is holdFor for each of nodes (by index), asked at once: up to
+// three store requests per host, which one after another would hold up
+// this network's view by hundreds of round trips when a rack goes down.
+func (a *Agent) holdsFor(ctx context.Context, nodes []string, sess map[string]string) []hold {
+	out := make([]hold, len(nodes))
+	sem := make(chan struct{}, holdLookups)
+	var wg sync.WaitGroup
+	for i, node := range nodes {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			out[i].d, out[i].why = a.holdFor(ctx, node, sess[node])
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
 func (a *Agent) holdVanished(ctx context.Context, n int, reset bool) bool {
 	if reset {
 		a.log.Warn("the store's index went backwards (restarted or restored from an older snapshot); keeping the entries of vanished hosts until they write them again",

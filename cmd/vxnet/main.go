@@ -31,7 +31,7 @@ type cli struct {
 func main() {
 	root := newRoot(os.Stdout)
 	if err := root.Execute(); err != nil {
-		if f := root.PersistentFlags().Lookup("output"); f != nil && f.Value.String() == "json" {
+		if f := root.PersistentFlags().Lookup("output"); f != nil && (f.Value.String() == "json" || !f.Changed && outputArg(os.Args[1:]) == "json") {
 			// With -o json, errors are JSON too, as the API sends them.
 			data, _ := json.Marshal(api.Error{Message: err.Error(), Code: errorCode(err)})
 			fmt.Fprintln(os.Stderr, string(data))
@@ -40,6 +40,25 @@ func main() {
 		}
 		os.Exit(1)
 	}
+}
+
+// outputArg is the -o/--output value in args, for an error cobra gives
+// before it parses flags (an unknown command).
+func outputArg(args []string) string {
+	out := ""
+	for i, a := range args {
+		switch {
+		case a == "--":
+			return out
+		case (a == "-o" || a == "--output") && i+1 < len(args):
+			out = args[i+1]
+		case strings.HasPrefix(a, "--output="):
+			out = strings.TrimPrefix(a, "--output=")
+		case strings.HasPrefix(a, "-o") && !strings.HasPrefix(a, "--"):
+			out = strings.TrimPrefix(strings.TrimPrefix(a, "-o"), "=")
+		}
+	}
+	return out
 }
 
 // usageError is the CLI refusing its own input: a flag or an argument.
@@ -62,7 +81,8 @@ func errorCode(err error) string {
 		return api.CodeAgentUnavailable
 	case errors.Is(err, api.ErrPermissionDenied):
 		return api.CodePermissionDenied
-	case errors.As(err, &ue):
+	case errors.As(err, &ue), strings.HasPrefix(err.Error(), "unknown command "):
+		// The second: cobra's own error, untyped, for a command it lacks.
 		return api.CodeInvalid
 	}
 	return api.CodeInternal

@@ -136,6 +136,7 @@ func TestJSONErrorCodes(t *testing.T) {
 		{[]string{"-H", missing, "attach", "--bogus", "net1", "c1"}, api.CodeInvalid},
 		{[]string{"-H", missing, "attach", "net1"}, api.CodeInvalid},
 		{[]string{"-H", missing, "network", "ls", "--filter", "nokey"}, api.CodeInvalid},
+		{[]string{"-H", missing, "frobnicate"}, api.CodeInvalid},
 	} {
 		_, stderr, code := runMain(t, append([]string{"-o", "json"}, tc.args...)...)
 		var e api.Error
@@ -145,6 +146,17 @@ func TestJSONErrorCodes(t *testing.T) {
 		}
 		if code != 1 || e.Code != tc.code || e.Message == "" {
 			t.Errorf("%v: exit %d, error %+v; want code %s", tc.args, code, e, tc.code)
+		}
+	}
+}
+
+func TestOutputArg(t *testing.T) {
+	for args, want := range map[string]string{
+		"-o json bogus": "json", "--output json x": "json", "--output=json x": "json", "-ojson x": "json", "-o=json x": "json",
+		"bogus": "", "-H /s -o table x": "table", "x -- -o json": "",
+	} {
+		if got := outputArg(strings.Fields(args)); got != want {
+			t.Errorf("%q: %q, want %q", args, got, want)
 		}
 	}
 }

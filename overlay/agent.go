@@ -157,6 +157,8 @@ type Agent struct {
 	bg sync.WaitGroup
 	// resv are the addresses reserved and maybe not taken over.
 	resv reservations
+	// holdSem bounds the store lookups of vanished hosts (holdsFor).
+	holdSem chan struct{}
 	// stopping: Run is returning, and starts nothing more in bg (under
 	// mu).
 	stopping bool
@@ -239,6 +241,7 @@ func newAgent(cfg Config, store kvstore.Store, dp datapath, eg egress) (*Agent, 
 		binding:  map[string]bool{},
 		networks: map[string]*Network{},
 		netNames: map[string]bool{},
+		holdSem:  make(chan struct{}, holdLookups),
 		views:    map[string]*peerView{},
 		life:     context.Background(),
 		kick:     make(chan struct{}, 1),

@@ -254,6 +254,13 @@ func (a *Agent) attach(ctx context.Context, network string, req api.AttachReques
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
 	undo.store(func(ctx context.Context) error { return a.releaseAddr(ctx, n.ID, ip, owner) })
+	if want.IsValid() {
+		// A reservation of this address is the endpoint's now (or
+		// gone with its undo): nothing for the sweep.
+		if err := a.resv.forget(n.ID, ip); err != nil {
+			a.log.Warn("forget a reservation taken over", "ip", ip, "err", err)
+		}
+	}
 	st.mark("address")
 	a.crashPoint("attach-allocated")
 

@@ -69,10 +69,15 @@ func (a *Agent) Reserve(ctx context.Context, network, want string) (*api.Reserva
 	}
 	if err := a.resv.add(n.ID, got, owner); err != nil {
 		// Unkept, a restart would forget it and leave the address
-		// taken: not reserved at all, then.
-		a.resv.forget(n.ID, got)
-		if rerr := a.ipam.ReleaseAddr(ctx, n.ID, got, owner); rerr != nil {
-			a.log.Warn("release an address whose reservation could not be kept; the next full pass does", "ip", got, "err", rerr)
+		// taken: not reserved at all, then. The release must not
+		// depend on the caller still waiting; if it fails, the entry
+		// stays in memory for this run's sweep.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if rerr := a.ipam.ReleaseAddr(rctx, n.ID, got, owner); rerr != nil {
+			a.log.Warn("release an address whose reservation could not be kept; this run's sweep does", "ip", got, "err", rerr)
+		} else {
+			a.resv.drop([]reservation{{n.ID, got, owner}})
 		}
 		return nil, fmt.Errorf("reserve an address of %s: %w", network, err)
 	}
@@ -160,6 +165,23 @@ func (r *reservations) add(netID string, ip netip.Addr, owner ipam.AddrOwner) er
 	return r.saveLocked()
 }
 
+// drop removes exactly these reservations (owner included: a newer
+// reservation of the same address is another's).
+func (r *reservations) drop(ks []reservation) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := len(r.m)
+	for _, k := range ks {
+		delete(r.m, k)
+	}
+	if len(r.m) == n {
+		return nil
+	}
+	return r.saveLocked()
+}
+
+// forget removes every reservation of ip: it was released, or an endpoint
+// took it over.
 func (r *reservations) forget(netID string, ip netip.Addr) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -186,18 +208,21 @@ func (r *reservations) sweep(ctx context.Context, a *Agent) {
 		}
 	}
 	r.mu.Unlock()
+	var done []reservation
 	for _, k := range old {
 		err := a.ipam.ReleaseAddr(ctx, k.netID, k.ip, k.owner)
 		if err != nil && !errors.Is(err, ipam.ErrInUse) {
-			continue // the store: next full pass
+			a.log.Debug("release an old reservation; next full pass", "ip", k.ip, "err", err)
+			continue
 		}
 		if err == nil {
 			a.log.Warn("released an address reserved for an endpoint that never came", "ip", k.ip)
 			a.leakRemoved("address", a.networkName(k.netID), k.ip.String(), 1)
 		}
-		if err := r.forget(k.netID, k.ip); err != nil {
-			a.log.Warn("forget a released reservation", "ip", k.ip, "err", err)
-		}
+		done = append(done, k)
+	}
+	if err := r.drop(done); err != nil {
+		a.log.Warn("forget released reservations", "err", err)
 	}
 }
 

@@ -167,3 +167,31 @@ func TestReservationSurvivesRestart(t *testing.T) {
 		t.Errorf("kept reservations after the sweep: %v %v", c.m, err)
 	}
 }
+
+// A sweep drops exactly the reservations it dealt with: a newer one of
+// the same address (Docker asked again after a detach) stays to be swept
+// in its time.
+func TestReservationDropIsExact(t *testing.T) {
+	r := &reservations{path: filepath.Join(t.TempDir(), "reservations.json")}
+	ip := netip.MustParseAddr("10.1.0.2")
+	old, newer := ipam.ReservationOwner("h1", time.Now().Add(-time.Hour)), ipam.ReservationOwner("h1", time.Now())
+	if err := r.add("n", ip, old); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.add("n", ip, newer); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.drop([]reservation{{"n", ip, old}}); err != nil {
+		t.Fatal(err)
+	}
+	kept := &reservations{path: r.path}
+	if err := kept.load(); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := kept.m[reservation{"n", ip, newer}]; !ok || len(kept.m) != 1 {
+		t.Errorf("after dropping the old one: %v", kept.m)
+	}
+	if err := r.forget("n", ip); err != nil || len(r.m) != 0 {
+		t.Errorf("forget of the address: %v %v", r.m, err)
+	}
+}

@@ -29,6 +29,7 @@ func storeAgent(t *testing.T) (*Agent, kvstore.Store) {
 		cfg: Config{Node: "me", StateDir: dir, NodeTTL: 10 * time.Second}, store: st,
 		log: slog.New(slog.NewTextHandler(io.Discard, nil)), views: map[string]*peerView{},
 		kick: make(chan struct{}, 1), renewNow: make(chan struct{}, 1), life: context.Background(),
+		holdSem: make(chan struct{}, holdLookups),
 	}, st
 }
 

@@ -517,15 +517,8 @@ func (v *peerView) takeOwnLost() bool {
 	return lost
 }
 
-// holdVanished decides whether records that vanished are held. Records
-// leave for good reasons (a detach, their host's session expiring) and
-// for bad ones (the store lost its state); only the store's identity
-// tells which, so it is read when something vanished: one request per
-// removal event, nothing per attach. A snapshot whose index went
-// backwards (reset) may be an older one restored, which keeps the
-// identity: what vanished with it is held too.
-// holdLookups bounds the hosts whose fate holdsFor asks the store about
-// at once.
+// holdLookups bounds the hosts whose fate the agent asks the store about
+// at once, over all networks' watches (Agent.holdSem).
 const holdLookups = 16
 
 type hold struct {
@@ -538,13 +531,12 @@ type hold struct {
 // this network's view by hundreds of round trips when a rack goes down.
 func (a *Agent) holdsFor(ctx context.Context, nodes []string, sess map[string]string) []hold {
 	out := make([]hold, len(nodes))
-	sem := make(chan struct{}, holdLookups)
 	var wg sync.WaitGroup
 	for i, node := range nodes {
-		sem <- struct{}{}
+		a.holdSem <- struct{}{}
 		wg.Add(1)
 		go func() {
-			defer func() { <-sem; wg.Done() }()
+			defer func() { <-a.holdSem; wg.Done() }()
 			out[i].d, out[i].why = a.holdFor(ctx, node, sess[node])
 		}()
 	}
@@ -552,6 +544,13 @@ func (a *Agent) holdsFor(ctx context.Context, nodes []string, sess map[string]st
 	return out
 }
 
+// holdVanished decides whether records that vanished are held. Records
+// leave for good reasons (a detach, their host's session expiring) and
+// for bad ones (the store lost its state); only the store's identity
+// tells which, so it is read when something vanished: one request per
+// removal event, nothing per attach. A snapshot whose index went
+// backwards (reset) may be an older one restored, which keeps the
+// identity: what vanished with it is held too.
 func (a *Agent) holdVanished(ctx context.Context, n int, reset bool) bool {
 	if reset {
 		a.log.Warn("the store's index went backwards (restarted or restored from an older snapshot); keeping the entries of vanished hosts until they write them again",

@@ -31,7 +31,7 @@ type cli struct {
 func main() {
 	root := newRoot(os.Stdout)
 	if err := root.Execute(); err != nil {
-		if f := root.PersistentFlags().Lookup("output"); f != nil && (f.Value.String() == "json" || !f.Changed && outputArg(os.Args[1:]) == "json") {
+		if f := root.PersistentFlags().Lookup("output"); f != nil && (f.Value.String() == "json" || unknownCommand(err) && outputArg(os.Args[1:]) == "json") {
 			// With -o json, errors are JSON too, as the API sends them.
 			data, _ := json.Marshal(api.Error{Message: err.Error(), Code: errorCode(err)})
 			fmt.Fprintln(os.Stderr, string(data))
@@ -41,6 +41,10 @@ func main() {
 		os.Exit(1)
 	}
 }
+
+// unknownCommand reports cobra's own error, untyped, for a command it
+// lacks, which it gives before it parses any flag.
+func unknownCommand(err error) bool { return strings.HasPrefix(err.Error(), "unknown command ") }
 
 // outputArg is the -o/--output value in args, for an error cobra gives
 // before it parses flags (an unknown command).
@@ -81,8 +85,7 @@ func errorCode(err error) string {
 		return api.CodeAgentUnavailable
 	case errors.Is(err, api.ErrPermissionDenied):
 		return api.CodePermissionDenied
-	case errors.As(err, &ue), strings.HasPrefix(err.Error(), "unknown command "):
-		// The second: cobra's own error, untyped, for a command it lacks.
+	case errors.As(err, &ue), unknownCommand(err):
 		return api.CodeInvalid
 	}
 	return api.CodeInternal

@@ -797,15 +797,25 @@ func (a *Agent) dropIdleNetworkExcept(ctx context.Context, n *Network, except *l
 		a.log.Warn("keeping a network namespace no readable journal record needs: the journal of its network has unreadable records", "namespace", ns, "network", n.Name)
 		return
 	}
-	if a.dns != nil {
-		a.dns.Stop(a.dp.NetNSPath(ns))
-	}
-	if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
+	if err := a.removeNetworkNS(ctx, ns); err != nil {
 		a.log.Warn("remove idle network namespace", "namespace", ns, "err", err)
 		return
 	}
 	a.events.emit(api.Event{Kind: "namespace_removed", Detail: ns})
+}
+
+// removeNetworkNS deletes a network namespace that no local record
+// needs, with its DNS server (whose sockets live in it) and what this
+// host programmed there. Called with mu held.
+func (a *Agent) removeNetworkNS(ctx context.Context, ns string) error {
+	if a.dns != nil {
+		a.dns.Stop(a.dp.NetNSPath(ns))
+	}
+	if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
+		return err
+	}
 	delete(a.applied, ns)
+	return nil
 }
 
 // localExists reports whether the namespace an endpoint was attached to is

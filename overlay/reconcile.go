@@ -146,13 +146,9 @@ func (a *Agent) reconcileKernel(ctx context.Context, full, withStore bool) []*lo
 			if !keep[ns] && len(a.journalGaps) == 0 {
 				a.log.Info("removing network namespace with no local endpoints", "namespace", ns)
 				a.leakRemoved("namespace", "", ns, 1)
-				if a.dns != nil {
-					a.dns.Stop(a.dp.NetNSPath(ns))
-				}
-				if err := a.dp.DeleteNetwork(ctx, ns); err != nil {
+				if err := a.removeNetworkNS(ctx, ns); err != nil {
 					a.log.Warn("remove network namespace", "namespace", ns, "err", err)
 				}
-				delete(a.applied, ns)
 			}
 		}
 	}

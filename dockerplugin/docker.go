@@ -56,22 +56,34 @@ func NewDocker(host string) (Docker, error) {
 	return &dockerAPI{http: &http.Client{Transport: tr, Timeout: 10 * time.Second}}, nil
 }
 
-func (d *dockerAPI) Network(ctx context.Context, id string) (*DockerNetwork, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker/networks/"+url.PathEscape(id), nil)
+// errDockerNotFound: Docker answered 404.
+var errDockerNotFound = errors.New("not found")
+
+// get asks Docker's API for path and decodes its JSON answer into v; what
+// names the thing asked for in errors.
+func (d *dockerAPI) get(ctx context.Context, path, what string, v any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker"+path, nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	resp, err := d.http.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("ask Docker for network %.12s: %w", id, err)
+		return fmt.Errorf("ask Docker for %s: %w", what, err)
 	}
 	defer resp.Body.Close()
 	switch {
 	case resp.StatusCode == http.StatusNotFound:
-		return nil, fmt.Errorf("network %.12s: %w", id, ErrNoSuchNetwork)
+		return fmt.Errorf("%s: %w", what, errDockerNotFound)
 	case resp.StatusCode != http.StatusOK:
-		return nil, fmt.Errorf("ask Docker for network %.12s: %s", id, resp.Status)
+		return fmt.Errorf("ask Docker for %s: %s", what, resp.Status)
 	}
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		return fmt.Errorf("%s from Docker: %w", what, err)
+	}
+	return nil
+}
+
+func (d *dockerAPI) Network(ctx context.Context, id string) (*DockerNetwork, error) {
 	var v struct {
 		Name     string
 		Internal bool
@@ -79,8 +91,11 @@ func (d *dockerAPI) Network(ctx context.Context, id string) (*DockerNetwork, err
 			Config []struct{ Subnet, Gateway string }
 		}
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
-		return nil, fmt.Errorf("network %.12s from Docker: %w", id, err)
+	what := fmt.Sprintf("network %.12s", id)
+	if err := d.get(ctx, "/networks/"+url.PathEscape(id), what, &v); errors.Is(err, errDockerNotFound) {
+		return nil, fmt.Errorf("%s: %w", what, ErrNoSuchNetwork)
+	} else if err != nil {
+		return nil, err
 	}
 	n := &DockerNetwork{Name: v.Name, Internal: v.Internal}
 	if len(v.IPAM.Config) > 0 {
@@ -93,18 +108,6 @@ func (d *dockerAPI) EndpointNames(ctx context.Context, networkID, endpointID str
 	// Only the network's containers: one is asked for per container
 	// start, every 100 ms until it runs.
 	filter := url.QueryEscape(`{"network":["` + networkID + `"]}`)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker/containers/json?filters="+filter, nil)
-	if err != nil {
-		return nil, false, err
-	}
-	resp, err := d.http.Do(req)
-	if err != nil {
-		return nil, false, fmt.Errorf("ask Docker for containers: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, false, fmt.Errorf("ask Docker for containers: %s", resp.Status)
-	}
 	var list []struct {
 		Names           []string
 		NetworkSettings struct {
@@ -114,8 +117,8 @@ func (d *dockerAPI) EndpointNames(ctx context.Context, networkID, endpointID str
 			}
 		}
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
-		return nil, false, fmt.Errorf("containers from Docker: %w", err)
+	if err := d.get(ctx, "/containers/json?filters="+filter, "containers", &list); err != nil {
+		return nil, false, err
 	}
 	for _, c := range list {
 		for _, n := range c.NetworkSettings.Networks {
